@@ -1,0 +1,205 @@
+"""`twincar ...`: parse the command line and call one public function per subcommand, no logic.
+
+Each subcommand has a parser builder (`_add_<name>`) and a `_<name>(args)` that only unpacks the
+arguments and calls into the package. User mistakes (`TwincarError`) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from twincar_fast.errors import TwincarError
+
+# ---------------------------------------------------------------- subcommands
+
+
+def _run(args: argparse.Namespace) -> None:
+    from twincar_fast.config import load_config
+    from twincar_fast.train import run_experiment
+
+    run_experiment(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _add_run(sub: argparse._SubParsersAction, name: str, help: str) -> None:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=3")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last saved epoch",
+    )
+    p.set_defaults(func=_run)
+
+
+def _lr_find(args: argparse.Namespace) -> None:
+    from twincar_fast.config import load_config
+    from twincar_fast.train import run_lr_find
+
+    run_lr_find(load_config(args.config, args.overrides))
+
+
+def _add_lr_find(sub: argparse._SubParsersAction) -> None:
+    help = "run fastai's lr_find on the configured learner; save the plot and suggestions"
+    p = sub.add_parser("lr-find", help=help, description=help)
+    p.add_argument("config", type=Path, help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_lr_find)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from twincar_fast.data.prepare import prepare_dataset
+
+    prepare_dataset(args.source, args.out, presize=args.presize)
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    help = "convert a Stanford Cars download (any known layout) to annotations.csv + classes.csv"
+    p = sub.add_parser("prepare", help=help, description=help)
+    p.add_argument(
+        "source",
+        type=Path,
+        help="the downloaded data set (devkit, torchvision, Kaggle, "
+        "Hugging Face parquet or ImageFolder layout)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for the prepared data set")
+    p.add_argument(
+        "--presize",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also write copies resized so the shorter side is N px (faster loading)",
+    )
+    p.set_defaults(func=_prepare)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """Parse WxH."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"size must look like WxH (e.g. 192x128), got {text!r}"
+        ) from None
+    return w, h
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from twincar_fast.data.demo import make_demo_data
+
+    make_demo_data(
+        args.out, n_classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed
+    )
+
+
+def _add_demo_data(sub: argparse._SubParsersAction) -> None:
+    help = "draw the synthetic fine-grained 'cars' demo set in the original devkit layout"
+    p = sub.add_parser("demo-data", help=help, description=help)
+    p.add_argument("--out", type=Path, required=True, help="folder to write the raw demo set to")
+    p.add_argument("--classes", type=int, default=12, help="number of classes (default 12)")
+    p.add_argument(
+        "--per-class", type=int, default=40, help="images per class and split (default 40)"
+    )
+    p.add_argument(
+        "--size", type=_size, default=(192, 128), help="image size WxH (default 192x128)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="drawing seed (default 0)")
+    p.set_defaults(func=_demo_data)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from twincar_fast.evaluate import evaluate
+
+    evaluate(args.model, args.data, split=args.split, out_dir=args.out)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    help = "the full metric table of a saved model on the test (or valid) split"
+    p = sub.add_parser("evaluate", help=help, description=help)
+    p.add_argument(
+        "model", type=Path, help="learner.pkl, or a run folder under models/ or reports/"
+    )
+    p.add_argument("--data", type=Path, required=True, help="prepared data set (annotations.csv)")
+    p.add_argument("--split", choices=["test", "valid"], default="test", help="default: test")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: the run's reports)"
+    )
+    p.set_defaults(func=_evaluate)
+
+
+def _interpret(args: argparse.Namespace) -> None:
+    from twincar_fast.interpret import interpret_run
+
+    interpret_run(args.run, images=args.images, data_dir=args.data)
+
+
+def _add_interpret(sub: argparse._SubParsersAction) -> None:
+    help = "redraw plots, confusion, top losses and Grad-CAM++ from a saved model, no retraining"
+    p = sub.add_parser("interpret", help=help, description=help)
+    p.add_argument(
+        "run", type=Path, help="a run folder (reports/<run> or models/<run>) or learner.pkl"
+    )
+    p.add_argument(
+        "--images", type=Path, nargs="*", default=None, help="Grad-CAM++ these files too"
+    )
+    p.add_argument("--data", type=Path, default=None, help="prepared data set (default: the run's)")
+    p.set_defaults(func=_interpret)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from twincar_fast.predict import predict_files
+
+    predict_files(args.model, args.images, top_k=args.top_k)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    help = "predict the class of image files with an exported model"
+    p = sub.add_parser("predict", help=help, description=help)
+    p.add_argument(
+        "model", type=Path, help="learner.pkl, model.safetensors or a models/<run> folder"
+    )
+    p.add_argument("images", type=Path, nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
+    p.set_defaults(func=_predict)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `twincar` argument parser with all subcommands."""
+    parser = argparse.ArgumentParser(prog="twincar", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub, "run", "train, evaluate, interpret and export one experiment")
+    _add_run(sub, "train", "same as run (train, evaluate, interpret, export); --resume continues")
+    _add_lr_find(sub)
+    _add_prepare(sub)
+    _add_demo_data(sub)
+    _add_evaluate(sub)
+    _add_interpret(sub)
+    _add_predict(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `twincar` command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except TwincarError as e:
+        print(f"twincar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("twincar: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

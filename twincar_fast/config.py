@@ -1,0 +1,372 @@
+"""Typed experiment config: load YAML (with `extends:`), apply `key=value` overrides, validate, save.
+
+A config file holds only the keys it changes; `extends: other.yaml` (relative to the file) pulls in
+the rest, and command-line overrides such as `train.epochs=3` beat both. Every field below is
+documented by the comment beside it; `experiments/baseline.yaml` repeats those comments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from twincar_fast.errors import ConfigError
+from twincar_fast.files import write_text
+
+__all__ = [
+    "AugConfig",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared data set lives and how it is split, sized and batched."""
+
+    root: str = "data/stanford_cars"  # prepared set (annotations.csv, classes.csv); see `prepare`
+    source: str | None = None  # raw download that `prepare` converts into `root` if it's missing
+    demo: bool = False  # build the synthetic demo set into `root` when it is missing
+    demo_classes: int = 12  # demo set: number of classes
+    demo_per_class: int = 40  # demo set: images per class in each of the train and test splits
+    demo_size: list[int] = field(default_factory=lambda: [192, 128])  # demo set: image W, H
+    demo_seed: int = 0  # demo set: drawing seed (same seed, same images)
+    valid_pct: float = 0.1  # share of the train split held out for validation, per class
+    split_seed: int = 42  # seed of the stratified train/valid split
+    item_size: int = 320  # presizing: items are resized to this before batch augmentation
+    img_size: int = 224  # size of the training and evaluation crops
+    batch_size: int = 32  # images per batch (TwinCar: 32)
+    num_workers: int | None = None  # DataLoader workers; null = one per CPU core, at most 8
+    bbox_crop: bool = False  # crop each image to its bounding box before resizing
+    bbox_margin: float = 0.16  # margin around the box, as a share of its width/height
+    balanced: bool = False  # class-balanced sampling of training batches (weighted sampler)
+
+
+@dataclass
+class AugConfig:
+    """Batch augmentation on the device (fastai presizing) plus TwinCar's colour and blur extras."""
+
+    enabled: bool = True  # false = no augmentation at all (resize + normalize only)
+    flip: bool = True  # random horizontal flip
+    min_scale: float = 0.35  # random resized crop: smallest share of the image kept (1 = off)
+    max_rotate: float = 10.0  # largest rotation in degrees (0 = off)
+    max_warp: float = 0.2  # largest perspective warp (0 = off)
+    max_zoom: float = 1.1  # largest extra zoom (1 = off)
+    max_lighting: float = 0.2  # brightness and contrast change (0 = off)
+    saturation: float = 0.2  # saturation jitter, like ColorJitter's (0 = off)
+    hue: float = 0.05  # hue jitter, a share of the colour circle (0 = off)
+    blur_p: float = 0.2  # probability of a Gaussian blur per image (0 = off)
+    blur_sigma: float = 1.5  # largest blur sigma in pixels of the training crop
+    p_affine: float = 0.75  # probability of each affine transform
+    p_lighting: float = 0.75  # probability of each lighting transform
+
+
+@dataclass
+class ModelConfig:
+    """The timm backbone and the classifier head."""
+
+    arch: str = "resnet50"  # any timm model name (`timm.list_models()`)
+    pretrained: bool = True  # ImageNet weights from timm's hub (needs a network once)
+    weights: str | None = None  # local .safetensors/.pth state dict (timm or torchvision) instead
+    head: Literal["mlp", "fastai"] = "mlp"  # mlp: TwinCar's pool→Linear→ReLU→Dropout→Linear
+    head_hidden: int = 512  # hidden units of the mlp head
+    head_dropout: float = 0.3  # dropout of the head
+
+
+@dataclass
+class TrainConfig:
+    """The fit: freezing, learning rates, loss, optimizer, schedule and callbacks."""
+
+    epochs: int = 25  # most epochs (early stopping may end sooner)
+    lr: Union[float, list[float]] = field(default_factory=lambda: [1e-4, 1e-3])  # noqa: UP007
+    # ^ one LR; [low, high] spread over the trainable groups (fastai's slice); or one per group
+    freeze: list[str] = field(default_factory=lambda: ["stem", "layer1", "layer2"])  # frozen groups
+    train_bn: bool = True  # BatchNorm layers of frozen groups still train (fastai's default)
+    head_epochs: int = 0  # staged fit: epochs with only the head training before the main fit
+    schedule: Literal["one_cycle", "cosine", "flat"] = "one_cycle"  # LR schedule
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "ranger", "lamb"] = "adam"
+    weight_decay: float = 0.01  # weight decay of the optimizer
+    label_smoothing: float = 0.1  # ε of label-smoothing cross entropy (0 = plain CE)
+    monitor: str = "valid_loss"  # metric for early stopping, plateau and the best checkpoint
+    early_stopping: int = 7  # patience in epochs (0 = off)
+    plateau_patience: int = 3  # epochs without improvement before the LR drops (0 = off)
+    plateau_factor: float = 10.0  # the LR is divided by this on a plateau
+    mixed_precision: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16/fp16 on GPU
+    channels_last: bool = True  # channels-last memory format (faster convs on GPU)
+    grad_accum: int = 1  # accumulate gradients over this many batches
+    compile: bool = False  # torch.compile the model (GPU only)
+    seed: int = 42  # seed of weights init, sampling and augmentation
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and interpretation at the end of a run."""
+
+    test: bool = True  # evaluate the best model on the official test split
+    interpret: bool = True  # draw plots, top losses and Grad-CAM++ maps
+    top_losses: int = 16  # images in the top-losses grid
+    gradcam: int = 12  # Grad-CAM++ maps from the top losses and correct examples
+    confusion_zoom: int = 20  # classes in the zoom on the most-confused block
+    most_confused: int = 20  # most-confused pairs listed
+
+
+@dataclass
+class ExperimentConfig:
+    """One whole experiment: data, augmentation, model, training, evaluation and outputs."""
+
+    name: str | None = None  # run name prefix; null = the config file's stem
+    reports_dir: str = "reports"  # run reports go to reports_dir/<run>/
+    models_dir: str = "models"  # run models go to models_dir/<run>/
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict:
+    """Read one YAML mapping, with a one-line error for a missing or malformed file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (check the path)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(
+            f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep-merge `over` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read `path` and everything it `extends`, merged base-first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: key 'extends' must be a file path, got {parent!r}")
+    return _merge(_resolve_extends(path.parent / parent, (*seen, path)), data)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
+    """Turn `section.key=value` strings into a nested dict, values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value (e.g. train.epochs=3)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[leaf] = value
+    return out
+
+
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """Load an experiment YAML (following `extends:`), apply `key=value` overrides and validate."""
+    path = Path(path)
+    data = _merge(_resolve_extends(path), parse_overrides(overrides))
+    cfg = _build(ExperimentConfig, data, str(path), "")
+    if cfg.name is None:
+        cfg.name = path.stem
+    validate(cfg, str(path))
+    return cfg
+
+
+# ---------------------------------------------------------------- typing
+
+
+def _type_name(tp: Any) -> str:
+    """A readable name for a type hint."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the type hint `tp` and return it converted (int → float only)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise bad
+
+
+def _build(cls: type, data: Any, file: str, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, naming the file and key of any mistake."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = (
+                f"; did you mean '{prefix}{close[0]}'?"
+                if close
+                else f"; valid keys: {', '.join(names)}"
+            )
+            raise ConfigError(f"{file}: unknown key '{prefix}{key}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, file, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{file}: key '{prefix}{key}'")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(ok: bool, file: str, key: str, msg: str) -> None:
+    """Raise a ConfigError naming the file and key unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{file}: key '{key}' {msg}")
+
+
+def validate(cfg: ExperimentConfig, file: str = "config") -> None:
+    """Check value ranges and cross-field rules; raise ConfigError naming the file and key."""
+    d, a, m, t, e = cfg.data, cfg.aug, cfg.model, cfg.train, cfg.eval
+    _check(
+        0 < d.valid_pct < 1, file, "data.valid_pct", f"must be between 0 and 1, got {d.valid_pct}"
+    )
+    _check(d.img_size >= 16, file, "data.img_size", f"must be at least 16, got {d.img_size}")
+    _check(
+        d.item_size >= d.img_size, file, "data.item_size", f"must be ≥ data.img_size ({d.img_size})"
+    )
+    _check(d.batch_size >= 1, file, "data.batch_size", f"must be at least 1, got {d.batch_size}")
+    _check(
+        d.num_workers is None or d.num_workers >= 0, file, "data.num_workers", "must be ≥ 0 or null"
+    )
+    _check(d.bbox_margin >= 0, file, "data.bbox_margin", f"must be ≥ 0, got {d.bbox_margin}")
+    _check(
+        d.demo_classes >= 2, file, "data.demo_classes", f"must be at least 2, got {d.demo_classes}"
+    )
+    _check(d.demo_per_class >= 2, file, "data.demo_per_class", "must be at least 2")
+    _check(
+        len(d.demo_size) == 2 and min(d.demo_size) >= 32,
+        file,
+        "data.demo_size",
+        "must be [W, H], each ≥ 32",
+    )
+    _check(0 < a.min_scale <= 1, file, "aug.min_scale", f"must be in (0, 1], got {a.min_scale}")
+    _check(a.max_zoom >= 1, file, "aug.max_zoom", f"must be ≥ 1, got {a.max_zoom}")
+    for key in ("max_rotate", "max_warp", "max_lighting", "saturation", "hue", "blur_sigma"):
+        _check(getattr(a, key) >= 0, file, f"aug.{key}", f"must be ≥ 0, got {getattr(a, key)}")
+    for key in ("blur_p", "p_affine", "p_lighting"):
+        _check(0 <= getattr(a, key) <= 1, file, f"aug.{key}", "must be a probability in [0, 1]")
+    _check(m.head_hidden >= 1, file, "model.head_hidden", "must be at least 1")
+    _check(0 <= m.head_dropout < 1, file, "model.head_dropout", "must be in [0, 1)")
+    _check(t.epochs >= 1, file, "train.epochs", f"must be at least 1, got {t.epochs}")
+    _check(0 <= t.head_epochs, file, "train.head_epochs", "must be ≥ 0")
+    lrs = t.lr if isinstance(t.lr, list) else [t.lr]
+    _check(
+        len(lrs) >= 1 and all(lr > 0 for lr in lrs),
+        file,
+        "train.lr",
+        f"must be positive, got {t.lr}",
+    )
+    _check(0 <= t.label_smoothing < 1, file, "train.label_smoothing", "must be in [0, 1)")
+    _check(t.weight_decay >= 0, file, "train.weight_decay", "must be ≥ 0")
+    _check(t.early_stopping >= 0, file, "train.early_stopping", "must be ≥ 0 (0 = off)")
+    _check(t.plateau_patience >= 0, file, "train.plateau_patience", "must be ≥ 0 (0 = off)")
+    _check(
+        t.plateau_factor > 1, file, "train.plateau_factor", "must be > 1 (the LR is divided by it)"
+    )
+    _check(t.grad_accum >= 1, file, "train.grad_accum", "must be at least 1")
+    for key in ("top_losses", "gradcam", "confusion_zoom", "most_confused"):
+        _check(getattr(e, key) >= 0, file, f"eval.{key}", "must be ≥ 0")
+
+
+# ---------------------------------------------------------------- saving
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    """The config as plain nested dicts and lists (YAML/JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> Path:
+    """Write the fully resolved config to YAML atomically; `load_config` reads it back equal."""
+    text = "# resolved twincar_fast config: every key, after `extends` and overrides\n"
+    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return write_text(path, text)
