@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -143,12 +144,25 @@ class ExperimentConfig:
 # ---------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` (no dot) as a float, as Python and JSON do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def _read_yaml(path: Path) -> dict:
     """Read one YAML mapping, with a one-line error for a missing or malformed file."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (check the path)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -192,7 +206,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
                 f"override {item!r} must look like section.key=value (e.g. train.epochs=3)"
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         node = out
