@@ -11,16 +11,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from twincar_fast.config import load_config
 from twincar_fast.errors import TwincarError
 
 # ---------------------------------------------------------------- subcommands
 
 
 def _run(args: argparse.Namespace) -> None:
-    from twincar_fast.config import load_config
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
     from twincar_fast.train import run_experiment
 
-    run_experiment(load_config(args.config, args.overrides), resume=args.resume)
+    run_experiment(cfg, resume=args.resume)
 
 
 def _add_run(sub: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -38,10 +39,10 @@ def _add_run(sub: argparse._SubParsersAction, name: str, help: str) -> None:
 
 
 def _lr_find(args: argparse.Namespace) -> None:
-    from twincar_fast.config import load_config
+    cfg = load_config(args.config, args.overrides)
     from twincar_fast.train import run_lr_find
 
-    run_lr_find(load_config(args.config, args.overrides))
+    run_lr_find(cfg)
 
 
 def _add_lr_find(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,50 @@
+"""The command line: every subcommand is wired, and user mistakes are one line with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from twincar_fast.cli import build_parser, main
+
+COMMANDS = ["run", "train", "lr-find", "prepare", "demo-data", "evaluate", "interpret", "predict"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([command, "--help"])
+    assert info.value.code == 0
+    assert command in capsys.readouterr().out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_config_is_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: config file not found" in one_error_line(capsys)
+
+
+def test_bad_override_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("train:\n  epochs: 2\n")
+    assert main(["run", str(cfg), "train.epoks=3"]) == 2
+    assert "did you mean 'train.epochs'" in one_error_line(capsys)
+
+
+def test_python_m_run_reports_errors_without_traceback(tmp_path):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("data:\n  valid_pct: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "twincar_fast.run", str(cfg)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.valid_pct" in lines[0], proc.stderr
