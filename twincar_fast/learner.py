@@ -1,0 +1,403 @@
+"""A timm model by name inside a fastai Learner: head, parameter groups, freezing, LRs and loss.
+
+The model keeps fastai's layout `nn.Sequential(body, head)`: `model[0]` is fastai's `TimmBody`
+around a headless timm model (`num_classes=0`), `model[1]` the classifier head, so fastai's
+`freeze_to`, `Interpretation` and `load_learner` work unchanged. Parameter groups follow the timm
+model's stages (`feature_info`): ResNets give `stem, layer1, layer2, layer3, layer4, head`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from fastai.callback.training import BnFreeze
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.metrics import accuracy
+from fastai.optimizer import SGD, Adam, Lamb, RMSProp, ranger
+from fastai.vision.learner import TimmBody, add_head, create_head
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from twincar_fast.config import ExperimentConfig, ModelConfig, TrainConfig
+from twincar_fast.data import resolve_device
+from twincar_fast.errors import ConfigError
+
+__all__ = [
+    "apply_freeze",
+    "apply_speedups",
+    "create_learner",
+    "create_model",
+    "freeze_all_but_head",
+    "frozen_count",
+    "group_lrs",
+    "group_names",
+    "load_weights",
+    "lr_for",
+    "model_stats",
+    "param_groups",
+    "splitter",
+]
+
+log = logging.getLogger(__name__)
+
+# fastai optimizers by config name. fastai's Adam decouples weight decay by default (= AdamW), so
+# `adam` asks for L2 regularisation like torch.optim.Adam; the rest keep fastai's decoupled decay.
+OPTIMIZERS = {
+    "adam": partial(Adam, decouple_wd=False),
+    "adamw": partial(Adam, decouple_wd=True),
+    "sgd": partial(SGD, mom=0.9),  # fastai's SGD has no momentum unless asked
+    "rmsprop": RMSProp,
+    "ranger": ranger,
+    "lamb": Lamb,
+}
+_HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+try:  # huggingface_hub talks through httpx, whose errors are not OSErrors
+    import httpx
+
+    _HUB_ERRORS += (httpx.HTTPError,)
+except ImportError:  # pragma: no cover - httpx ships with huggingface_hub
+    pass
+
+
+# ---------------------------------------------------------------- model
+
+
+def check_arch(arch: str) -> None:
+    """Raise a ConfigError with close matches unless `arch` is a timm model name."""
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+    raise ConfigError(f"model.arch: {arch!r} is not a timm model; {hint}")
+
+
+def model_stats(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalization mean and std the timm model `arch` was pretrained with."""
+    check_arch(arch)
+    cfg = timm.models.get_pretrained_cfg(arch)
+    mean = getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN
+    std = getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD
+    return tuple(mean), tuple(std)
+
+
+def _timm_body(arch: str, pretrained: bool) -> TimmBody:
+    """fastai's TimmBody around headless `arch`, with hub weights when `pretrained`."""
+    try:
+        net = timm.create_model(arch, pretrained=pretrained, num_classes=0)
+    except _HUB_ERRORS as e:
+        reason = (str(e).split(". ")[0].splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(
+            f"model.pretrained: can't download {arch} weights from the timm hub ({reason}); "
+            "set model.weights to a local .safetensors/.pth file, or model.pretrained: false"
+        ) from None
+    body = TimmBody(net, pretrained=pretrained)
+    # channels-last feature maps (swin & co.) can't go through a 2-d pool: use timm's own pooling
+    body.needs_pool = body.needs_pool and getattr(net, "output_fmt", "NCHW") == "NCHW"
+    return body
+
+
+def _mlp_head(nf: int, n_classes: int, hidden: int, dropout: float, pool: bool) -> nn.Sequential:
+    """TwinCar's head: [avg pool → flatten →] Linear → ReLU → Dropout → Linear."""
+    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if pool else []
+    layers += [nn.Linear(nf, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+    return nn.Sequential(*layers, nn.Linear(hidden, n_classes))
+
+
+def create_model(
+    model_cfg: ModelConfig, n_classes: int, pretrained: bool | None = None
+) -> nn.Module:
+    """`nn.Sequential(timm body, head)` for `n_classes`, usable without fastai's Learner.
+
+    Args:
+        model_cfg: arch, head and where the weights come from.
+        n_classes: outputs of the head.
+        pretrained: None = as the config says (`model.weights` file if set, else hub weights when
+            `model.pretrained`); False = random init (to load a saved model into); True = the
+            config's weights file, else hub weights.
+    """
+    check_arch(model_cfg.arch)
+    weights = model_cfg.weights if pretrained is not False else None
+    hub = (model_cfg.pretrained if pretrained is None else pretrained) and not weights
+    body = _timm_body(model_cfg.arch, pretrained=bool(hub))
+    nf = body.model.num_features
+    if model_cfg.head == "fastai":
+        head = create_head(
+            nf, n_classes, [model_cfg.head_hidden], ps=model_cfg.head_dropout, pool=body.needs_pool
+        )
+        model = add_head(body, nf, n_classes, head=head)  # fastai's kaiming init of the head
+    else:
+        head = _mlp_head(
+            nf, n_classes, model_cfg.head_hidden, model_cfg.head_dropout, body.needs_pool
+        )
+        model = add_head(body, nf, n_classes, head=head, init=None)  # torch's default init
+    if weights:
+        load_weights(model, weights, n_classes)
+    return model
+
+
+# ---------------------------------------------------------------- weights files
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors/.pth file (also inside {'model': ...} / {'state_dict': ...})."""
+    if not path.is_file():
+        raise ConfigError(
+            f"model.weights: {path} not found; give the path of a .safetensors/.pth file"
+        )
+    try:
+        sd = timm.models.load_state_dict(str(path), use_ema=False)
+    except Exception as e:  # safetensors, pickle and zip errors share no base class
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise ConfigError(
+            f"model.weights: {path} is not a readable .safetensors/.pth state dict "
+            f"({type(e).__name__}: {first})"
+        ) from None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ConfigError(f"model.weights: {path} holds no state dict of tensors")
+    return sd
+
+
+def _split_state_dict(sd: dict, net: nn.Module, path: Path) -> tuple[dict, dict]:
+    """(body keys, head keys) of a file saved from our model (`0.*`/`1.*`) or a timm/torchvision one."""
+    if all(k.split(".", 1)[0] in ("0", "1") for k in sd):
+        body = {re.sub(r"^0\.(model\.)?", "", k): v for k, v in sd.items() if k.startswith("0.")}
+        return body, {k[2:]: v for k, v in sd.items() if k.startswith("1.")}
+    classifier = net.pretrained_cfg.get("classifier") or "fc"
+    drop = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    dropped = [k for k in sd if k.startswith(drop)]
+    if dropped:
+        log.info("%s: left out the classifier (%d tensors: %s...)", path, len(dropped), dropped[0])
+    return {k: v for k, v in sd.items() if not k.startswith(drop)}, {}
+
+
+def _load_body(net: nn.Module, sd: dict, path: Path, arch: str) -> dict[str, list[str]]:
+    """Load `sd` into the timm model; ConfigError when it is for another architecture."""
+    own = net.state_dict()
+    bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if bad:
+        k = bad[0]
+        raise ConfigError(
+            f"model.weights: {path} is not for {arch}: {len(bad)} tensors have other shapes "
+            f"(e.g. {k}: {tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in {arch})"
+        )
+    found = [k for k in own if k in sd]
+    if len(found) < len(own) / 2:
+        missing = next(k for k in own if k not in sd)
+        raise ConfigError(
+            f"model.weights: {path} is not for {arch}: only {len(found)} of its {len(own)} tensors "
+            f"are in the file (e.g. no '{missing}')"
+        )
+    res = net.load_state_dict(sd, strict=False)
+    if res.missing_keys or res.unexpected_keys:
+        log.warning(
+            "%s: %d missing keys (%s), %d unexpected keys (%s)",
+            path,
+            len(res.missing_keys),
+            ", ".join(res.missing_keys[:3]),
+            len(res.unexpected_keys),
+            ", ".join(res.unexpected_keys[:3]),
+        )
+    return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
+
+
+def _final_out_features(head_sd: dict) -> int | None:
+    """Out features of the head's last Linear in a saved head state dict (keys `<idx>.weight`)."""
+    linears = [
+        (int(k.split(".")[0]), v) for k, v in head_sd.items() if re.match(r"^\d+\.weight$", k)
+    ]
+    linears = [(i, v) for i, v in linears if v.ndim == 2]
+    return max(linears, key=lambda iv: iv[0])[1].shape[0] if linears else None
+
+
+def _load_head(head: nn.Module, head_sd: dict, n_classes: int, path: Path) -> None:
+    """Load a saved head; ConfigError when it is for another class count or head layout."""
+    n_out = _final_out_features(head_sd)
+    if n_out is not None and n_out != n_classes:
+        raise ConfigError(
+            f"model.weights: {path} holds a head for {n_out} classes but the data has {n_classes}; "
+            "use a file with the body only (timm/torchvision state dict) or the matching data"
+        )
+    try:
+        head.load_state_dict(head_sd)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ConfigError(
+            f"model.weights: {path} holds another head ({detail[:160]}); "
+            "set model.head/head_hidden as when it was saved"
+        ) from None
+
+
+def load_weights(model: nn.Module, path: str | Path, n_classes: int) -> dict[str, list[str]]:
+    """Load a local state dict (timm, torchvision or our own model) into `model`; missing/unexpected keys."""
+    path = Path(path).expanduser()
+    sd = _read_state_dict(path)
+    net = model[0].model
+    body_sd, head_sd = _split_state_dict(sd, net, path)
+    report = _load_body(net, body_sd, path, net.pretrained_cfg.get("architecture", "the model"))
+    if head_sd:
+        _load_head(model[1], head_sd, n_classes, path)
+    return report
+
+
+# ---------------------------------------------------------------- parameter groups
+
+
+def param_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """(name, parameters) per group, in order: stem, the timm stages (`feature_info`), head."""
+    net = model[0].model
+    stages = [f["module"] for f in getattr(net, "feature_info", None) or []]
+    groups: dict[str, list[nn.Parameter]] = {}
+    current = "stem" if stages else "body"
+    for name, p in net.named_parameters():
+        # a parameter belongs to the stage holding it; stage-less layers join the stage before them
+        current = next((s for s in stages if name == s or name.startswith(f"{s}.")), current)
+        groups.setdefault(current, []).append(p)
+    groups["head"] = list(model[1].parameters())
+    return [(n, ps) for n, ps in groups.items() if ps]
+
+
+def group_names(model: nn.Module) -> list[str]:
+    """Names of the parameter groups, in optimizer order (ResNet: stem, layer1..layer4, head)."""
+    return [name for name, _ in param_groups(model)]
+
+
+def splitter(model: nn.Module) -> list[list[nn.Parameter]]:
+    """fastai splitter: the parameter lists of `param_groups`, in order."""
+    return [ps for _, ps in param_groups(model)]
+
+
+def frozen_count(train_cfg: TrainConfig, names: list[str]) -> int:
+    """How many leading groups `train.freeze` freezes; ConfigError unless it names a prefix of `names`."""
+    freeze = list(dict.fromkeys(train_cfg.freeze))
+    unknown = [g for g in freeze if g not in names]
+    if unknown:
+        raise ConfigError(
+            f"train.freeze: no parameter group {unknown[0]!r} in this model; "
+            f"valid groups, in order: {', '.join(names[:-1])}"
+        )
+    if "head" in freeze:
+        raise ConfigError("train.freeze: the head can't be frozen; list body groups only")
+    if set(freeze) != set(names[: len(freeze)]):
+        raise ConfigError(
+            f"train.freeze: frozen groups must be the first ones in order ({', '.join(names[:-1])}); "
+            f"e.g. {names[: len(freeze)]} instead of {freeze}"
+        )
+    return len(freeze)
+
+
+def apply_freeze(learn: Learner, cfg: ExperimentConfig) -> None:
+    """Freeze the groups listed in `train.freeze`, train the rest (clears the optimizer state)."""
+    learn.freeze_to(frozen_count(cfg.train, group_names(learn.model)))
+
+
+def freeze_all_but_head(learn: Learner) -> None:
+    """Freeze every group but the head, for a head-only warm-up stage."""
+    learn.freeze()
+
+
+# ---------------------------------------------------------------- learning rates
+
+
+def group_lrs(lr: float | list[float], names: list[str], n_frozen: int) -> list[float]:
+    """One LR per group from `train.lr`; frozen groups (only their norm layers may train) get the first.
+
+    Args:
+        lr: one value for every group; `[low, high]`, spread geometrically over the trainable
+            groups so the first trainable group gets `low` and the head `high`; a value per group
+            (as many as groups); or a value per trainable group (as many as trainable groups).
+        names: the group names, in order.
+        n_frozen: how many leading groups are frozen.
+    """
+    n, n_train = len(names), len(names) - n_frozen
+    if not isinstance(lr, list):
+        return [float(lr)] * n
+    if len(lr) == 2:
+        low, high = lr
+        spread = [high] if n_train == 1 else list(np.geomspace(low, high, n_train))
+        return [float(v) for v in [low] * n_frozen + spread]
+    if len(lr) == n:
+        return [float(v) for v in lr]
+    if len(lr) == n_train:
+        return [float(v) for v in [lr[0]] * n_frozen + lr]
+    raise ConfigError(
+        f"train.lr: {len(lr)} values don't fit; give one LR, [low, high], or one per group "
+        f"({n}: {', '.join(names)}) or per trainable group ({n_train})"
+    )
+
+
+def lr_for(cfg: ExperimentConfig, learn: Learner) -> float | np.ndarray:
+    """The `lr`/`lr_max` to give `learn.fit*`: a float, or one LR per group (for the config's freeze)."""
+    if not isinstance(cfg.train.lr, list):
+        return float(cfg.train.lr)
+    names = group_names(learn.model)
+    return np.array(group_lrs(cfg.train.lr, names, frozen_count(cfg.train, names)))
+
+
+# ---------------------------------------------------------------- learner
+
+
+def make_loss(train_cfg: TrainConfig) -> nn.Module:
+    """Label-smoothing cross entropy with ε = `train.label_smoothing`, plain CE when it is 0."""
+    if train_cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropyFlat(eps=train_cfg.label_smoothing)
+    return CrossEntropyLossFlat()
+
+
+def make_opt_func(train_cfg: TrainConfig) -> partial:
+    """The fastai optimizer named by `train.optimizer`, with `train.weight_decay`."""
+    return partial(OPTIMIZERS[train_cfg.optimizer], wd=train_cfg.weight_decay)
+
+
+def apply_speedups(learn: Learner, train_cfg: TrainConfig, device: torch.device) -> None:
+    """Mixed precision, channels-last and torch.compile, on CUDA only (CPU stays plain fp32)."""
+    if device.type != "cuda":
+        if train_cfg.mixed_precision in ("fp16", "bf16") or train_cfg.compile:
+            log.info("mixed precision and compile are CUDA-only; training in fp32 on %s", device)
+        return
+    import fastai.callback.channelslast  # noqa: F401 - patches Learner.to_channelslast
+    import fastai.callback.fp16  # noqa: F401 - patches Learner.to_fp16/to_bf16
+
+    mode = train_cfg.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mode == "bf16":
+        learn.to_bf16()
+    elif mode == "fp16":
+        learn.to_fp16()
+    if train_cfg.channels_last:
+        learn.to_channelslast(use_amp=False)
+    if train_cfg.compile:
+        learn.model.compile()  # in place: model[0]/model[1] and state-dict keys stay as they are
+
+
+def create_learner(cfg: ExperimentConfig, dls: DataLoaders) -> Learner:
+    """A fastai Learner: timm model + head, loss, optimizer, groups, `train.freeze` applied, LRs set."""
+    device = resolve_device(cfg.train.device)
+    model = create_model(cfg.model, len(dls.vocab))
+    frozen_count(cfg.train, group_names(model))  # a bad freeze list fails before anything else
+    dls.to(device)
+    learn = Learner(
+        dls,
+        model,
+        loss_func=make_loss(cfg.train),
+        opt_func=make_opt_func(cfg.train),
+        splitter=splitter,
+        wd=cfg.train.weight_decay,
+        train_bn=cfg.train.train_bn,
+        metrics=accuracy,
+        cbs=None if cfg.train.train_bn else BnFreeze(),  # frozen BN keeps its running stats too
+    )
+    learn.lr = lr_for(cfg, learn)
+    apply_freeze(learn, cfg)
+    learn.opt.set_hypers(lr=learn.lr)
+    apply_speedups(learn, cfg.train, device)
+    return learn
