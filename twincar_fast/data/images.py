@@ -1,0 +1,81 @@
+"""Safe image opening: any file PIL reads becomes RGB; unusable files get a one-line reason."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from twincar_fast.errors import DataError
+
+__all__ = ["open_rgb", "image_problem"]
+
+_JPEG_FORMATS = ("JPEG", "MPO")
+_WHITE = (255, 255, 255, 255)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """A new RGB image from `img`: alpha composited on white, 16-bit scaled, CMYK converted."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # PIL's own I→L conversion clips at 255 instead of scaling; 16-bit data would go white.
+        arr = np.asarray(img).astype(np.float32) / 257.0
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    if "A" in img.mode or "a" in img.mode or "transparency" in img.info:
+        background = Image.new("RGBA", img.size, _WHITE)
+        background.alpha_composite(img.convert("RGBA"))
+        return background.convert("RGB")
+    return img.convert("RGB")  # a copy even for RGB, so closing the file can't empty it
+
+
+def open_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Open any image PIL reads as RGB; `draft=(w, h)` decodes JPEGs at a reduced scale ≥ (w, h).
+
+    Raises:
+        DataError: the file is missing, empty, truncated or not an image; the message names it.
+    """
+    try:
+        with Image.open(path) as img:
+            if draft is not None and img.format in _JPEG_FORMATS:
+                img.draft("RGB", (max(1, draft[0]), max(1, draft[1])))
+            img.load()
+            return _to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(
+            f"can't read image {path}: {_one_line(e)}; replace or remove the file"
+        ) from None
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """Why the image at `path` can't be used (missing, empty, truncated, not an image), or None."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            if img.format in _JPEG_FORMATS:
+                # Decoding at 1/8 scale still reads every byte of entropy data, so truncation
+                # fails here just as in a full decode, at a fraction of the cost.
+                img.draft(img.mode, (1, 1))
+            else:
+                img.verify()  # checksums (PNG CRCs); the image must be reopened to decode it
+                img = Image.open(path)
+            with img:
+                img.load()
+                if img.width < 1 or img.height < 1:
+                    return "image has no pixels"
+    except FileNotFoundError:
+        return "file not found"
+    except Image.UnidentifiedImageError:
+        return "not an image (PIL can't identify the format)"
+    except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
+        return f"can't decode: {_one_line(e) or type(e).__name__}"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception message on one line."""
+    return " ".join(str(e).split())
