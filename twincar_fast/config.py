@@ -56,6 +56,9 @@ class DataConfig:
     bbox_crop: bool = False  # crop each image to its bounding box before resizing
     bbox_margin: float = 0.16  # margin around the box, as a share of its width/height
     balanced: bool = False  # class-balanced sampling of training batches (weighted sampler)
+    resize: Literal["crop", "squish", "pad"] = "crop"  # presizing to item_size: square crop
+    # (random place in training, centre in validation), squish the whole image, or pad it
+    draft: bool = True  # decode big JPEGs at a reduced scale (PIL draft) still ≥ item_size
 
 
 @dataclass

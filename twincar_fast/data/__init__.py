@@ -1,0 +1,26 @@
+"""Stanford Cars on disk and in fastai: reading, checking, splitting and loading the prepared set."""
+
+from twincar_fast.data.dataset import ensure_dataset, read_annotations, read_classes, read_rejected
+from twincar_fast.data.loaders import (
+    build_dls,
+    data_summary,
+    eval_dl,
+    open_region,
+    print_data_summary,
+    resolve_device,
+)
+from twincar_fast.data.split import split_train_valid
+
+__all__ = [
+    "build_dls",
+    "data_summary",
+    "ensure_dataset",
+    "eval_dl",
+    "open_region",
+    "print_data_summary",
+    "read_annotations",
+    "read_classes",
+    "read_rejected",
+    "resolve_device",
+    "split_train_valid",
+]

@@ -1,0 +1,365 @@
+"""Annotations → fastai DataLoaders: presized items, batch augmentation on the device, eval loaders."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F  # noqa: N812
+from fastai.callback.data import WeightedDL  # noqa: F401 - patches DataBlock.weighted_dataloaders
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize
+from fastai.torch_core import TensorImage
+from fastai.vision.augment import (
+    AffineCoordTfm,
+    Hue,
+    RandomResizedCropGPU,
+    RandTransform,
+    Resize,
+    ResizeMethod,
+    Saturation,
+    aug_transforms,
+)
+from fastai.vision.core import PILImage, imagenet_stats
+from fasttransform import Transform
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from twincar_fast.config import AugConfig, ExperimentConfig
+from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
+from twincar_fast.data.images import open_rgb
+from twincar_fast.data.split import split_train_valid
+from twincar_fast.errors import ConfigError, DataError
+
+__all__ = [
+    "CenterResize",
+    "ImageLoader",
+    "RandomGaussianBlur",
+    "batch_transforms",
+    "build_dls",
+    "class_weights",
+    "data_summary",
+    "eval_dl",
+    "item_transforms",
+    "open_region",
+    "print_data_summary",
+    "resolve_device",
+]
+
+_RESIZE = {"crop": ResizeMethod.Crop, "squish": ResizeMethod.Squish, "pad": ResizeMethod.Pad}
+
+
+# ---------------------------------------------------------------- items
+
+
+def _image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """Width and height from the image header, without decoding it."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        msg = " ".join(str(e).split())
+        raise DataError(f"can't read image {path}: {msg}; replace or remove the file") from None
+
+
+def _region(box, margin: float, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """The 0-based crop (l, t, r, b) of a 1-based inclusive box grown by `margin`; None = all."""
+    if box is None or any(v is None or not math.isfinite(v) for v in box):
+        return None
+    x1, y1, x2, y2 = box
+    left, top, right, bottom = x1 - 1, y1 - 1, x2, y2
+    mx, my = margin * (right - left), margin * (bottom - top)
+    w, h = size
+    left, top = max(0.0, left - mx), max(0.0, top - my)
+    right, bottom = min(float(w), right + mx), min(float(h), bottom + my)
+    if right - left < 1 or bottom - top < 1:
+        return None  # a box outside the image: use the whole image rather than fail
+    return left, top, right, bottom
+
+
+def open_region(
+    path: str | os.PathLike, box=None, margin: float = 0.0, min_side: int | None = None
+) -> Image.Image:
+    """The RGB image at `path`, cropped to `box` grown by `margin`, decoded at a reduced scale.
+
+    Args:
+        box: (x1, y1, x2, y2), 1-based inclusive pixels of the original image (NaN/None = whole).
+        min_side: JPEGs are decoded with PIL's draft mode at the smallest scale (1/2, 1/4, 1/8)
+            that still leaves the region's shorter side ≥ `min_side`; None decodes in full.
+    """
+    if box is None and min_side is None:
+        return open_rgb(path)
+    size = _image_size(path)
+    region = _region(box, margin, size)
+    left, top, right, bottom = region or (0, 0, *size)
+    scale = min_side / min(right - left, bottom - top) if min_side else 1.0
+    draft = (math.ceil(size[0] * scale), math.ceil(size[1] * scale)) if scale < 1 else None
+    im = open_rgb(path, draft=draft)
+    if region is None:
+        return im
+    sx, sy = im.width / size[0], im.height / size[1]  # the draft scale actually used
+    crop = (
+        math.floor(left * sx),
+        math.floor(top * sy),
+        math.ceil(right * sx),
+        math.ceil(bottom * sy),
+    )
+    return im.crop(crop)
+
+
+class ImageLoader(Transform):
+    """Open an annotations row (or an image path) as a PILImage, cropped and draft-decoded."""
+
+    # fastai's test_dl/predict read this to accept rows, paths and images alike
+    input_types = (pd.Series, str, Path, Image.Image)
+
+    def __init__(
+        self, item_size: int, bbox_crop: bool = False, bbox_margin: float = 0.0, draft: bool = True
+    ):
+        super().__init__()
+        self.item_size, self.bbox_crop, self.bbox_margin = item_size, bbox_crop, bbox_margin
+        self.draft = draft
+
+    def encodes(self, item) -> PILImage:
+        if isinstance(item, Image.Image):
+            return PILImage.create(item.convert("RGB"))
+        if isinstance(item, pd.Series):
+            path = item["path"]
+            box = (
+                tuple(float(item.get(c, np.nan)) for c in BBOX_COLUMNS) if self.bbox_crop else None
+            )
+        elif isinstance(item, (str, os.PathLike)):
+            path, box = item, None
+        else:
+            raise DataError(
+                f"can't open {item!r} as an image: give a file path or an annotations row"
+            )
+        min_side = self.item_size if self.draft else None
+        return PILImage.create(open_region(path, box, self.bbox_margin, min_side))
+
+
+class CenterResize(Resize):
+    """fastai's `Resize`, but cropping at the centre in training too (no augmentation at all)."""
+
+    def before_call(self, b, split_idx: int) -> None:
+        self.pcts = (0.5, 0.5)
+
+
+def item_transforms(cfg: ExperimentConfig) -> list:
+    """Presizing on the CPU: every item to item_size × item_size (random crop place in training)."""
+    resize = Resize if cfg.aug.enabled else CenterResize
+    return [resize(cfg.data.item_size, method=_RESIZE[cfg.data.resize], pad_mode="zeros")]
+
+
+# ---------------------------------------------------------------- batches
+
+
+class RandomGaussianBlur(RandTransform):
+    """Blur each image of a training batch with probability `p`, sigma uniform in [0.1, max_sigma]."""
+
+    order = 45  # after the crop (30) and the colour changes (40), before Normalize (99)
+
+    def __init__(self, p: float = 0.2, max_sigma: float = 1.5):
+        super().__init__(p=1.0)  # RandTransform's p is per batch; this one draws per image
+        self.p_image, self.max_sigma = p, max_sigma
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        b, c, h, w = x.shape
+        on = torch.rand(b, device=x.device) < self.p_image
+        if not on.any():
+            return x
+        r = max(1, min(math.ceil(3 * self.max_sigma), h - 1, w - 1))  # reflect pad needs r < size
+        t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+        lo = min(0.1, self.max_sigma)
+        sigma = torch.empty(b, 1, device=x.device, dtype=x.dtype).uniform_(lo, self.max_sigma)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).to(x.dtype))
+        k = k.repeat_interleave(c, 0)  # one separable kernel per image channel
+        y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
+        y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+        y = F.conv2d(y, k[:, None, :, None], groups=b * c)
+        return TensorImage(y.reshape(b, c, h, w))
+
+
+def _colour_extras(a: AugConfig) -> list:
+    """TwinCar's extras beyond fastai's aug_transforms: saturation, hue, Gaussian blur."""
+    for key in ("max_lighting", "saturation", "hue"):
+        if getattr(a, key) >= 1:  # fastai draws log(1 - value)
+            raise ConfigError(f"aug.{key} must be below 1, got {getattr(a, key)}")
+    extras = []
+    if a.saturation:
+        extras.append(Saturation(max_lighting=a.saturation, p=a.p_lighting))
+    if a.hue:
+        extras.append(Hue(max_hue=a.hue, p=a.p_lighting))
+    if a.blur_p and a.blur_sigma:
+        extras.append(RandomGaussianBlur(p=a.blur_p, max_sigma=a.blur_sigma))
+    return extras
+
+
+def batch_transforms(cfg: ExperimentConfig) -> list:
+    """Augmentation on the device to img_size (train only; valid gets a plain resize), normalized."""
+    a, size = cfg.aug, cfg.data.img_size
+    tfms = []
+    if a.enabled:
+        tfms = aug_transforms(
+            do_flip=a.flip,
+            max_rotate=a.max_rotate,
+            max_zoom=a.max_zoom,
+            max_warp=a.max_warp,
+            max_lighting=a.max_lighting,
+            p_affine=a.p_affine,
+            p_lighting=a.p_lighting,
+            size=size,
+            min_scale=a.min_scale,
+            xtra_tfms=_colour_extras(a),
+        )
+    if not any(isinstance(t, (AffineCoordTfm, RandomResizedCropGPU)) for t in tfms):
+        tfms.append(RandomResizedCropGPU(size, min_scale=1.0, ratio=(1, 1)))  # resize only
+    return [*tfms, Normalize.from_stats(*imagenet_stats)]
+
+
+def class_weights(df: pd.DataFrame) -> np.ndarray:
+    """Per-row sampling weights 1 / (train images of the row's class): classes drawn equally."""
+    counts = df.loc[~df["is_valid"], "label"].value_counts()
+    return 1.0 / df["label"].map(counts).fillna(1).to_numpy(dtype=float)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`train.device` as a torch device: auto = cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA GPU is visible; use auto or cpu")
+    return device
+
+
+def make_datablock(cfg: ExperimentConfig, classes: list[str]) -> DataBlock:
+    """The DataBlock over annotation rows: image → class, vocab in classes.csv order."""
+    d = cfg.data
+    loader = ImageLoader(d.item_size, d.bbox_crop, d.bbox_margin, d.draft)
+    return DataBlock(
+        blocks=(
+            TransformBlock(type_tfms=loader, batch_tfms=IntToFloatTensor),
+            CategoryBlock(vocab=classes, sort=False),
+        ),
+        get_y=ColReader("label"),
+        splitter=ColSplitter("is_valid"),
+        item_tfms=item_transforms(cfg),
+        batch_tfms=batch_transforms(cfg),
+        n_inp=1,
+    )
+
+
+def build_dls(cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None) -> DataLoaders:
+    """Train/valid DataLoaders of the prepared set at `data_dir` (default `cfg.data.root`)."""
+    data_dir = Path(data_dir or cfg.data.root)
+    classes = read_classes(data_dir)
+    df = split_train_valid(read_annotations(data_dir), cfg.data.valid_pct, cfg.data.split_seed)
+    device = resolve_device(cfg.train.device)
+    workers = cfg.data.num_workers
+    kwargs = dict(
+        bs=cfg.data.batch_size,
+        num_workers=min(os.cpu_count() or 1, 8) if workers is None else workers,
+        device=device,
+        pin_memory=device.type == "cuda",
+    )
+    dblock = make_datablock(cfg, classes)
+    if cfg.data.balanced:
+        return dblock.weighted_dataloaders(df, wgts=class_weights(df), **kwargs)
+    return dblock.dataloaders(df, **kwargs)
+
+
+# ---------------------------------------------------------------- evaluation and summary
+
+
+def _check_vocab(dls: DataLoaders, data_dir: Path) -> None:
+    """Raise a one-line DataError unless data_dir's classes.csv is the model's vocab."""
+    classes, vocab = read_classes(data_dir), [str(v) for v in dls.vocab]
+    if classes == vocab:
+        return
+    diff = next((i for i, (a, b) in enumerate(zip(classes, vocab, strict=False)) if a != b), None)
+    what = (
+        f"{len(classes)} classes vs the model's {len(vocab)}"
+        if diff is None
+        else f"class {diff} is {classes[diff]!r} there but {vocab[diff]!r} in the model"
+    )
+    raise DataError(
+        f"{data_dir / 'classes.csv'} doesn't match the model's classes ({what}); "
+        "evaluate on the data set the model was trained on"
+    )
+
+
+def eval_dl(
+    dls: DataLoaders,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    valid_pct: float = 0.1,
+    seed: int = 42,
+    **kwargs,
+) -> TfmdDL:
+    """A labelled loader over `split` ('test', or 'valid': the training run's own valid split).
+
+    Uses the validation transforms of `dls` (e.g. a loaded learner's, with no training data
+    present); `valid_pct` and `seed` must be the run's `data.valid_pct` and `data.split_seed`.
+    Extra keyword arguments (bs, num_workers, ...) go to `dls.test_dl`.
+    """
+    data_dir = Path(data_dir)
+    if split not in ("test", "valid"):
+        raise DataError(f"split must be 'test' or 'valid', got {split!r}")
+    _check_vocab(dls, data_dir)
+    df = read_annotations(data_dir)
+    if split == "valid":
+        df = split_train_valid(df, valid_pct, seed)
+        df = df[df["is_valid"]]
+    else:
+        df = df[df["split"] == "test"]
+    if df.empty:
+        raise DataError(f"{data_dir / 'annotations.csv'} has no {split} images to evaluate")
+    return dls.test_dl(df.reset_index(drop=True), with_labels=True, rm_type_tfms=0, **kwargs)
+
+
+def data_summary(cfg: ExperimentConfig, data_dir: str | os.PathLike, dls: DataLoaders) -> dict:
+    """Classes and images per part (train, valid, test, rejected) of a run's data."""
+    data_dir = Path(data_dir)
+    splits = pd.read_csv(data_dir / "annotations.csv", usecols=["split"])["split"]
+    return {
+        "data_dir": str(data_dir),
+        "classes": len(dls.vocab),
+        "train": len(dls.train_ds),
+        "valid": len(dls.valid_ds),
+        "test": int((splits == "test").sum()),
+        "rejected": len(read_rejected(data_dir)),
+        "item_size": cfg.data.item_size,
+        "img_size": cfg.data.img_size,
+        "batch_size": cfg.data.batch_size,
+        "balanced": cfg.data.balanced,
+        "bbox_crop": cfg.data.bbox_crop,
+        "augment": cfg.aug.enabled,
+    }
+
+
+def print_data_summary(
+    cfg: ExperimentConfig, data_dir: str | os.PathLike, dls: DataLoaders
+) -> dict:
+    """Print `data_summary` as a rich table and return it."""
+    summary = data_summary(cfg, data_dir, dls)
+    table = Table(title="data", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+    return summary
