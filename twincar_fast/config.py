@@ -340,10 +340,10 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     )
     _check(d.demo_per_class >= 2, file, "data.demo_per_class", "must be at least 2")
     _check(
-        len(d.demo_size) == 2 and min(d.demo_size) >= 32,
+        len(d.demo_size) == 2 and min(d.demo_size) >= 64,
         file,
         "data.demo_size",
-        "must be [W, H], each ≥ 32",
+        "must be [W, H], each ≥ 64",
     )
     _check(0 < a.min_scale <= 1, file, "aug.min_scale", f"must be in (0, 1], got {a.min_scale}")
     _check(a.max_zoom >= 1, file, "aug.max_zoom", f"must be ≥ 1, got {a.max_zoom}")
