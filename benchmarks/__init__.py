@@ -1,0 +1,1 @@
+"""Speed and memory of twincar_fast against a plain PyTorch reference, side by side."""

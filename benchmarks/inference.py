@@ -1,0 +1,90 @@
+"""Benchmark 3, prediction: single-image latency and batch throughput of our `Predictor` vs. the
+reference snippet (TwinCar's README) and fastai's `learn.predict`, on the same exported weights.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from benchmarks import reference
+from benchmarks.measure import Timer, compare
+from benchmarks.pipeline import race
+from benchmarks.settings import Settings, ours_config
+from twincar_fast.data import build_dls, read_annotations
+from twincar_fast.export import export_model
+from twincar_fast.learner import create_learner, create_model
+from twincar_fast.predict import Predictor
+
+
+def median_ms(fn: Callable[[str], object], paths: Sequence[str]) -> float:
+    """Median milliseconds of `fn(path)` over `paths`, after one warm-up call."""
+    fn(paths[0])
+    times = []
+    for p in paths:
+        with Timer() as t:
+            fn(p)
+        times.append(t.seconds * 1000)
+    return round(statistics.median(times), 2)
+
+
+def _test_images(data_dir: os.PathLike, n: int) -> list[str]:
+    """`n` test-split image paths (repeating the split if it is smaller)."""
+    paths = read_annotations(data_dir).query("split == 'test'")["path"].tolist()
+    return [paths[i % len(paths)] for i in range(n)]
+
+
+def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
+    """Benchmark 3: (predict_single, predict_batch) entries, same weights on every side."""
+    cfg = ours_config(s, data_dir, s.predict_arch, s.predict_img, s.predict_item)
+    learn = create_learner(cfg, build_dls(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(learn, Path(tmp) / "model", cfg)
+        predictor = Predictor.from_path(Path(tmp) / "model")
+    predictor.batch_size = s.batch_size
+    ref_model = create_model(cfg.model, len(predictor.classes), pretrained=False)
+    ref_model.load_state_dict(predictor.model.state_dict())
+    ref_model.eval().to(predictor.device)
+    size, dev = s.predict_img, predictor.device
+
+    singles = _test_images(data_dir, s.single_n)
+    ours_ms = median_ms(lambda p: predictor.predict([p]), singles)
+    ref_ms = median_ms(lambda p: reference.predict_one(ref_model, p, size, dev), singles)
+    with learn.no_bar():
+        fastai_ms = median_ms(learn.predict, singles[: s.fastai_n])
+    single = compare(
+        ours_ms,
+        ref_ms,
+        "ms",
+        higher_is_better=False,
+        fastai=fastai_ms,
+        ratio_vs_fastai=round(fastai_ms / ours_ms, 3),
+        n_images={"ours": len(singles), "reference": len(singles), "fastai": s.fastai_n},
+    )
+
+    batch = _test_images(data_dir, s.batch_n)
+
+    def ours_batch() -> tuple[int, float]:
+        with Timer() as t:
+            n = len(predictor.predict_proba(batch))
+        return n, t.seconds
+
+    def ref_batch() -> tuple[int, float]:
+        with Timer() as t:
+            n = len(reference.predict_batch(ref_model, batch, size, s.batch_size, dev))
+        return n, t.seconds
+
+    best = race({"ours": ours_batch, "reference": ref_batch}, s.repeats)
+    (n_o, s_o), (n_r, s_r) = best["ours"], best["reference"]
+    throughput = compare(
+        round(n_o / s_o, 1),
+        round(n_r / s_r, 1),
+        "img/s",
+        higher_is_better=True,
+        n_images={"ours": n_o, "reference": n_r},
+        batch_size=s.batch_size,
+    )
+    return single, throughput

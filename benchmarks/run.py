@@ -1,0 +1,214 @@
+"""`python -m benchmarks.run [--quick]`: our toolkit vs. TwinCar's plain PyTorch pipeline, side by side.
+
+Runs every benchmark on both sides in this one run, prints a table and writes
+`reports/benchmarks/<timestamp>.json`:
+`{"machine", "settings", "data", "data_pipeline", "train_epoch", "predict_single",
+"predict_batch", "peak_rss_mb", "goals"}`; each comparison holds `ours`, `reference`, `unit`,
+`ratio` (> 1: ours is better) and the images each side processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.data import (
+    DEFAULT_ROOT,
+    bench_dataset,
+    image_stats,
+    presize_seconds,
+    presized_dataset,
+)
+from benchmarks.measure import machine_info
+from benchmarks.settings import Settings, settings_for
+from twincar_fast.files import write_json
+
+DEFAULT_OUT = Path("reports/benchmarks")
+RESULT_KEYS = ("data_pipeline", "train_epoch", "predict_single", "predict_batch", "peak_rss_mb")
+# The issue's goals, as minimum ratios (ours better when > 1).
+GOALS = {
+    "data_pipeline": (3.0, "≥ 3×"),
+    "train_epoch": (1.5, "≥ 1.5×"),
+    "predict_single": (1 / 1.2, "≤ 1.2× slower"),
+    "predict_single_vs_fastai": (5.0, "≥ 5×"),
+    "predict_batch": (1.0, "≥ 1×"),
+}
+
+
+def goals(results: dict) -> dict:
+    """Each goal's ratio, target and whether it is met."""
+    ratios = {k: results[k]["ratio"] for k in GOALS if k in results}
+    if "predict_single" in results:
+        ratios["predict_single_vs_fastai"] = results["predict_single"]["ratio_vs_fastai"]
+    return {
+        k: {"ratio": r, "target": GOALS[k][0], "goal": GOALS[k][1], "met": r >= GOALS[k][0]}
+        for k, r in ratios.items()
+    }
+
+
+def _variants(s: Settings, data_root: str | os.PathLike, ablations: bool) -> dict:
+    """Extra pipeline runs: ours on a `prepare --presize` copy; with ablations, draft off too."""
+    out = {}
+    if s.presize:
+        presized = presized_dataset(s.data, s.presize, data_root)
+        out[f"ours_presized_{s.presize}"] = {"root": str(presized)}
+    if ablations:
+        out["ours_no_draft"] = {"draft": False}
+        if s.presize:
+            out[f"reference_presized_{s.presize}"] = dict(out[f"ours_presized_{s.presize}"])
+    return out
+
+
+def run_benchmarks(s: Settings, data_root: str | os.PathLike, ablations: bool = False) -> dict:
+    """Every benchmark on both sides; the JSON-ready results."""
+    from benchmarks.inference import bench_predict
+    from benchmarks.pipeline import bench_pipeline
+    from benchmarks.training import bench_training
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    data_dir = bench_dataset(s.data, data_root)
+    variants = _variants(s, data_root, ablations)
+    out = {"machine": machine_info(), "settings": dataclasses.asdict(s)}
+    out["data"] = image_stats(data_dir) | {"dir": str(data_dir)}
+    if s.presize:
+        presized = presized_dataset(s.data, s.presize, data_root)
+        out["data"]["presize_one_time_s"] = presize_seconds(presized)
+    console.print(f"[bold]1/3[/] data pipeline … ({time.perf_counter() - start:.0f} s)")
+    out["data_pipeline"] = bench_pipeline(s, data_dir, variants)
+    console.print(
+        f"[bold]2/3[/] training epoch and memory, each side in its own process … "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+    out["train_epoch"], out["peak_rss_mb"] = bench_training(s, data_dir)
+    console.print(f"[bold]3/3[/] prediction … ({time.perf_counter() - start:.0f} s)")
+    out["predict_single"], out["predict_batch"] = bench_predict(s, data_dir)
+    out["goals"] = goals(out)
+    out["wall_time_s"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def _fmt(v) -> str:
+    """A figure for the table."""
+    return f"{v:,.1f}" if isinstance(v, float) else str(v)
+
+
+def print_table(results: dict) -> None:
+    """Both sides' figures, the ratios and the goals as a rich table."""
+    table = Table(title=f"twincar_fast vs. TwinCar reference ({results['settings']['mode']})")
+    for col in ("benchmark", "ours", "reference", "unit", "ratio", "goal", "met"):
+        table.add_column(col, justify="left" if col in ("benchmark", "goal") else "right")
+    g = results["goals"]
+    for key in RESULT_KEYS:
+        r = results[key]
+        goal = g.get(key, {})
+        met = {True: "[green]yes[/]", False: "[red]no[/]"}.get(goal.get("met"), "")
+        table.add_row(
+            key,
+            _fmt(r["ours"]),
+            _fmt(r["reference"]),
+            r["unit"],
+            f"{r['ratio']:.2f}×",
+            goal.get("goal", ""),
+            met,
+        )
+        if key == "predict_single":
+            f = g["predict_single_vs_fastai"]
+            met = "[green]yes[/]" if f["met"] else "[red]no[/]"
+            table.add_row(
+                "  vs learn.predict",
+                _fmt(r["ours"]),
+                _fmt(r["fastai"]),
+                "ms",
+                f"{f['ratio']:.2f}×",
+                f["goal"],
+                met,
+            )
+    for name, v in results["data_pipeline"].get("variants", {}).items():
+        if name not in ("ours", "reference"):
+            table.add_row(f"  {name}", _fmt(v["img_per_s"]), "", "img/s", "", "", "")
+    mem = results["peak_rss_mb"]["with_workers"]
+    table.add_row(
+        "  PSS incl. workers", _fmt(mem["ours"]), _fmt(mem["reference"]), mem["unit"], "", "", ""
+    )
+    Console(width=max(Console().width, 100)).print(table)
+    d, m = results["data"], results["machine"]
+    Console().print(
+        f"{d['images']} images, mean {d['mean_wh'][0]}×{d['mean_wh'][1]}, max "
+        f"{d['max_wh'][0]}×{d['max_wh'][1]} · {m['cpus_usable']} CPUs ({m['cpu']}), "
+        f"GPU: {m['gpu'] or 'none'} · workers {results['settings']['workers']} · "
+        f"batch {results['settings']['batch_size']} · {results['wall_time_s']} s"
+    )
+
+
+def write_results(results: dict, out_dir: str | os.PathLike = DEFAULT_OUT) -> Path:
+    """Write the results to `out_dir/<timestamp>.json` (never over an earlier file)."""
+    out_dir = Path(out_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = out_dir / f"{stamp}.json", 1
+    while path.exists():
+        n += 1
+        path = out_dir / f"{stamp}-{n}.json"
+    return write_json(path, results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.splitlines()[0]
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="a few hundred images (< ~3 min on 2 cores)"
+    )
+    size.add_argument(
+        "--tiny", action="store_true", help="smallest run, for the tests (figures meaningless)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers on both sides (default: one per core, ≤ 8)",
+    )
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also time our pipeline without JPEG draft decoding, and the reference on presized images",
+    )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_ROOT,
+        help=f"cache of the synthetic sets (default {DEFAULT_ROOT})",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder of the JSON results (default {DEFAULT_OUT})",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run the benchmarks, print the table, write the JSON; return its path."""
+    args = build_parser().parse_args(argv)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    s = settings_for(mode, args.workers)
+    results = run_benchmarks(s, args.data_root, ablations=args.ablations)
+    print_table(results)
+    path = write_results(results, args.out)
+    Console().print(f"results → {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

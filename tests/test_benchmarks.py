@@ -1,0 +1,72 @@
+"""The benchmark harness in its tiny mode: both sides run on the same images and the JSON is whole."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks.measure import compare, tree_memory_kb
+from benchmarks.run import GOALS, RESULT_KEYS, main
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    """One `python -m benchmarks.run --tiny` run, with its data cache and JSON under tmp."""
+    tmp = tmp_path_factory.mktemp("bench")
+    path = main(["--tiny", "--data-root", str(tmp / "data"), "--out", str(tmp / "out")])
+    assert path.parent == tmp / "out" and path.suffix == ".json"
+    return json.loads(path.read_text())
+
+
+def test_json_has_every_comparison(tiny_results):
+    for key in ("machine", "settings", "data", "goals", *RESULT_KEYS):
+        assert key in tiny_results, key
+    for key in RESULT_KEYS:
+        entry = tiny_results[key]
+        assert entry["ours"] > 0 and entry["reference"] > 0
+        assert {"unit", "ratio"} <= set(entry)
+    assert tiny_results["machine"]["cpu_count"] == os.cpu_count()
+    assert set(tiny_results["goals"]) == set(GOALS)
+
+
+def test_both_sides_saw_the_same_images(tiny_results):
+    pipe = tiny_results["data_pipeline"]
+    assert pipe["n_images"]["ours"] == pipe["n_images"]["reference"] > 0
+    epoch = tiny_results["train_epoch"]["n_images"]
+    assert epoch["ours"] == epoch["reference"]
+    assert epoch["ours"]["train"] > 0 and epoch["ours"]["valid"] > 0
+    for key in ("predict_single", "predict_batch"):
+        n = tiny_results[key]["n_images"]
+        assert n["ours"] == n["reference"] > 0
+
+
+def test_ratios_point_the_right_way(tiny_results):
+    # rates: ours / reference; times and memory: reference / ours (> 1 always means ours is better)
+    pipe, epoch = tiny_results["data_pipeline"], tiny_results["train_epoch"]
+    assert pipe["ratio"] == pytest.approx(pipe["ours"] / pipe["reference"], rel=0.01)
+    assert epoch["ratio"] == pytest.approx(epoch["reference"] / epoch["ours"], rel=0.01)
+    assert compare(2.0, 1.0, "img/s", higher_is_better=True)["ratio"] == 2.0
+    assert compare(2.0, 1.0, "s", higher_is_better=False)["ratio"] == 0.5
+
+
+def test_tree_memory_counts_children():
+    import subprocess
+    import sys
+
+    alone = tree_memory_kb(os.getpid())
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; x = bytearray(50_000_000); time.sleep(5)"]
+    )
+    try:
+        import time
+
+        for _ in range(50):  # wait until the child holds its 50 MB
+            if tree_memory_kb(child.pid) > 40_000:
+                break
+            time.sleep(0.1)
+        assert tree_memory_kb(os.getpid()) > alone + 40_000
+    finally:
+        child.kill()
+        child.wait()

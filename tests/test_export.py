@@ -1,0 +1,90 @@
+"""Export: learner.pkl loads in a fresh process without the training data and predicts the same;
+model.safetensors + model.json rebuild the same network without fastai's pickle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASS_NAMES, make_tiny_cfg
+from safetensors.torch import load_file
+
+from twincar_fast.callbacks import EpochMetrics, SaveRun
+from twincar_fast.config import ModelConfig
+from twincar_fast.learner import create_model
+from twincar_fast.train import run_experiment
+
+LOAD_AND_PREDICT = """
+import sys, numpy as np
+from fastai.learner import load_learner
+learn = load_learner(sys.argv[1])
+names = [type(cb).__name__ for cb in learn.cbs]
+assert "EpochMetrics" not in names and "SaveRun" not in names and len(learn.metrics) == 0, names
+dl = learn.dls.test_dl(sys.argv[3:])
+probs, _ = learn.get_preds(dl=dl)
+np.save(sys.argv[2], probs.numpy())
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_data, tmp_path_factory):
+    """A one-epoch run on a private copy of the tiny data set, exported as every run is."""
+    root = tmp_path_factory.mktemp("export")
+    data = shutil.copytree(tiny_data, root / "data")
+    cfg = make_tiny_cfg(data, root)
+    cfg.train = dataclasses.replace(cfg.train, epochs=1)
+    res = run_experiment(cfg)
+    return res, cfg, data
+
+
+def test_export_writes_the_three_model_files(exported):
+    res, cfg, _ = exported
+    card = json.loads((res.model_dir / "model.json").read_text())
+    assert card["arch"] == "test_resnet" and card["head"] == cfg.model.head
+    assert card["head_hidden"] == cfg.model.head_hidden and card["n_classes"] == 4
+    assert card["classes"] == CLASS_NAMES
+    assert (card["img_size"], card["item_size"]) == (cfg.data.img_size, cfg.data.item_size)
+    assert len(card["mean"]) == len(card["std"]) == 3 and card["resize"] == cfg.data.resize
+    # the learner keeps training after export: its run callbacks and metrics are back
+    assert any(isinstance(cb, EpochMetrics) for cb in res.learn.cbs)
+    assert len(res.learn.metrics) == 14
+    assert not any(isinstance(cb, SaveRun) for cb in res.learn.cbs)
+
+
+def test_learner_pkl_predicts_the_same_in_a_fresh_process_without_data(exported, tmp_path):
+    res, _, data = exported
+    images = [shutil.copy(p, tmp_path) for p in sorted((data / "images").glob("test_*.jpg"))[::6]]
+    expected, _ = res.learn.get_preds(dl=res.learn.dls.test_dl(images))
+    moved = data.rename(data.with_name("data_moved"))  # no training data at load time
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD_AND_PREDICT, str(res.model_dir / "learner.pkl"),
+             str(tmp_path / "probs.npy"), *map(str, images)],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        moved.rename(data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probs = np.load(tmp_path / "probs.npy")
+    assert probs.shape == (len(images), 4)
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
+
+
+def test_safetensors_rebuild_gives_the_same_logits(exported):
+    res, _, _ = exported
+    card = json.loads((res.model_dir / "model.json").read_text())
+    keys = ("arch", "head", "head_hidden", "head_dropout")
+    model = create_model(
+        ModelConfig(**{k: card[k] for k in keys}, pretrained=False), card["n_classes"], False
+    )
+    model.load_state_dict(load_file(res.model_dir / "model.safetensors"))
+    x = torch.rand(5, 3, card["img_size"], card["img_size"])
+    trained = res.learn.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), trained(x), rtol=0, atol=1e-5)

@@ -1,0 +1,200 @@
+"""The predictor: same probabilities as fastai's validation pipeline, from every model format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from fastcore.basics import noop
+from PIL import Image
+
+from twincar_fast.cli import main
+from twincar_fast.data import build_dls
+from twincar_fast.errors import TwincarError
+from twincar_fast.export import export_model
+from twincar_fast.learner import create_learner
+from twincar_fast.predict import Predictor, Preprocess, predict_files
+
+TOL = 1e-4  # on probabilities
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A tiny learner with input-sensitive outputs, its dls and its export folder.
+
+    An untrained net gives nearly the same logits for every image, which would let a
+    preprocessing slip hide under the tolerance; so the last layer is standardized on the
+    validation logits (each class logit: mean 0, std 2 over the images) and the probabilities
+    then swing with the input. A few CPU epochs on the tiny set would not get there.
+    """
+    from conftest import make_tiny_cfg
+
+    out = tmp_path_factory.mktemp("predict")
+    cfg = make_tiny_cfg(tiny_data, out)
+    dls = build_dls(cfg)
+    torch.manual_seed(0)
+    learn = create_learner(cfg, dls)
+    with learn.no_bar():
+        logits, _ = learn.get_preds(dl=dls.valid, act=noop)
+    with torch.no_grad():
+        last = learn.model[1][-1]
+        scale = 2.0 / logits.std(0).clamp_min(1e-6)
+        last.bias -= logits.mean(0)
+        last.weight *= scale[:, None]
+        last.bias *= scale
+    model_dir = out / "models" / "tiny-run"
+    export_model(learn, model_dir, cfg)
+    return learn, dls, model_dir
+
+
+@pytest.fixture(scope="module")
+def big_jpegs(tiny_data, tmp_path_factory):
+    """Test images re-saved 10× larger, so the draft decoder reduces them (item_size is 40)."""
+    out = tmp_path_factory.mktemp("big")
+    paths = []
+    for i, src in enumerate(sorted((tiny_data / "images").glob("test_*_000.jpg"))):
+        with Image.open(src) as im:
+            im.resize((480 + 7 * i, 320 + 3 * i), Image.BICUBIC).save(out / src.name, quality=90)
+        paths.append(out / src.name)
+    return paths
+
+
+def valid_paths(dls) -> list[str]:
+    return [str(p) for p in dls.valid.items["path"]]
+
+
+def fastai_probs(learn, dl) -> np.ndarray:
+    with learn.no_bar():
+        probs, _ = learn.get_preds(dl=dl)
+    return probs.numpy()
+
+
+@pytest.mark.parametrize("fmt", ["folder", "model.safetensors", "learner.pkl"])
+def test_probs_match_fastai_validation(trained, fmt):
+    learn, dls, model_dir = trained
+    expected = fastai_probs(learn, dls.valid)
+    assert expected.max(1).mean() > 0.5 and len(set(expected.argmax(1))) > 1
+    path = model_dir if fmt == "folder" else model_dir / fmt
+    predictor = Predictor.from_path(path, device="cpu")
+    got = predictor.predict_proba(valid_paths(dls))
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=TOL)
+    assert predictor.classes == list(dls.vocab)
+    # the check can fail: the same model with a squished instead of cropped item is far off
+    predictor.preprocess = dataclasses.replace(predictor.preprocess, resize="squish")
+    assert np.abs(predictor.predict_proba(valid_paths(dls)) - expected).max() > 0.05
+
+
+def test_draft_decoded_large_jpegs_match_fastai(trained, big_jpegs):
+    learn, dls, model_dir = trained
+    with Image.open(big_jpegs[0]) as im:
+        im.draft("RGB", (40, 40))
+        assert im.size[0] < 480  # the decoder really reduces these files
+    expected = fastai_probs(learn, dls.test_dl(big_jpegs))
+    predictor = Predictor.from_path(model_dir / "model.safetensors", device="cpu")
+    np.testing.assert_allclose(predictor.predict_proba(big_jpegs), expected, atol=TOL)
+    # decoding these in full instead gives other pixels, and the check sees it
+    predictor.preprocess = dataclasses.replace(predictor.preprocess, draft=False)
+    assert np.abs(predictor.predict_proba(big_jpegs) - expected).max() > 10 * TOL
+
+
+@pytest.mark.parametrize("resize", ["crop", "squish", "pad"])
+def test_inputs_match_fastai_valid_batches(tiny_cfg, resize):
+    tiny_cfg.data = dataclasses.replace(tiny_cfg.data, resize=resize, item_size=80)
+    dls = build_dls(tiny_cfg)  # item 80 → img 32: also fastai's area pre-shrink before bilinear
+    xb, _ = dls.valid.one_batch()
+    pre = Preprocess.from_dls(dls)
+    assert (pre.item_size, pre.img_size, pre.resize) == (80, 32, resize)
+    paths = valid_paths(dls)[: len(xb)]
+    x = pre.batch([pre.item(p) for p in paths], torch.device("cpu"))
+    torch.testing.assert_close(x, xb.as_subclass(torch.Tensor), atol=TOL, rtol=0)
+
+
+def test_predict_results(trained):
+    learn, dls, model_dir = trained
+    predictor = Predictor.from_path(model_dir, device="cpu")
+    paths = valid_paths(dls)[:3]
+    probs = predictor.predict_proba(paths)
+    results = predictor.predict(paths, top_k=3)
+    assert len(results) == 3
+    for r, p in zip(results, probs, strict=True):
+        assert r["class_id"] == int(p.argmax())
+        assert r["label"] == dls.vocab[r["class_id"]]
+        assert r["prob"] == pytest.approx(float(p.max()))
+        assert [t["prob"] for t in r["topk"]] == sorted(
+            (t["prob"] for t in r["topk"]), reverse=True
+        )
+        assert len(r["topk"]) == 3 and r["topk"][0]["label"] == r["label"]
+    assert len(predictor.predict(paths[0], top_k=99)[0]["topk"]) == len(dls.vocab)
+    assert predictor.predict_proba([]).shape == (0, len(dls.vocab))
+
+
+def test_pil_images_and_paths_agree(trained):
+    _, dls, model_dir = trained
+    predictor = Predictor.from_path(model_dir, device="cpu")
+    path = valid_paths(dls)[0]
+    with Image.open(path) as im:
+        from_image = predictor.predict_proba(im.convert("RGB"))
+    np.testing.assert_allclose(from_image, predictor.predict_proba(path), atol=1e-6)
+
+
+def test_predict_files_prints_a_table(trained, capsys):
+    _, dls, model_dir = trained
+    paths = valid_paths(dls)[:2]
+    results = predict_files(model_dir, paths, top_k=2)
+    out = capsys.readouterr().out
+    assert [r["image"] for r in results] == paths
+    assert all(r["label"] in out for r in results)
+    assert main(["predict", str(model_dir), paths[0], "--top-k", "1"]) == 0
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
+    _, dls, model_dir = trained
+    image = valid_paths(dls)[0]
+    with pytest.raises(TwincarError) as e:
+        predict_files(tmp_path / "nope.safetensors", [image])
+    assert "nope.safetensors" in one_line(e)
+    with pytest.raises(TwincarError) as e:
+        Predictor.from_path(tmp_path)  # a folder without a model
+    assert "no model.safetensors or learner.pkl" in one_line(e)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(model_dir / "model.safetensors", lone)
+    with pytest.raises(TwincarError) as e:
+        Predictor.from_path(lone / "model.safetensors")
+    assert "model.json" in one_line(e)
+    with pytest.raises(TwincarError) as e:
+        predict_files(model_dir, [tmp_path / "missing.jpg"])
+    assert "missing.jpg" in one_line(e)
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("not a picture")
+    with pytest.raises(TwincarError) as e:
+        predict_files(model_dir, [fake])
+    assert "notes.jpg" in one_line(e)
+    with pytest.raises(TwincarError):
+        predict_files(model_dir, [image], top_k=0)
+    assert main(["predict", str(model_dir), str(fake)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.jpg" in err
+
+
+def test_mismatched_weights_are_one_line(trained, tmp_path):
+    _, _, model_dir = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    meta = json.loads((bad / "model.json").read_text())
+    meta["classes"] = meta["classes"][:2]  # a head of 2 outputs can't take the 4-class weights
+    (bad / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(TwincarError) as e:
+        Predictor.from_path(bad / "model.safetensors")
+    assert "model.json" in one_line(e)

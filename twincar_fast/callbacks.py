@@ -1,0 +1,312 @@
+"""Small fastai callbacks the recipe needs: the metric table per epoch, run saving, resumable trackers.
+
+- `EpochMetrics` gathers each epoch's predictions and computes TwinCar's table once per epoch with
+  scikit-learn (`metrics.classification_metrics`); thin fastai `ValueMetric`s show every column in
+  fastai's progress table and make them monitorable by the trackers.
+- `SaveRun` commits each finished epoch: best weights, last checkpoint with the optimizer, then the
+  metrics.csv row, so an interrupted run always resumes from a consistent epoch.
+- `EarlyStop` and `Plateau` are fastai's trackers that know which metrics are "lower is better",
+  continue from a saved state on resume, and (for the plateau) also work under an LR schedule.
+
+Epochs skipped by fastai's `SkipToEpoch` (the `start_epoch` of a resumed fit) are ignored by all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, TrackerCallback
+from fastai.learner import Learner, Recorder, ValueMetric, load_model, save_model
+
+from twincar_fast.files import atomic_path, write_csv
+from twincar_fast.metrics import METRIC_NAMES, classification_metrics
+
+__all__ = [
+    "MONITORS",
+    "METRICS_COLUMNS",
+    "EarlyStop",
+    "EpochMetrics",
+    "Plateau",
+    "SaveRun",
+    "TrackerState",
+    "epoch_skipped",
+    "load_checkpoint",
+    "monitor_comp",
+    "replay_tracker",
+    "save_checkpoint",
+]
+
+VALID_COLUMNS = [f"valid_{m}" for m in METRIC_NAMES]
+# metrics.csv, in this order (the run folder contract)
+METRICS_COLUMNS = ["epoch", "train_loss", "train_acc", "valid_loss", *VALID_COLUMNS, "lr", "time_s"]
+MONITORS = ["valid_loss", *VALID_COLUMNS]  # what train.monitor may name
+_LOWER_IS_BETTER = {"train_loss", "valid_loss", "valid_hamming"}
+
+
+def monitor_comp(monitor: str) -> Callable:
+    """`np.less` for losses and Hamming loss, `np.greater` for scores (fastai's `comp`)."""
+    return np.less if monitor in _LOWER_IS_BETTER else np.greater
+
+
+def epoch_skipped(learn: Learner) -> bool:
+    """True during the epochs a resumed fit skips (fastai's `SkipToEpoch` of `start_epoch`)."""
+    skip = getattr(learn, "skip_to_epoch", None)
+    return skip is not None and learn.epoch < getattr(skip, "_skip_to", 0)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(learn: Learner, path: Path, with_opt: bool = True) -> Path:
+    """`learn.save`'s file (model + optimizer state), written atomically to `path`."""
+    with atomic_path(path) as tmp:
+        save_model(tmp, learn.model, getattr(learn, "opt", None), with_opt=with_opt)
+    return path
+
+
+def load_checkpoint(learn: Learner, path: Path, with_opt: bool = True) -> None:
+    """Load a `save_checkpoint` file into `learn` (on its device), optimizer state too if asked."""
+    if learn.opt is None:
+        learn.create_opt()
+    device = getattr(learn.dls, "device", None)
+    load_model(path, learn.model, learn.opt, with_opt=with_opt, device=device, weights_only=False)
+
+
+# ---------------------------------------------------------------- per-epoch metrics
+
+
+class EpochMetrics(Callback):
+    """Train loss/accuracy and TwinCar's validation table, computed once per epoch."""
+
+    order = Recorder.order - 5  # values must be ready before the Recorder reads the metrics
+
+    def __init__(self):
+        self.values: dict[str, float] = {}
+        self.probs: np.ndarray | None = None
+        self.targets: np.ndarray | None = None
+        self.train_images, self.train_seconds = 0, 0.0
+
+    def metrics(self) -> list[ValueMetric]:
+        """fastai metrics (train_acc, valid_acc, ...) whose values this callback computes."""
+        return [ValueMetric(partial(self.value, n), n) for n in ["train_acc", *VALID_COLUMNS]]
+
+    def value(self, name: str) -> float:
+        """The latest value of column `name` (nan before it is computed)."""
+        return self.values.get(name, float("nan"))
+
+    def before_fit(self):
+        self.values = {}
+
+    def before_train(self):
+        self._n, self._correct, self._loss = 0, 0, 0.0
+        self._start = time.perf_counter()
+
+    def before_validate(self):
+        self._probs, self._targets = [], []
+
+    def after_batch(self):
+        if not len(self.yb):
+            return
+        y = self.yb[0]
+        if self.training:  # tensors stay on the device: no sync per batch
+            self._n += len(y)
+            self._correct = self._correct + (self.pred.argmax(-1) == y).sum()
+            self._loss = self._loss + self.loss.detach().float().mean() * len(y)
+        else:
+            self._probs.append(torch.softmax(self.pred.detach().float(), -1).cpu())
+            self._targets.append(y.detach().cpu())
+
+    def after_train(self):
+        if self._n:
+            self.values["train_loss"] = float(self._loss) / self._n
+            self.values["train_acc"] = float(self._correct) / self._n
+            self.train_images += self._n
+            self.train_seconds += time.perf_counter() - self._start
+
+    def after_validate(self):
+        if not getattr(self, "_targets", None):
+            return  # validation cancelled (lr_find) or empty
+        self.probs = torch.cat(self._probs).numpy()
+        self.targets = torch.cat(self._targets).numpy()
+        table = classification_metrics(self.targets, self.probs)
+        self.values.update({f"valid_{k}": v for k, v in table.items()})
+        self._probs, self._targets = [], []
+
+
+# ---------------------------------------------------------------- trackers
+
+
+@dataclass
+class TrackerState:
+    """Where a tracker stands after some epochs: best value and epoch, epochs waited, LR scale."""
+
+    best: float | None = None
+    best_epoch: int | None = None
+    wait: int = 0
+    scale: float = 1.0
+
+
+def replay_tracker(
+    values: list[float], comp: Callable, patience: int = 0, factor: float = 1.0
+) -> TrackerState:
+    """Replay a monitor's history through fastai's tracker rules (for resume)."""
+    s = TrackerState()
+    for i, v in enumerate(values):
+        if s.best is None or comp(v, s.best):
+            s.best, s.best_epoch, s.wait = float(v), i, 0
+        else:
+            s.wait += 1
+            if patience and factor != 1.0 and s.wait >= patience:
+                s.scale, s.wait = s.scale / factor, 0
+    return s
+
+
+def _now_best(cb: TrackerCallback) -> bool:
+    """fastai's tracker update for this epoch, skipped epochs excluded; True on a new best."""
+    if epoch_skipped(cb.learn):
+        return False
+    TrackerCallback.after_epoch(cb)
+    return bool(cb.new_best)
+
+
+class SaveRun(TrackerCallback):
+    """Commits each epoch: best weights (on improvement), last checkpoint, then the metrics.csv row."""
+
+    order = TrackerCallback.order + 1  # after the Recorder, before early stopping may end the fit
+
+    def __init__(
+        self,
+        monitor: str,
+        ckpt_dir: Path,
+        metrics_csv: Path,
+        metrics: EpochMetrics,
+        rows: list[dict] | None = None,
+        echo: Callable[[dict], None] | None = None,
+    ):
+        super().__init__(monitor=monitor, comp=monitor_comp(monitor), reset_on_fit=False)
+        self.ckpt_dir, self.metrics_csv, self.epoch_metrics = ckpt_dir, metrics_csv, metrics
+        self.rows = list(rows or [])
+        self.echo = echo
+        past = replay_tracker([r[monitor] for r in self.rows], self.comp)
+        self.best, self.best_epoch = past.best, past.best_epoch
+        self.offset = 0  # epochs of earlier stages (staged fit): metrics.csv numbers continue
+
+    @property
+    def best_path(self) -> Path | None:
+        """The best epoch's checkpoint."""
+        return (
+            None
+            if self.best_epoch is None
+            else self.ckpt_dir / f"best-epoch{self.best_epoch:03d}.pth"
+        )
+
+    def last_path(self, epoch: int) -> Path:
+        """The checkpoint saved at the end of `epoch` (for resume)."""
+        return self.ckpt_dir / f"last-epoch{epoch:03d}.pth"
+
+    def before_epoch(self):
+        self._start = time.perf_counter()
+
+    def after_epoch(self):
+        if epoch_skipped(self.learn):
+            return
+        epoch = self.offset + self.epoch
+        if _now_best(self):
+            self.best_epoch = epoch
+            save_checkpoint(self.learn, self.best_path)
+        save_checkpoint(self.learn, self.last_path(epoch))
+        self.rows.append(self._row(epoch))
+        write_csv(self.metrics_csv, pd.DataFrame(self.rows, columns=METRICS_COLUMNS))
+        self.prune()
+        if self.echo is not None:
+            self.echo(self.rows[-1])
+
+    def _row(self, epoch: int) -> dict:
+        """This epoch's metrics.csv row."""
+        valid_loss = self.recorder.values[-1][self.recorder.metric_names.index("valid_loss") - 1]
+        row = {c: self.epoch_metrics.value(c) for c in METRICS_COLUMNS}
+        row.update(epoch=epoch, valid_loss=float(valid_loss))
+        row.update(lr=float(self.opt.hypers[-1]["lr"]), time_s=time.perf_counter() - self._start)
+        return row
+
+    def prune(self, keep_last: bool = True) -> None:
+        """Delete checkpoints other than the best and (if `keep_last`) the newest last one."""
+        keep = {self.best_path}
+        if keep_last and self.rows:
+            keep.add(self.last_path(self.rows[-1]["epoch"]))
+        for p in [*self.ckpt_dir.glob("last-epoch*.pth"), *self.ckpt_dir.glob("best-epoch*.pth")]:
+            if p not in keep:
+                p.unlink(missing_ok=True)
+
+    def after_fit(self):
+        self.run = True  # the best weights are loaded once after every stage (train.load_best)
+
+
+class EarlyStop(EarlyStoppingCallback):
+    """fastai's early stopping with TwinCar's monitors, continuing from a replayed state."""
+
+    def __init__(self, monitor: str, patience: int, state: TrackerState | None = None):
+        state = state or TrackerState()
+        super().__init__(monitor=monitor, comp=monitor_comp(monitor), patience=patience)
+        self.reset_on_fit, self.best, self._wait = False, state.best, state.wait
+
+    def before_fit(self):
+        super().before_fit()
+        self.wait = self._wait
+
+    def after_epoch(self):
+        if epoch_skipped(self.learn):
+            return
+        self.wait = 0 if _now_best(self) else self.wait + 1
+        if self.wait >= self.patience:
+            print(f"No improvement of {self.monitor} for {self.wait} epochs: early stopping")
+            raise CancelFitException()
+
+
+class Plateau(ReduceLROnPlateau):
+    """fastai's ReduceLROnPlateau that scales the scheduled LR, so it also works under a schedule.
+
+    fastai's version divides the optimizer's LR once, which the next `ParamScheduler` step undoes;
+    this one keeps a scale and applies it after the scheduler sets each batch's LR.
+    """
+
+    def __init__(
+        self, monitor: str, patience: int, factor: float, state: TrackerState | None = None
+    ):
+        state = state or TrackerState()
+        super().__init__(
+            monitor=monitor, comp=monitor_comp(monitor), patience=patience, factor=factor
+        )
+        self.reset_on_fit, self.best, self._wait, self.scale = (
+            False,
+            state.best,
+            state.wait,
+            state.scale,
+        )
+
+    def before_fit(self):
+        super().before_fit()
+        self.wait = self._wait
+
+    def before_batch(self):
+        if self.training and self.scale != 1.0:
+            for h in self.opt.hypers:
+                h["lr"] *= self.scale
+
+    def after_epoch(self):
+        if epoch_skipped(self.learn):
+            return
+        self.wait = 0 if _now_best(self) else self.wait + 1
+        if self.wait >= self.patience:
+            self.scale, self.wait = self.scale / self.factor, 0
+            print(
+                f"No improvement of {self.monitor} for {self.patience} epochs: LR ÷ {self.factor:g}"
+            )

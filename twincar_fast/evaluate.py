@@ -1,0 +1,323 @@
+"""The full metric table of a trained model on the official test split (or the run's valid split).
+
+Writes three files into the run's reports folder (or `out_dir`), each atomically:
+
+- `eval_<split>.json`: the metrics of `metrics.METRIC_NAMES` and the loss, keys prefixed with the
+  split like the columns of metrics.csv (`test_acc`, `test_loss`, ...), plus `split`, `run`,
+  `model`, `data_dir`, `n_images`, `n_classes` and `device`.
+- `per_class_<split>.csv`: `class_id, label, precision, recall, f1, support` (`per_class_table`).
+- `predictions_<split>.csv`: one row per image: `image` (path relative to the data set, as in
+  annotations.csv), `true_id, true, predicted_id, predicted, probability` (of the predicted class),
+  `true_probability`, `loss`, `top5` (the five most probable class ids, best first, joined by `;`,
+  e.g. `3;7;1;0;9`) and `top5_probability` (their probabilities, same order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.progress import ProgressCallback  # noqa: F401 - patches Learner.no_bar
+from fastai.learner import Learner, load_learner
+
+from twincar_fast.config import ExperimentConfig, load_config
+from twincar_fast.console import console, plain_output
+from twincar_fast.errors import TwincarError
+from twincar_fast.files import write_csv, write_json
+from twincar_fast.metrics import classification_metrics, per_class_table
+
+__all__ = [
+    "SPLITS",
+    "RunPaths",
+    "check_vocab",
+    "evaluate",
+    "evaluate_learner",
+    "load_run_config",
+    "load_run_learner",
+    "predictions_table",
+    "quiet",
+    "relative_images",
+    "require_learner",
+    "resolve_run",
+    "split_dl",
+]
+
+SPLITS = ("test", "valid")
+LEARNER_FILE = "learner.pkl"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's files are: the exported learner and the pair of run folders."""
+
+    name: str  # the run name (folder name), or the learner file's stem outside a run
+    learner: Path | None  # models/<run>/learner.pkl (None when the run has no model)
+    model_dir: Path | None  # models/<run>/
+    report_dir: Path | None  # reports/<run>/ (holds config.yaml)
+
+
+# ---------------------------------------------------------------- finding a run
+
+
+def _twin(folder: Path, marker: str, preferred: str) -> Path | None:
+    """The folder of the same run name beside `folder`'s parent that holds `marker`, if any."""
+    root = folder.parent.parent
+    candidates = [root / preferred / folder.name]
+    if root.is_dir():
+        candidates += sorted(d / folder.name for d in root.iterdir() if d.is_dir())
+    return next((c for c in candidates if (c / marker).is_file()), None)
+
+
+def _from_summary(report_dir: Path) -> Path | None:
+    """The model folder recorded in the run's summary.json, if it still exists."""
+    try:
+        paths = json.loads((report_dir / "summary.json").read_text()).get("paths", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    for key in ("model_dir", "models", "learner"):
+        p = Path(str(paths.get(key, "")))
+        p = p.parent if p.suffix == ".pkl" else p
+        if str(p) not in ("", ".") and (p / LEARNER_FILE).is_file():
+            return p
+    return None
+
+
+def resolve_run(model: str | os.PathLike) -> RunPaths:
+    """Find the learner and both run folders from learner.pkl, models/<run> or reports/<run>."""
+    path = Path(model)
+    if path.is_file():
+        report_dir = _twin(path.parent, CONFIG_FILE, "reports")
+        return RunPaths(path.parent.name, path, path.parent, report_dir)
+    if not path.is_dir():
+        raise TwincarError(
+            f"{path}: no such model file or run folder (give learner.pkl, models/<run> or reports/<run>)"
+        )
+    if (path / LEARNER_FILE).is_file():
+        return RunPaths(path.name, path / LEARNER_FILE, path, _twin(path, CONFIG_FILE, "reports"))
+    if (path / CONFIG_FILE).is_file():
+        model_dir = _from_summary(path) or _twin(path, LEARNER_FILE, "models")
+        learner = model_dir / LEARNER_FILE if model_dir else None
+        return RunPaths(path.name, learner, model_dir, path)
+    raise TwincarError(
+        f"{path}: not a run folder (no {LEARNER_FILE} or {CONFIG_FILE}); "
+        "give models/<run>, reports/<run> or a learner.pkl"
+    )
+
+
+def require_learner(run: RunPaths) -> Path:
+    """The run's learner.pkl, or a one-line error saying the run has no saved model."""
+    if run.learner is None:
+        raise TwincarError(
+            f"{run.report_dir}: run '{run.name}' has no saved model (no models/{run.name}/"
+            f"{LEARNER_FILE}); it stopped before export: finish it with `twincar train "
+            f"{run.report_dir / CONFIG_FILE} --resume {run.report_dir}` or train it again"
+        )
+    return run.learner
+
+
+def load_run_config(run: RunPaths) -> ExperimentConfig | None:
+    """The run's saved config.yaml, or None when the model lives outside a run."""
+    if run.report_dir is None:
+        return None
+    return load_config(run.report_dir / CONFIG_FILE)
+
+
+def load_run_learner(path: str | os.PathLike) -> Learner:
+    """Load an exported learner, on the GPU when there is one."""
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fastai's pickle warning: the user named this file
+        try:
+            return load_learner(path, cpu=not torch.cuda.is_available())
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad model file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TwincarError(
+                f"{path}: can't load the learner ({first}); export it again with `twincar run`"
+            ) from None
+
+
+# ---------------------------------------------------------------- predictions
+
+
+@contextmanager
+def quiet(learn: Learner) -> Iterator[None]:
+    """No progress bar when stdout is not a terminal (logs, tests)."""
+    with learn.no_bar() if plain_output() else nullcontext():
+        yield
+
+
+def check_vocab(learn: Learner, data_dir: Path) -> list[str]:
+    """The data set's classes, checked against the learner's vocab (same names, same order)."""
+    from twincar_fast.data import read_classes
+
+    classes = [str(c) for c in read_classes(data_dir)]
+    vocab = [str(c) for c in learn.dls.vocab]
+    if classes != vocab:
+        diff = next(
+            (i for i, (a, b) in enumerate(zip(vocab, classes, strict=False)) if a != b),
+            min(len(vocab), len(classes)),
+        )
+        seen = (vocab + ["<none>"])[diff], (classes + ["<none>"])[diff]
+        raise TwincarError(
+            f"{data_dir / 'classes.csv'}: the model knows {len(vocab)} classes, the data set "
+            f"{len(classes)}; class {diff} is '{seen[0]}' in the model but '{seen[1]}' in the "
+            "data — evaluate on the data set the model was trained on"
+        )
+    return classes
+
+
+def relative_images(items, data_dir: Path) -> list[str]:
+    """Image paths of a loader's items, relative to the data set when they lie inside it."""
+    if isinstance(items, pd.DataFrame):
+        if "image" in items.columns:
+            return [str(p) for p in items["image"]]
+        items = items["path"]
+    root = data_dir.resolve()
+    out = []
+    for p in items:
+        p = Path(p)
+        try:
+            out.append(str(p.resolve().relative_to(root)))
+        except ValueError:
+            out.append(str(p))
+    return out
+
+
+def predictions_table(
+    images: list[str],
+    targets: np.ndarray,
+    probs: np.ndarray,
+    losses: np.ndarray,
+    classes: list[str],
+) -> pd.DataFrame:
+    """One row per image: true and predicted class, probabilities, loss and the top-5 ids."""
+    rows = np.arange(len(targets))
+    pred = probs.argmax(1)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :5]
+    names = np.asarray(classes, dtype=object)
+    return pd.DataFrame(
+        {
+            "image": images,
+            "true_id": targets,
+            "true": names[targets],
+            "predicted_id": pred,
+            "predicted": names[pred],
+            "probability": probs[rows, pred],
+            "true_probability": probs[rows, targets],
+            "loss": losses,
+            "top5": [";".join(map(str, t)) for t in top],
+            "top5_probability": [
+                ";".join(f"{v:.6g}" for v in probs[i, t]) for i, t in enumerate(top)
+            ],
+        }
+    )
+
+
+def split_dl(learn: Learner, data_dir: Path, split: str, cfg: ExperimentConfig | None):
+    """The labelled loader over `split` with validation transforms (valid split from `cfg`)."""
+    from twincar_fast.data import eval_dl
+
+    if split not in SPLITS:
+        raise TwincarError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "valid" and cfg is None:
+        raise TwincarError(
+            "--split valid needs the run's config.yaml (valid_pct, split_seed) to rebuild the "
+            "training split; give the run folder instead of a lone learner.pkl"
+        )
+    kw = {"valid_pct": cfg.data.valid_pct, "seed": cfg.data.split_seed} if cfg else {}
+    return eval_dl(learn.dls, data_dir, split, **kw)
+
+
+def _run_name(model_path, out_dir, cfg: ExperimentConfig | None) -> str | None:
+    """The run folder's name: of the model's folder, else of the output folder, else cfg.name."""
+    if model_path is not None:
+        return Path(model_path).parent.name
+    return Path(out_dir).name if out_dir is not None else (cfg.name if cfg else None)
+
+
+def evaluate_learner(
+    learn: Learner,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    out_dir: str | os.PathLike | None = None,
+    cfg: ExperimentConfig | None = None,
+    model_path: str | os.PathLike | None = None,
+) -> dict:
+    """Evaluate an in-memory learner on `split`; write eval/per-class/predictions files to `out_dir`.
+
+    Args:
+        learn: the trained learner (its dls give the vocab and validation transforms).
+        data_dir: the prepared data set (annotations.csv, classes.csv).
+        split: "test" (the official test split) or "valid" (the run's held-out train images).
+        out_dir: where the three files go; None writes nothing.
+        cfg: the run's config; needed for the valid split (valid_pct, split_seed).
+        model_path: the learner file, recorded in eval_<split>.json.
+
+    Returns:
+        The contents of eval_<split>.json.
+    """
+    data_dir = Path(data_dir)
+    classes = check_vocab(learn, data_dir)
+    dl = split_dl(learn, data_dir, split, cfg)
+    with quiet(learn):
+        probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
+    probs, losses = probs.float().cpu().numpy(), losses.float().cpu().numpy()
+    targets = targets.cpu().numpy().astype(int)
+    result = {
+        "split": split,
+        "run": _run_name(model_path, out_dir, cfg),
+        "model": str(model_path) if model_path else None,
+        "data_dir": str(data_dir.resolve()),
+        "n_images": len(targets),
+        "n_classes": len(classes),
+        "device": str(dl.device or "cpu"),
+        f"{split}_loss": float(losses.mean()),
+        **{f"{split}_{k}": v for k, v in classification_metrics(targets, probs).items()},
+    }
+    if out_dir is not None:
+        images = relative_images(dl.items, data_dir)
+        table = predictions_table(images, targets, probs, losses, classes)
+        _write_eval(Path(out_dir), split, result, table, classes)
+    return result
+
+
+def _write_eval(
+    out_dir: Path, split: str, result: dict, table: pd.DataFrame, classes: list[str]
+) -> None:
+    """per_class_<split>.csv, predictions_<split>.csv, then eval_<split>.json (the "done" mark)."""
+    per_class = per_class_table(table["true_id"], table["predicted_id"], classes)
+    write_csv(out_dir / f"per_class_{split}.csv", per_class)
+    write_csv(out_dir / f"predictions_{split}.csv", table)
+    write_json(out_dir / f"eval_{split}.json", result)
+
+
+def evaluate(
+    model: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    out_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Evaluate a saved model (learner.pkl, models/<run> or reports/<run>) on `split`; write files."""
+    if split not in SPLITS:
+        raise TwincarError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    run = resolve_run(model)
+    path = require_learner(run)
+    cfg = load_run_config(run)
+    out = Path(out_dir) if out_dir is not None else run.report_dir or path.parent
+    learn = load_run_learner(path)
+    result = evaluate_learner(learn, data_dir, split, out, cfg, model_path=path)
+    console.print(
+        f"{split}: {result['n_images']} images, acc {result[f'{split}_acc']:.4f}, "
+        f"f1_macro {result[f'{split}_f1_macro']:.4f}, top5 {result[f'{split}_top5']:.4f}, "
+        f"loss {result[f'{split}_loss']:.4f} → {out / f'eval_{split}.json'}"
+    )
+    return result

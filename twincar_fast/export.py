@@ -1,0 +1,133 @@
+"""Ship a trained model: fastai's `learner.pkl` plus a weights-only `model.safetensors` + `model.json`.
+
+`learner.pkl` (`learn.export`) keeps the whole inference pipeline (transforms, vocab) and loads with
+`fastai.learner.load_learner` without the training data, but it is a pickle: load only files you
+trust. `model.safetensors` holds only tensors (safe to load from anywhere); `model.json` says how to
+rebuild the network (`learner.create_model`) and feed it (sizes, normalization, classes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from fastai.data.transforms import Normalize
+from fastai.learner import Learner
+from fastai.vision.augment import Resize
+from fastai.vision.core import imagenet_stats
+from safetensors.torch import save_file
+from torch import nn
+
+from twincar_fast.callbacks import EpochMetrics, SaveRun
+from twincar_fast.config import ExperimentConfig
+from twincar_fast.files import atomic_path, write_json
+
+__all__ = [
+    "MODEL_FILES",
+    "export_learner",
+    "export_model",
+    "load_safetensors",
+    "model_card",
+    "save_safetensors",
+]
+
+MODEL_FILES = {
+    "learner": "learner.pkl",
+    "safetensors": "model.safetensors",
+    "model_json": "model.json",
+}
+_RUN_ONLY = (EpochMetrics, SaveRun)  # callbacks tied to one training run: never exported
+
+
+def _plain_model(learn: Learner) -> nn.Module:
+    """The learner's network without a torch.compile wrapper."""
+    model = learn.model
+    return getattr(model, "_orig_mod", model)
+
+
+def export_learner(learn: Learner, path: str | os.PathLike) -> Path:
+    """`learn.export` to `path` atomically, without this run's callbacks and metrics."""
+    path = Path(path)
+    run_cbs = [cb for cb in learn.cbs if isinstance(cb, _RUN_ONLY)]
+    metrics = learn.metrics
+    # `model.compile()` keeps a dynamo wrapper on the module: export the plain module instead
+    compiled = learn.model.__dict__.pop("_compiled_call_impl", None)
+    try:
+        learn.metrics = []
+        with learn.removed_cbs(run_cbs), atomic_path(path) as tmp:
+            learn.export(tmp.resolve())  # an absolute name: fastai writes learn.path / fname
+    finally:
+        learn.metrics = metrics
+        if compiled is not None:
+            learn.model._compiled_call_impl = compiled
+    return path
+
+
+def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The model's state dict as contiguous CPU tensors in a safetensors file, atomically."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    return Path(path)
+
+
+def _preprocessing(learn: Learner, cfg: ExperimentConfig) -> dict:
+    """How the validation loader prepares an image: resize method, padding, normalization."""
+    d = cfg.data
+    out = {"resize": d.resize, "pad_mode": "reflection", "draft": d.draft}
+    resize = next((t for t in learn.dls.valid.after_item.fs if isinstance(t, Resize)), None)
+    if resize is not None:
+        out.update(resize=str(resize.method), pad_mode=str(resize.pad_mode))
+    norm = next((t for t in learn.dls.after_batch.fs if isinstance(t, Normalize)), None)
+    mean, std = (
+        (norm.mean, norm.std) if norm is not None else (imagenet_stats[0], imagenet_stats[1])
+    )
+    out.update(
+        mean=torch.as_tensor(mean).flatten().tolist(), std=torch.as_tensor(std).flatten().tolist()
+    )
+    return out
+
+
+def model_card(learn: Learner, cfg: ExperimentConfig) -> dict:
+    """What `model.json` says: how to rebuild the network and prepare its input."""
+    from twincar_fast import __version__
+
+    classes = [str(c) for c in learn.dls.vocab]
+    m, d = cfg.model, cfg.data
+    return {
+        "format": "twincar_fast/model-v1",
+        "twincar_fast": __version__,
+        "arch": m.arch,
+        "head": m.head,
+        "head_hidden": m.head_hidden,
+        "head_dropout": m.head_dropout,
+        "n_classes": len(classes),
+        "classes": classes,
+        "img_size": d.img_size,
+        "item_size": d.item_size,
+        "bbox_crop": d.bbox_crop,
+        **_preprocessing(learn, cfg),
+        "input": "RGB scaled to [0, 1], normalized with mean/std, NCHW float32",
+    }
+
+
+def export_model(
+    learn: Learner, model_dir: str | os.PathLike, cfg: ExperimentConfig
+) -> dict[str, Path]:
+    """Write learner.pkl, model.safetensors and model.json of `learn`'s current weights into `model_dir`."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    paths = {key: model_dir / name for key, name in MODEL_FILES.items()}
+    export_learner(learn, paths["learner"])
+    save_safetensors(_plain_model(learn), paths["safetensors"])
+    write_json(paths["model_json"], model_card(learn, cfg))
+    return paths
+
+
+def load_safetensors(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a `model.safetensors` into a network built by `learner.create_model` (strict)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model

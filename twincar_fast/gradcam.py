@@ -1,0 +1,185 @@
+"""Grad-CAM++ for the timm body inside fastai's model: target layer, maps, overlays, box masks.
+
+pytorch-grad-cam's `GradCAMPlusPlus` hooks the last feature stage of the body (model[0]; for
+ResNets the last block of `layer4`, else timm's last `feature_info` module, else the last module
+with a 4D output) and explains one class per image (`ClassifierOutputTarget`). Maps come at the
+model's input size, so they line up with the validation-transformed image (`denormalize`) and with
+boxes sent through the same transforms (`box_masks`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.data.transforms import Normalize
+from fastai.learner import Learner
+from PIL import Image
+from pytorch_grad_cam import GradCAMPlusPlus
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from twincar_fast.errors import TwincarError
+
+__all__ = [
+    "batch_tensor",
+    "box_mass_ratio",
+    "box_masks",
+    "denormalize",
+    "find_target_layer",
+    "gradcam_maps",
+    "overlay",
+]
+
+
+def _body(model: nn.Module) -> nn.Module:
+    """The timm body inside fastai's model (model[0]; TimmBody keeps it in `.model`)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    body = model[0] if isinstance(model, nn.Sequential) and len(model) > 1 else model
+    inner = getattr(body, "model", None)
+    return inner if isinstance(inner, nn.Module) else body
+
+
+def _last_spatial_module(body: nn.Module) -> nn.Module:
+    """The last sub-module (in call order) of `body` whose output is a 4D feature map."""
+    done: list[nn.Module] = []
+    hooks = [
+        m.register_forward_hook(
+            lambda m, i, o: done.append(m) if getattr(o, "ndim", 0) == 4 else None
+        )
+        for m in body.modules()
+        if m is not body
+    ]
+    p, training = next(body.parameters()), body.training
+    try:
+        with torch.no_grad():
+            body.eval()(torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype))
+    finally:
+        body.train(training)
+        for h in hooks:
+            h.remove()
+    if not done:
+        raise TwincarError(f"Grad-CAM++: no layer of {type(body).__name__} gives a feature map")
+    return done[-1]
+
+
+def find_target_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM++ explains: ResNet `layer4[-1]`, else timm's last feature stage."""
+    body = _body(model)
+    if isinstance(getattr(body, "layer4", None), nn.Sequential):
+        return body.layer4[-1]
+    info = getattr(body, "feature_info", None)
+    if isinstance(info, list) and info and "module" in info[-1]:
+        try:
+            return body.get_submodule(info[-1]["module"])
+        except AttributeError:
+            pass
+    return _last_spatial_module(body)
+
+
+def _to_nchw(t: torch.Tensor) -> torch.Tensor:
+    """Token outputs (B, N, C) of vision transformers as a (B, C, h, w) map; others unchanged."""
+    if t.ndim != 3:
+        return t
+    side = math.isqrt(t.shape[1])
+    grid = t[:, t.shape[1] - side * side :, :]  # drop class/register tokens in front
+    return grid.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def batch_tensor(learn: Learner, images) -> torch.Tensor:
+    """A normalized input batch from a tensor, image files or PIL images (validation transforms)."""
+    if isinstance(images, torch.Tensor):
+        return images
+    items = [Path(p) if isinstance(p, (str, os.PathLike)) else p for p in images]
+    dl = learn.dls.test_dl(items, with_labels=False, bs=max(1, min(len(items), 64)))
+    return torch.cat([b[0] for b in dl])
+
+
+@contextmanager
+def _eager(model: nn.Module) -> Iterator[None]:
+    """Run a model compiled in place (`model.compile()`) eagerly, so Grad-CAM's hooks fire."""
+    compiled = getattr(model, "_compiled_call_impl", None)
+    model._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = compiled
+
+
+def gradcam_maps(
+    learn: Learner,
+    images: torch.Tensor | Sequence,
+    targets: Sequence[int] | None = None,
+    layer: nn.Module | None = None,
+    bs: int = 32,
+) -> np.ndarray:
+    """Grad-CAM++ maps (N, H, W) in [0, 1] at the input size, one per image, for `targets`.
+
+    Args:
+        learn: the learner whose model is explained.
+        images: a normalized input batch (N, 3, H, W) or items its dls can load (file paths).
+        targets: the class id to explain per image; None = the predicted class.
+        layer: the hooked layer; None = `find_target_layer(learn.model)`.
+        bs: images per forward/backward pass.
+    """
+    x = batch_tensor(learn, images)
+    model = getattr(learn.model, "_orig_mod", learn.model)
+    layer = layer or find_target_layer(model)
+    device = next(model.parameters()).device
+    out = []
+    with _eager(model), GradCAMPlusPlus(model, [layer], reshape_transform=_to_nchw) as cam:
+        for i in range(0, len(x), bs):
+            xb = x[i : i + bs].as_subclass(torch.Tensor).to(device).float()  # plain tensor:
+            xb.requires_grad_(True)  # fastai's subclasses break grad-cam's hooks; grads if frozen
+            tb = (
+                None
+                if targets is None
+                else [ClassifierOutputTarget(int(t)) for t in targets[i : i + bs]]
+            )
+            out.append(cam(input_tensor=xb, targets=tb))
+    return np.concatenate(out) if out else np.zeros((0, *x.shape[-2:]), np.float32)
+
+
+def denormalize(learn: Learner, x: torch.Tensor) -> np.ndarray:
+    """The RGB images (N, H, W, 3) in [0, 1] behind a normalized input batch."""
+    x = x.detach().float().cpu()
+    for t in learn.dls.after_batch.fs:
+        if isinstance(t, Normalize) and t.mean is not None:
+            x = x * t.std.float().cpu() + t.mean.float().cpu()
+    return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """The CAM drawn as a heat map over the image (uint8 RGB)."""
+    return show_cam_on_image(rgb.astype(np.float32), cam, use_rgb=True, image_weight=0.55)
+
+
+def box_masks(
+    learn: Learner, sizes: Sequence[tuple[int, int]], boxes: Sequence[Sequence[float]]
+) -> np.ndarray:
+    """Where boxes (x1, y1, x2, y2; 1-based inclusive) of W×H images land in the model input.
+
+    Each box is drawn white on a black image of its size and sent through the learner's own
+    validation transforms (resize, centre crop), so the (N, H, W) bool masks match the CAMs.
+    """
+    imgs = []
+    for (w, h), (x1, y1, x2, y2) in zip(sizes, boxes, strict=True):
+        arr = np.zeros((int(h), int(w), 3), np.uint8)
+        arr[int(y1) - 1 : int(y2), int(x1) - 1 : int(x2)] = 255
+        imgs.append(Image.fromarray(arr))
+    return denormalize(learn, batch_tensor(learn, imgs)).mean(-1) > 0.5
+
+
+def box_mass_ratio(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per map: share of its mass inside the box ÷ the box's share of the image (1 = no focus)."""
+    mass = cams.reshape(len(cams), -1).sum(1)
+    inside = (cams * masks).reshape(len(cams), -1).sum(1) / np.maximum(mass, 1e-12)
+    area = masks.reshape(len(masks), -1).mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(area > 0, inside / area, np.nan)

@@ -1,0 +1,327 @@
+"""Interpretation of a trained model: the figures of `plots`, top losses and Grad-CAM++ maps.
+
+`interpret_learner` runs at the end of a run on the in-memory learner; `interpret_run` redraws
+everything later from a saved model (models/<run>/learner.pkl) without retraining. Both end with
+`reports/<run>/index.html`, one file that links every figure and table.
+
+Grad-CAM++ figures (maps from `twincar_fast.gradcam`): the top-loss mistakes with the map of the
+predicted class beside the map of the true class, one correct example per class, files given on
+the command line, and on the demo set (raw/parts.csv) how much of the map falls in the part box
+that tells the classes apart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.learner import Learner
+from PIL import Image, ImageDraw
+
+from twincar_fast import plots
+from twincar_fast.config import ExperimentConfig
+from twincar_fast.console import console
+from twincar_fast.errors import TwincarError
+from twincar_fast.evaluate import (
+    check_vocab,
+    evaluate_learner,
+    load_run_config,
+    load_run_learner,
+    quiet,
+    relative_images,
+    require_learner,
+    resolve_run,
+    split_dl,
+)
+from twincar_fast.files import write_csv
+from twincar_fast.gradcam import (
+    box_masks,
+    box_mass_ratio,
+    denormalize,
+    find_target_layer,
+    gradcam_maps,
+    overlay,
+)
+from twincar_fast.report import read_json, write_index
+
+__all__ = [
+    "draw_split_figures",
+    "find_target_layer",
+    "gradcam_correct",
+    "gradcam_files",
+    "gradcam_maps",
+    "gradcam_mistakes",
+    "gradcam_parts",
+    "interpret_learner",
+    "interpret_run",
+    "part_boxes",
+]
+
+CONFUSED_ROWS = 10  # rows of the most-confused example figure
+
+
+# ---------------------------------------------------------------- Grad-CAM++ figures
+
+
+def _rows_tensor(learn: Learner, dl, rows: pd.DataFrame, data_dir: Path) -> torch.Tensor:
+    """The validation-transformed inputs of the predictions rows `rows` (matched by image)."""
+    where = {img: i for i, img in enumerate(relative_images(dl.items, data_dir))}
+    idx = [where[img] for img in rows["image"]]
+    items = dl.items.iloc[idx] if hasattr(dl.items, "iloc") else [dl.items[i] for i in idx]
+    sub = learn.dls.test_dl(items, with_labels=True, rm_type_tfms=0, bs=max(1, min(len(idx), 64)))
+    return torch.cat([b[0] for b in sub])
+
+
+def _cam_panels(learn: Learner, x: torch.Tensor, targets: Sequence[int]) -> list[np.ndarray]:
+    """Overlays of the Grad-CAM++ maps of `targets` on the images of `x`."""
+    rgb = denormalize(learn, x)
+    cams = gradcam_maps(learn, x, targets)
+    return [overlay(r, c) for r, c in zip(rgb, cams, strict=True)]
+
+
+def gradcam_mistakes(learn, dl, preds, data_dir, path, n) -> Path | None:
+    """Top-loss mistakes: the input, the map of the predicted class and of the true class."""
+    wrong = preds[preds.true_id != preds.predicted_id].sort_values("loss", ascending=False)
+    wrong = wrong.head(n)
+    if wrong.empty:
+        return None
+    x = _rows_tensor(learn, dl, wrong, data_dir)
+    on_pred = _cam_panels(learn, x, wrong.predicted_id.tolist())
+    on_true = _cam_panels(learn, x, wrong.true_id.tolist())
+    rgb = denormalize(learn, x)
+    rows = [
+        [
+            (rgb[i], plots.wrap(r.image, 36), "black"),
+            (on_pred[i], f"predicted: {plots.wrap(r.predicted)}\np={r.probability:.2f}", "tab:red"),
+            (on_true[i], f"true: {plots.wrap(r.true)}\np={r.true_probability:.2f}", "tab:green"),
+        ]
+        for i, r in enumerate(wrong.itertuples())
+    ]
+    title = "Grad-CAM++ on the top-loss mistakes: predicted class (middle) vs true class (right)"
+    return plots.plot_panels(rows, path, title)
+
+
+def _classes_to_show(preds: pd.DataFrame) -> list[int]:
+    """Class ids, those of the most-confused pairs first (most mistakes first), then the rest."""
+    pairs = plots.most_confused(preds, len(preds))
+    first = pd.unique(pairs[["actual_id", "predicted_id"]].to_numpy().ravel()).tolist()
+    return first + sorted(set(preds["true_id"]) - set(first))
+
+
+def gradcam_correct(learn, dl, preds, data_dir, path, n) -> Path | None:
+    """One correct example (the most confident) per class, confused classes first, with maps."""
+    right = preds[preds.true_id == preds.predicted_id].sort_values(
+        ["probability", "image"], ascending=[False, True]
+    )
+    right = right.drop_duplicates("true_id").set_index("true_id", drop=False)
+    right = right.loc[[c for c in _classes_to_show(preds) if c in right.index]].head(n)
+    if right.empty:
+        return None
+    x = _rows_tensor(learn, dl, right, data_dir)
+    panels = _cam_panels(learn, x, right.true_id.tolist())
+    cells = [
+        (p, f"{plots.wrap(r.true)}\np={r.probability:.2f}", "black")
+        for p, r in zip(panels, right.itertuples(), strict=True)
+    ]
+    rows = [cells[i : i + 4] for i in range(0, len(cells), 4)]
+    return plots.plot_panels(rows, path, "Grad-CAM++ on a correct example of each class")
+
+
+def _check_images(images: Sequence[str | os.PathLike] | None) -> None:
+    """One-line error for the first image file that doesn't exist."""
+    missing = [f for f in images or () if not Path(f).is_file()]
+    if missing:
+        raise TwincarError(f"{missing[0]}: image not found; check the --images paths")
+
+
+def gradcam_files(learn: Learner, files: Sequence[Path], path: Path) -> Path:
+    """For image files: the input and the maps of its two most probable classes."""
+    _check_images(files)
+    dl = learn.dls.test_dl([Path(f) for f in files], with_labels=False, bs=min(len(files), 64))
+    x = torch.cat([b[0] for b in dl])
+    with quiet(learn):
+        probs = learn.get_preds(dl=dl)[0].float().numpy()
+    top2 = np.argsort(-probs, axis=1)[:, :2]
+    vocab, rgb = list(learn.dls.vocab), denormalize(learn, x)
+    firsts = _cam_panels(learn, x, top2[:, 0].tolist())
+    seconds = _cam_panels(learn, x, top2[:, min(1, top2.shape[1] - 1)].tolist())
+    rows = []
+    for i, f in enumerate(files):
+        a, b = top2[i, 0], top2[i, min(1, top2.shape[1] - 1)]
+        rows.append(
+            [
+                (rgb[i], plots.wrap(Path(f).name, 36), "black"),
+                (firsts[i], f"1st: {plots.wrap(vocab[a])}\np={probs[i, a]:.2f}", "black"),
+                (seconds[i], f"2nd: {plots.wrap(vocab[b])}\np={probs[i, b]:.2f}", "black"),
+            ]
+        )
+    return plots.plot_panels(rows, path, "Grad-CAM++ of the two most probable classes")
+
+
+def part_boxes(data_dir: Path, split: str) -> pd.DataFrame | None:
+    """The demo set's class-telling part boxes (raw/parts.csv) by image file name, or None."""
+    path = data_dir / "raw" / "parts.csv"
+    if not path.is_file():
+        return None
+    parts = pd.read_csv(path)
+    parts = parts[parts["split"] == ("test" if split == "test" else "train")]
+    return parts.set_index("fname")[["x1", "y1", "x2", "y2"]]
+
+
+def _outline(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with the bounding rectangle of `mask` drawn in white."""
+    pil = Image.fromarray(img)
+    ys, xs = np.nonzero(mask)
+    if len(xs):
+        ImageDraw.Draw(pil).rectangle([xs.min(), ys.min(), xs.max(), ys.max()], outline="white")
+    return np.asarray(pil)
+
+
+def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show) -> float | None:
+    """Demo set: Grad-CAM++ mass in the part box of correct images ÷ the box's area share.
+
+    Writes one row per correctly classified image to `csv_path` and the first `n_show`
+    overlays, box drawn, to `fig_path`; returns the mean ratio (None without raw/parts.csv).
+    """
+    boxes = part_boxes(data_dir, split)
+    if boxes is None:
+        return None
+    right = preds[preds.true_id == preds.predicted_id]
+    names = right["image"].map(lambda s: Path(s).name)
+    right, names = right[names.isin(boxes.index)], names[names.isin(boxes.index)]
+    if right.empty:
+        return None
+    x = _rows_tensor(learn, dl, right, data_dir)
+    cams = gradcam_maps(learn, x, right.true_id.tolist())
+    sizes = [Image.open(data_dir / img).size for img in right["image"]]
+    masks = box_masks(learn, sizes, boxes.loc[names].to_numpy())
+    ratio = box_mass_ratio(cams, masks)
+    table = right[["image", "true", "probability"]].assign(
+        box_share=masks.reshape(len(masks), -1).mean(1), ratio=ratio
+    )
+    write_csv(csv_path, table)
+    rgb = denormalize(learn, x[:n_show])
+    cells = [
+        (
+            _outline(overlay(rgb[i], cams[i]), masks[i]),
+            f"{plots.wrap(r.true)}\nratio {r.ratio:.1f}",
+            "black",
+        )
+        for i, r in enumerate(table.head(n_show).itertuples())
+    ]
+    title = f"Grad-CAM++ vs the class-telling part (white box): mean ratio {np.nanmean(ratio):.2f}"
+    plots.plot_panels([cells[i : i + 4] for i in range(0, len(cells), 4)], fig_path, title)
+    return float(np.nanmean(ratio))
+
+
+# ---------------------------------------------------------------- whole report
+
+
+def draw_split_figures(
+    report_dir: Path, split: str, data_dir: Path, cfg: ExperimentConfig
+) -> list[Path]:
+    """Class F1, confusion (+ zoom), most-confused pairs and top losses from the run's CSVs."""
+    fig_dir = report_dir / "figures"
+    preds = pd.read_csv(report_dir / f"predictions_{split}.csv")
+    per_class = pd.read_csv(report_dir / f"per_class_{split}.csv")
+    classes = per_class.sort_values("class_id")["label"].astype(str).tolist()
+    cm = plots.confusion_counts(preds, len(classes))
+    block = plots.most_confused_block(cm, plots.cluster_order(cm), cfg.eval.confusion_zoom)
+    pairs = plots.most_confused(preds, cfg.eval.most_confused)
+    write_csv(report_dir / f"most_confused_{split}.csv", pairs)
+    out = [
+        plots.plot_class_f1(per_class, fig_dir / f"class_f1_{split}.png"),
+        plots.plot_confusion(cm, classes, fig_dir / f"confusion_{split}.png"),
+        plots.plot_confusion_zoom(cm, classes, block, fig_dir / f"confusion_zoom_{split}.png"),
+    ]
+    if not pairs.empty:
+        ex = fig_dir / f"most_confused_{split}.png"
+        out.append(plots.plot_confused_examples(preds, pairs, data_dir, ex, CONFUSED_ROWS))
+    if cfg.eval.top_losses:
+        tl = fig_dir / f"top_losses_{split}.png"
+        out.append(plots.plot_top_losses(preds, data_dir, tl, cfg.eval.top_losses))
+    return out
+
+
+def _gradcam_figures(learn, report_dir, split, data_dir, cfg, images) -> list[Path]:
+    """The Grad-CAM++ figures of the split's mistakes and correct examples, and of `images`."""
+    fig_dir, n = report_dir / "figures", cfg.eval.gradcam
+    out = []
+    if images:
+        out.append(gradcam_files(learn, [Path(f) for f in images], fig_dir / "gradcam_images.png"))
+    if n:
+        preds = pd.read_csv(report_dir / f"predictions_{split}.csv")
+        dl = split_dl(learn, data_dir, split, cfg)
+        out.append(
+            gradcam_mistakes(
+                learn, dl, preds, data_dir, fig_dir / f"gradcam_mistakes_{split}.png", n
+            )
+        )
+        out.append(
+            gradcam_correct(learn, dl, preds, data_dir, fig_dir / f"gradcam_correct_{split}.png", n)
+        )
+        fig, table = (
+            fig_dir / f"gradcam_parts_{split}.png",
+            report_dir / f"gradcam_parts_{split}.csv",
+        )
+        if gradcam_parts(learn, dl, preds, data_dir, split, fig, table, n) is not None:
+            out.append(fig)
+    return [p for p in out if p is not None]
+
+
+def interpret_learner(
+    learn: Learner,
+    cfg: ExperimentConfig,
+    report_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    images: Sequence[str | os.PathLike] | None = None,
+) -> Path:
+    """Draw every figure and table of a run from an in-memory learner; return index.html."""
+    report_dir, data_dir = Path(report_dir), Path(data_dir)
+    _check_images(images)
+    check_vocab(learn, data_dir)
+    split = "test" if cfg.eval.test else "valid"
+    if not (report_dir / f"eval_{split}.json").is_file():
+        evaluate_learner(learn, data_dir, split, report_dir, cfg)
+    if (report_dir / "metrics.csv").is_file():
+        plots.plot_curves(report_dir / "metrics.csv", report_dir / "figures")
+    for s in ("test", "valid"):
+        if (report_dir / f"predictions_{s}.csv").is_file():
+            draw_split_figures(report_dir, s, data_dir, cfg)
+    _gradcam_figures(learn, report_dir, split, data_dir, cfg, images)
+    return write_index(report_dir)
+
+
+def interpret_run(
+    run: str | os.PathLike,
+    images: Sequence[str | os.PathLike] | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Regenerate a run's evaluation, figures and index.html from its saved model."""
+    paths = resolve_run(run)
+    learner = require_learner(paths)
+    if paths.report_dir is None:
+        raise TwincarError(
+            f"{learner}: no reports/{paths.name}/config.yaml beside this model; "
+            "give a run folder made by `twincar run`"
+        )
+    _check_images(images)
+    cfg = load_run_config(paths)
+    data = Path(data_dir) if data_dir is not None else Path(cfg.data.root)
+    if data_dir is None and not (data / "classes.csv").is_file():
+        raise TwincarError(
+            f"{data}: the run's data set (data.root in {paths.report_dir / 'config.yaml'}) is "
+            "not there; pass --data DIR with the prepared data set"
+        )
+    learn = load_run_learner(learner)
+    split = "test" if cfg.eval.test else "valid"
+    done = read_json(paths.report_dir / f"eval_{split}.json")
+    if done.get("data_dir") != str(data.resolve()):  # not evaluated yet, or on other data
+        evaluate_learner(learn, data, split, paths.report_dir, cfg, model_path=learner)
+    index = interpret_learner(learn, cfg, paths.report_dir, data, images)
+    console.print(f"report of {paths.name}: {index}")
+    return index

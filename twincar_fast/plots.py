@@ -1,0 +1,347 @@
+"""Figures drawn from a run's files (metrics.csv, per_class_*.csv, predictions_*.csv), so they redraw.
+
+Every function takes tables or file paths and writes one PNG atomically (matplotlib's Agg backend,
+no display needed). The confusion matrix stays readable at 196 classes: rows are normalized, classes
+are reordered by hierarchical clustering of the symmetrized confusion so that classes mistaken for
+each other sit side by side, and a zoom shows the most-confused block with class names.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import PowerNorm  # noqa: E402
+from scipy.cluster.hierarchy import leaves_list, linkage  # noqa: E402
+from scipy.spatial.distance import squareform  # noqa: E402
+
+from twincar_fast.files import atomic_path  # noqa: E402
+
+__all__ = [
+    "cluster_order",
+    "confusion_counts",
+    "most_confused",
+    "most_confused_block",
+    "plot_class_f1",
+    "plot_confused_examples",
+    "plot_confusion",
+    "plot_confusion_zoom",
+    "plot_curves",
+    "plot_panels",
+    "plot_top_losses",
+    "save_figure",
+    "wrap",
+]
+
+DPI = 110
+CMAP = "Blues"
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
+    """Write `fig` as PNG to `path` atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def wrap(text: str, width: int = 28) -> str:
+    """Break a long class name over lines of at most `width` characters."""
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
+# ---------------------------------------------------------------- training curves
+
+# figure file -> (title, y label, [(metrics.csv column, legend label), ...])
+CURVES = {
+    "accuracy.png": (
+        "Accuracy and F1",
+        "score",
+        [
+            ("train_acc", "train accuracy"),
+            ("valid_acc", "valid accuracy"),
+            ("valid_f1_macro", "valid F1 macro"),
+            ("valid_f1_weighted", "valid F1 weighted"),
+        ],
+    ),
+    "loss.png": ("Loss", "loss", [("train_loss", "train"), ("valid_loss", "valid")]),
+    "precision_recall.png": (
+        "Macro precision and recall (valid)",
+        "score",
+        [("valid_precision_macro", "precision macro"), ("valid_recall_macro", "recall macro")],
+    ),
+    "topk.png": (
+        "Top-k accuracy (valid)",
+        "accuracy",
+        [("valid_acc", "top-1"), ("valid_top3", "top-3"), ("valid_top5", "top-5")],
+    ),
+}
+
+
+def plot_curves(metrics_csv: str | os.PathLike, fig_dir: str | os.PathLike) -> list[Path]:
+    """Accuracy/F1, loss, precision/recall and top-k curves per epoch from metrics.csv."""
+    df = pd.read_csv(metrics_csv)
+    out = []
+    for name, (title, ylabel, series) in CURVES.items():
+        present = [(c, lab) for c, lab in series if c in df and df[c].notna().any()]
+        if df.empty or not present:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for k, (col, label) in enumerate(present):
+            style = "--" if "weighted" in col or "top5" in col else "-"  # overlapping twins show
+            ax.plot(df["epoch"], df[col], style, marker="o", ms=3, label=label, zorder=3 - k / 9)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        out.append(save_figure(fig, Path(fig_dir) / name))
+    return out
+
+
+# ---------------------------------------------------------------- per-class scores
+
+
+def plot_class_f1(per_class: pd.DataFrame, path: str | os.PathLike, k: int = 20) -> Path:
+    """Horizontal bars of the `k` best and `k` worst classes by F1 (support beside each bar)."""
+    df = per_class[per_class["support"] > 0].sort_values(["f1", "label"], kind="stable")
+    k = max(1, min(k, (len(df) + 1) // 2))
+    panels = [("best", df.tail(k)), ("worst", df.head(k).iloc[::-1])]
+    fig, axes = plt.subplots(2, 1, figsize=(9, 0.28 * 2 * k + 2.2))
+    for ax, (which, part) in zip(axes, panels, strict=True):
+        y = np.arange(len(part))
+        ax.barh(y, part["f1"], color="tab:green" if which == "best" else "tab:red", alpha=0.8)
+        ax.set_yticks(y, part["label"], fontsize=8)
+        ax.invert_yaxis() if which == "worst" else None
+        for yi, (f1, n) in enumerate(zip(part["f1"], part["support"], strict=True)):
+            ax.text(min(f1, 1.0) + 0.01, yi, f"{f1:.2f} (n={n})", va="center", fontsize=7)
+        ax.set_xlim(0, 1.18)
+        ax.set_title(f"{k} {which} classes by F1", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("F1")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- confusion
+
+
+def confusion_counts(preds: pd.DataFrame, n_classes: int) -> np.ndarray:
+    """The (true, predicted) count matrix from a predictions table."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (preds["true_id"].to_numpy(), preds["predicted_id"].to_numpy()), 1)
+    return cm
+
+
+def _row_normalized(cm: np.ndarray) -> np.ndarray:
+    """Each row divided by its total (rows without images stay zero)."""
+    return cm / np.maximum(cm.sum(1, keepdims=True), 1)
+
+
+def cluster_order(cm: np.ndarray) -> np.ndarray:
+    """A class order that puts classes confused with each other next to each other."""
+    n = len(cm)
+    sim = _row_normalized(cm)
+    sim = (sim + sim.T) / 2
+    np.fill_diagonal(sim, 0)
+    if n < 3 or sim.max() <= 0:
+        return np.arange(n)
+    dist = 1 - sim / sim.max()
+    np.fill_diagonal(dist, 0)
+    z = linkage(squareform(dist, checks=False), method="average", optimal_ordering=True)
+    return leaves_list(z)
+
+
+def most_confused_block(cm: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
+    """The `k` consecutive classes of `order` holding the most off-diagonal confusion."""
+    k = max(1, min(k, len(order)))
+    off = cm[np.ix_(order, order)].astype(float)
+    np.fill_diagonal(off, 0)
+    scores = [off[i : i + k, i : i + k].sum() for i in range(len(order) - k + 1)]
+    start = int(np.argmax(scores))
+    return order[start : start + k]
+
+
+def _confusion_axes(ax, cm_norm: np.ndarray, labels: list[str], fontsize: float):
+    """Draw a row-normalized matrix with class-name ticks on both axes; return the image."""
+    im = ax.imshow(cm_norm, cmap=CMAP, norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="none")
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, labels, fontsize=fontsize)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.tick_params(length=1.5, pad=1)
+    return im
+
+
+def _colorbar(fig: plt.Figure, im, ax, shrink: float) -> None:
+    """A colour bar with ticks spread out on the square-root scale."""
+    cb = fig.colorbar(im, ax=ax, shrink=shrink, pad=0.01, ticks=[0, 0.05, 0.2, 0.5, 1])
+    cb.set_label("share of the true class's images")
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: str | os.PathLike) -> Path:
+    """The whole row-normalized confusion matrix, clustered, every class named (tiny at 196)."""
+    order = cluster_order(cm)
+    n = len(classes)
+    cell = 0.3 if n <= 30 else 0.1  # inches per class: names at 5.5 pt still fit at 196
+    fontsize = 8 if n <= 30 else 5.5
+    side = max(5.0, cell * n + 1.5)
+    fig, ax = plt.subplots(figsize=(side + 2.5, side + 1.0))
+    labels = [classes[i] for i in order]
+    im = _confusion_axes(ax, _row_normalized(cm)[np.ix_(order, order)], labels, fontsize)
+    ax.set_title(
+        f"Confusion matrix, {n} classes (rows normalized; clustered so that confused classes "
+        "sit together)",
+        fontsize=10,
+    )
+    _colorbar(fig, im, ax, 0.5)
+    return save_figure(fig, path, dpi=DPI if n <= 30 else 140)  # crisp 5.5 pt names
+
+
+def plot_confusion_zoom(
+    cm: np.ndarray, classes: list[str], block: np.ndarray, path: str | os.PathLike
+) -> Path:
+    """The most-confused block of the clustered matrix, with class names and counts in cells."""
+    sub = cm[np.ix_(block, block)]
+    norm = _row_normalized(cm)[np.ix_(block, block)]
+    k = len(block)
+    side = max(4.5, 0.42 * k + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = _confusion_axes(ax, norm, [classes[i] for i in block], 8)
+    for i, j in zip(*np.nonzero(sub), strict=True):
+        color = "white" if norm[i, j] > 0.5 else "black"
+        ax.text(j, i, str(sub[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_title(f"Most-confused block ({k} classes; numbers = image counts)", fontsize=10)
+    _colorbar(fig, im, ax, 0.6)
+    return save_figure(fig, path)
+
+
+def most_confused(preds: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The `n` most frequent (actual, predicted) mistakes: actual, predicted, count, ids."""
+    wrong = preds[preds["true_id"] != preds["predicted_id"]]
+    pairs = (
+        wrong.groupby(["true_id", "predicted_id", "true", "predicted"])
+        .size()
+        .reset_index(name="count")
+        .sort_values(["count", "true_id", "predicted_id"], ascending=[False, True, True])
+        .head(n)
+    )
+    return pairs.rename(
+        columns={
+            "true": "actual",
+            "true_id": "actual_id",
+            "predicted_id": "predicted_id",
+        }
+    )[["actual", "predicted", "count", "actual_id", "predicted_id"]].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- example images
+
+
+def _open(data_dir: Path, image: str):
+    """The image at `image` (relative to `data_dir`, or absolute) as an RGB PIL image."""
+    from twincar_fast.data.images import open_rgb
+
+    return open_rgb(data_dir / image)
+
+
+def _show(ax, img, title: str, color: str = "black") -> None:
+    """An image without axes and with a small title."""
+    ax.imshow(img)
+    ax.set_title(title, fontsize=7.5, color=color)
+    ax.axis("off")
+
+
+def plot_confused_examples(
+    preds: pd.DataFrame,
+    pairs: pd.DataFrame,
+    data_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    rows: int = 10,
+) -> Path:
+    """A row per confused pair: an image of A predicted as B beside a correct example of B."""
+    data_dir = Path(data_dir)
+    pairs = pairs.head(max(1, rows))
+    fig, axes = plt.subplots(
+        len(pairs), 2, figsize=(6.4, 2.4 * len(pairs) + 0.4), squeeze=False, layout="constrained"
+    )
+    for (left, right), pair in zip(axes, pairs.itertuples(), strict=True):
+        wrong = preds[(preds.true_id == pair.actual_id) & (preds.predicted_id == pair.predicted_id)]
+        w = wrong.sort_values("probability", ascending=False).iloc[0]
+        title = f"A: {wrap(pair.actual)}\nseen as B {pair.count}× (p={w.probability:.2f})"
+        _show(left, _open(data_dir, w.image), title, "tab:red")
+        good = preds[
+            (preds.true_id == pair.predicted_id) & (preds.predicted_id == pair.predicted_id)
+        ]
+        if good.empty:
+            right.axis("off")
+            right.set_title(f"B: {wrap(pair.predicted)}\n(no correct example)", fontsize=7.5)
+            continue
+        g = good.sort_values("probability", ascending=False).iloc[0]
+        _show(
+            right,
+            _open(data_dir, g.image),
+            f"B: {wrap(pair.predicted)}\ncorrect (p={g.probability:.2f})",
+            "tab:green",
+        )
+    fig.suptitle(
+        "Most-confused pairs: class A mistaken for B (left), a real B (right)", fontsize=10
+    )
+    return save_figure(fig, path)
+
+
+def plot_top_losses(
+    preds: pd.DataFrame, data_dir: str | os.PathLike, path: str | os.PathLike, n: int = 16
+) -> Path:
+    """A grid of the `n` highest-loss images titled predicted / actual / loss / probability."""
+    data_dir = Path(data_dir)
+    top = preds.sort_values("loss", ascending=False, kind="stable").head(max(1, n))
+    cols = min(4, len(top))
+    nrows = -(-len(top) // cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.2 * cols, 3.3 * nrows + 0.4), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(top) :]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, top.itertuples(), strict=False):
+        title = (
+            f"pred: {wrap(r.predicted, 34)}\nactual: {wrap(r.true, 34)}\n"
+            f"loss {r.loss:.2f}, p(pred) {r.probability:.2f}, p(actual) {r.true_probability:.2f}"
+        )
+        _show(
+            ax,
+            _open(data_dir, r.image),
+            title,
+            "tab:red" if r.true_id != r.predicted_id else "black",
+        )
+    fig.suptitle(f"Top {len(top)} losses (red = misclassified)", fontsize=11)
+    return save_figure(fig, path)
+
+
+def plot_panels(
+    rows: list[list[tuple[np.ndarray, str, str]]], path: str | os.PathLike, title: str
+) -> Path:
+    """A grid of images, one list of (image, title, title colour) per row."""
+    ncols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(
+        len(rows),
+        ncols,
+        figsize=(2.9 * ncols, 3.0 * len(rows) + 0.4),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax_row, row in zip(axes, rows, strict=True):
+        for ax, (img, text, color) in zip(ax_row, row, strict=False):
+            _show(ax, img, text, color)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

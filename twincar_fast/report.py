@@ -1,0 +1,233 @@
+"""`reports/<run>/index.html`: one page that shows how good a run is, where it fails, what it looks at.
+
+The page is built only from the run's files (summary.json, metrics.csv, eval_<split>.json,
+config.yaml, env.json, figures/*.png, *.csv), links them relatively and escapes every text with
+`html.escape`, so the folder can be moved or zipped and still opens in any browser.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from twincar_fast.files import write_text
+from twincar_fast.metrics import METRIC_NAMES
+
+__all__ = ["headline_metrics", "read_json", "write_index"]
+
+# figure stem (without _<split>) -> caption, in page order
+FIGURES = {
+    "accuracy": "Accuracy (train and valid) and valid F1 per epoch",
+    "loss": "Train and valid loss per epoch",
+    "precision_recall": "Valid macro precision and recall per epoch",
+    "topk": "Valid top-1, top-3 and top-5 accuracy per epoch",
+    "class_f1": "The best and the worst classes by F1",
+    "confusion": "Confusion matrix, rows normalized, confused classes clustered together",
+    "confusion_zoom": "Zoom on the most-confused block of classes",
+    "most_confused": "Most-confused pairs: an image of A predicted as B beside a real B",
+    "top_losses": "The images with the highest loss",
+    "gradcam_mistakes": "Grad-CAM++ on mistakes: predicted class vs true class",
+    "gradcam_correct": "Grad-CAM++ on a correct example of each class",
+    "gradcam_images": "Grad-CAM++ on the images given on the command line",
+    "gradcam_parts": "Grad-CAM++ and the box of the part that tells the classes apart (demo set)",
+}
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}
+th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1em 0;border:1px solid #eee;padding:.5em}figure img{max-width:100%}
+figcaption{color:#555;font-size:.9em}pre{background:#f7f7f7;padding:.8em;overflow-x:auto}
+"""
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _valid_row(report_dir: Path) -> dict:
+    """The metrics.csv row of the best epoch (summary.json's best_epoch; else the last row)."""
+    path = report_dir / "metrics.csv"
+    if not path.is_file():
+        return {}
+    df = pd.read_csv(path)
+    if df.empty:
+        return {}
+    best = read_json(report_dir / "summary.json").get("best_epoch")
+    rows = df[df["epoch"] == best] if best is not None else df.iloc[0:0]
+    return (rows if len(rows) else df.tail(1)).iloc[-1].to_dict()
+
+
+def headline_metrics(report_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per metric (loss first) with a column per split: valid, test."""
+    report_dir = Path(report_dir)
+    best = read_json(report_dir / "summary.json").get("best_epoch")
+    label = "valid (best epoch)" if best is None else f"valid (best epoch {best})"
+    sources = {label: ("valid", _valid_row(report_dir))}
+    for split in ("test", "valid"):
+        data = read_json(report_dir / f"eval_{split}.json")
+        if data:
+            n = data.get("n_images", "?")
+            sources[f"{split} (evaluated, {n} images)"] = (split, data)
+    rows = []
+    for name in ["loss", *METRIC_NAMES]:
+        row = {"metric": name}
+        for col, (prefix, data) in sources.items():
+            value = data.get(f"{prefix}_{name}")
+            row[col] = None if value is None or pd.isna(value) else float(value)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _table(df: pd.DataFrame, digits: int = 4) -> str:
+    """An escaped HTML table of a DataFrame (numbers right-aligned, `digits` decimals)."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for row in df.itertuples(index=False):
+        cells = []
+        for v in row:
+            if isinstance(v, float):
+                text = "–" if pd.isna(v) else f"{v:.{digits}f}"
+                cells.append(f'<td class="num">{text}</td>')
+            else:
+                cells.append(f"<td>{html.escape(str(v))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _caption(stem: str) -> str:
+    """The caption of a figure file stem such as `confusion_test`."""
+    for key in sorted(FIGURES, key=len, reverse=True):
+        for split in ("", "_test", "_valid"):
+            if stem == key + split:
+                return FIGURES[key] + (f" ({split[1:]} split)" if split else "")
+    return stem.replace("_", " ")
+
+
+def _figure_order(path: Path) -> tuple:
+    """Sort key: the FIGURES order, test before valid, unknown figures last."""
+    keys = list(FIGURES)
+    stem = path.stem
+    base = stem.removesuffix("_test").removesuffix("_valid")
+    return (keys.index(base) if base in keys else len(keys), stem.endswith("_valid"), stem)
+
+
+def _figures_html(report_dir: Path) -> str:
+    """Every PNG of figures/ with its caption, linked to the full-size file."""
+    figs = sorted((report_dir / "figures").glob("*.png"), key=_figure_order)
+    if not figs:
+        return "<p>No figures yet (run <code>twincar interpret</code>).</p>"
+    out = []
+    for f in figs:
+        rel = html.escape(f.relative_to(report_dir).as_posix(), quote=True)
+        cap = html.escape(_caption(f.stem))
+        out.append(
+            f'<figure id="{html.escape(f.stem)}"><a href="{rel}"><img src="{rel}" alt="{cap}" '
+            f'loading="lazy"></a><figcaption>{cap} — <code>{rel}</code></figcaption></figure>'
+        )
+    return "\n".join(out)
+
+
+def _files_html(report_dir: Path) -> str:
+    """A list of links to the run's tables and JSON files."""
+    files = sorted(
+        p for ext in ("*.csv", "*.json", "*.npz", "*.yaml") for p in report_dir.glob(ext)
+    )
+    items = "".join(
+        f'<li><a href="{html.escape(p.name, quote=True)}">{html.escape(p.name)}</a></li>'
+        for p in files
+    )
+    return f"<ul>{items}</ul>"
+
+
+def _summary_html(report_dir: Path) -> str:
+    """Key facts of summary.json (best epoch, monitor, times) as a small table."""
+    s = read_json(report_dir / "summary.json")
+    keys = ["monitor", "best_epoch", "best_value", "epochs_run", "stopped_early", "wall_time_s"]
+    keys += ["train_images_per_s"]
+    rows = [(k, s[k]) for k in keys if k in s and not isinstance(s[k], (dict, list))]
+    if not rows:
+        return ""
+    return _table(pd.DataFrame(rows, columns=["summary", "value"]).astype({"value": str}))
+
+
+def _confused_html(report_dir: Path) -> str:
+    """The most-confused pairs table of each split, inline."""
+    out = []
+    for split in ("test", "valid"):
+        path = report_dir / f"most_confused_{split}.csv"
+        if path.is_file():
+            df = pd.read_csv(path)[["actual", "predicted", "count"]]
+            out.append(f"<h3>Most-confused pairs ({split})</h3>{_table(df)}")
+    return "".join(out)
+
+
+def _headline_text(report_dir: Path) -> str:
+    """One sentence a person reads first: test and valid accuracy, top-5 and macro F1."""
+    out = []
+    for split in ("test", "valid"):
+        e = read_json(report_dir / f"eval_{split}.json")
+        if e:
+            out.append(
+                f"{split.capitalize()} split ({e.get('n_images', '?')} images): accuracy "
+                f"{e[f'{split}_acc']:.2%}, top-5 {e[f'{split}_top5']:.2%}, "
+                f"macro F1 {e[f'{split}_f1_macro']:.3f}."
+            )
+    row = _valid_row(report_dir)
+    if row:
+        out.append(
+            f"Validation during training (epoch {int(row['epoch'])}): accuracy "
+            f"{row['valid_acc']:.2%}, macro F1 {row['valid_f1_macro']:.3f}."
+        )
+    for split in ("test", "valid"):
+        path = report_dir / f"gradcam_parts_{split}.csv"
+        if path.is_file():
+            ratio = pd.read_csv(path)["ratio"]
+            out.append(
+                f"Grad-CAM++ on the class-telling part ({split}, {ratio.notna().sum()} correct "
+                f"images): {ratio.mean():.2f}× more map mass in the part's box than its area."
+            )
+    return "".join(f"<p>{html.escape(t)}</p>" for t in out)
+
+
+def _text_file(path: Path) -> str:
+    """The escaped contents of a text file, or a note that it is missing."""
+    if not path.is_file():
+        return f"<p>{html.escape(path.name)} not found.</p>"
+    return f"<pre>{html.escape(path.read_text(encoding='utf-8'))}</pre>"
+
+
+def write_index(report_dir: str | os.PathLike) -> Path:
+    """Write `report_dir/index.html` linking every figure and table of the run; return its path."""
+    report_dir = Path(report_dir)
+    run = html.escape(report_dir.name)
+    sections = [
+        f"<h1>Run {run}</h1>",
+        "<h2>Headline metrics</h2>",
+        _headline_text(report_dir),
+        _table(headline_metrics(report_dir)),
+        _summary_html(report_dir),
+        "<h2>Figures</h2>",
+        _figures_html(report_dir),
+        "<h2>Tables</h2>",
+        _confused_html(report_dir),
+        _files_html(report_dir),
+        "<h2>Config (config.yaml)</h2>",
+        _text_file(report_dir / "config.yaml"),
+        "<h2>Environment (env.json)</h2>",
+        _text_file(report_dir / "env.json"),
+    ]
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{run}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n"
+    )
+    return write_text(report_dir / "index.html", page)
