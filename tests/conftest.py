@@ -69,7 +69,10 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def make_tiny_cfg(data_root: Path, out: Path) -> ExperimentConfig:
-    """A CPU-sized config: test_resnet at 32 px, 2 epochs, no workers, outputs under `out`."""
+    """A CPU-sized config: test_resnet at 32 px, 2 epochs, no workers, outputs under `out`.
+
+    Test-split evaluation and the report are off (tests that need them switch them on).
+    """
     cfg = ExperimentConfig(
         name="tiny", reports_dir=str(out / "reports"), models_dir=str(out / "models")
     )
@@ -87,7 +90,13 @@ def make_tiny_cfg(data_root: Path, out: Path) -> ExperimentConfig:
         cfg.train, epochs=2, lr=1e-2, device="cpu", early_stopping=0, plateau_patience=0
     )
     cfg.eval = dataclasses.replace(
-        cfg.eval, top_losses=4, gradcam=2, confusion_zoom=4, most_confused=3
+        cfg.eval,
+        test=False,
+        interpret=False,
+        top_losses=4,
+        gradcam=2,
+        confusion_zoom=4,
+        most_confused=3,
     )
     return cfg
 

@@ -66,7 +66,10 @@ def sharp_cfg(data, out):
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
     """A tiny run (test_resnet, 128 px, 5 epochs), then `interpret_run` with two extra images."""
-    result = run_experiment(sharp_cfg(tiny_data, tmp_path_factory.mktemp("interp_run")))
+    cfg = sharp_cfg(tiny_data, tmp_path_factory.mktemp("interp_run"))
+    cfg.eval = dataclasses.replace(cfg.eval, test=True)  # the run itself evaluates the test split
+    result = run_experiment(cfg)
+    assert (result.report_dir / "eval_test.json").is_file()
     images = [tiny_data / "images/test_0_000.jpg", tiny_data / "images/test_3_001.jpg"]
     index = interpret_run(result.report_dir, images=images)
     return result, index

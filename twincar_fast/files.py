@@ -14,6 +14,9 @@ from typing import Any
 
 import pandas as pd
 
+_UMASK = os.umask(0)  # read the process umask once (os has no getter) ...
+os.umask(_UMASK)  # ... and put it back: mkstemp's files are 0600, finished ones follow the umask
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -25,6 +28,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            tmp.chmod(0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -59,6 +64,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        tmp.chmod(0o777 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

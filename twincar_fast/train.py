@@ -39,8 +39,10 @@ from twincar_fast.config import ExperimentConfig, save_config
 from twincar_fast.console import console, plain_output, print_config, print_epoch, print_paths
 from twincar_fast.data import build_dls, ensure_dataset, print_data_summary
 from twincar_fast.errors import ConfigError, TwincarError
+from twincar_fast.evaluate import evaluate_learner
 from twincar_fast.export import export_model
 from twincar_fast.files import atomic_path, new_run_name, write_json
+from twincar_fast.interpret import interpret_learner
 from twincar_fast.learner import apply_freeze, create_learner, freeze_all_but_head, lr_for
 from twincar_fast.runs import (
     RunFolders,
@@ -296,8 +298,19 @@ def run_experiment(
     summary = _summary(cfg, saver, time.perf_counter() - start, paths)
     write_json(folders.report_dir / "summary.json", summary)  # from here on the run is finished
     saver.prune(keep_last=False)  # ... and not resumable: drop the last-epoch checkpoint
+    _report(learn, cfg, folders.report_dir, data_dir, paths)
     _print_result(cfg, summary, paths)
     return RunResult(folders.name, folders.report_dir, folders.model_dir, summary, learn)
+
+
+def _report(
+    learn: Learner, cfg: ExperimentConfig, report_dir: Path, data_dir: Path, paths: dict
+) -> None:
+    """Evaluate the best model on the test split and draw the report, as the config asks."""
+    if cfg.eval.test:
+        evaluate_learner(learn, data_dir, "test", report_dir, cfg, paths.get("learner"))
+    if cfg.eval.interpret:
+        paths["index"] = interpret_learner(learn, cfg, report_dir, data_dir)
 
 
 def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) -> None:
