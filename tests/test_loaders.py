@@ -364,3 +364,20 @@ def test_eval_dl_rejects_other_classes(exported, tiny_data, tmp_path):
     assert "\n" not in msg and str(other / "classes.csv") in msg
     with pytest.raises(DataError, match="'test' or 'valid'"):
         eval_dl(learn.dls, tiny_data, "train")
+
+
+def test_random_hue_rotates_chroma_and_keeps_luma_and_greys():
+    from twincar_fast.data.loaders import _RGB2YIQ, RandomHue
+
+    torch.manual_seed(0)
+    x = TensorImage(torch.rand(8, 3, 6, 6) * 0.2 + 0.4)  # pale colours: rotations stay in gamut
+    x[:, :, 0, 0] = 0.4  # one grey pixel per image
+    y = RandomHue(max_hue=0.5, p=1.0)(x, split_idx=0)
+    assert not torch.allclose(y, x, atol=1e-3)  # colours moved
+    yiq_x, yiq_y = (torch.einsum("ij,bjhw->bihw", _RGB2YIQ, t) for t in (x, y))
+    torch.testing.assert_close(yiq_y[:, 0], yiq_x[:, 0], atol=1e-5, rtol=0)  # luma kept
+    chroma = lambda t: t[:, 1:].pow(2).sum(1).sqrt()  # noqa: E731
+    torch.testing.assert_close(chroma(yiq_y), chroma(yiq_x), atol=1e-5, rtol=0)  # saturation kept
+    torch.testing.assert_close(y[:, :, 0, 0], x[:, :, 0, 0], atol=1e-5, rtol=0)  # grey stays grey
+    same = RandomHue(max_hue=0.5, p=0.0)(x, split_idx=0)
+    torch.testing.assert_close(same, x, atol=1e-6, rtol=0)

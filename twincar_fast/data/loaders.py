@@ -17,7 +17,6 @@ from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Nor
 from fastai.torch_core import TensorImage
 from fastai.vision.augment import (
     AffineCoordTfm,
-    Hue,
     RandomResizedCropGPU,
     RandTransform,
     Resize,
@@ -187,6 +186,41 @@ class RandomGaussianBlur(RandTransform):
         return TensorImage(y.reshape(b, c, h, w))
 
 
+# RGB → YIQ: a hue shift is a rotation of the (I, Q) chroma plane, so one 3×3 matrix per image.
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+
+
+class RandomHue(RandTransform):
+    """Shift the hue of each training image with probability `p` by up to ±`max_hue` of a turn.
+
+    One matrix product per image instead of fastai's `Hue` (RGB → HSV → RGB), which measured ~100×
+    slower on the CPU; like ColorJitter's hue, `max_hue` is a share of the colour circle.
+    """
+
+    order = 40  # with fastai's lighting transforms, before the blur (45) and Normalize (99)
+
+    def __init__(self, max_hue: float = 0.05, p: float = 0.75):
+        super().__init__(p=1.0)  # RandTransform's p is per batch; this one draws per image
+        self.max_hue, self.p_image = max_hue, p
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        b = x.shape[0]
+        on = torch.rand(b, device=x.device) < self.p_image
+        theta = (torch.rand(b, device=x.device) * 2 - 1) * self.max_hue * 2 * math.pi * on
+        cos, sin = theta.cos(), theta.sin()
+        rot = torch.zeros(b, 3, 3, device=x.device)
+        rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = (
+            1,
+            cos,
+            -sin,
+            sin,
+            cos,
+        )
+        m = (_YIQ2RGB.to(x.device) @ rot @ _RGB2YIQ.to(x.device)).to(x.dtype)
+        return TensorImage(torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1))
+
+
 def _colour_extras(a: AugConfig) -> list:
     """TwinCar's extras beyond fastai's aug_transforms: saturation, hue, Gaussian blur."""
     for key in ("max_lighting", "saturation", "hue"):
@@ -196,7 +230,7 @@ def _colour_extras(a: AugConfig) -> list:
     if a.saturation:
         extras.append(Saturation(max_lighting=a.saturation, p=a.p_lighting))
     if a.hue:
-        extras.append(Hue(max_hue=a.hue, p=a.p_lighting))
+        extras.append(RandomHue(max_hue=a.hue, p=a.p_lighting))
     if a.blur_p and a.blur_sigma:
         extras.append(RandomGaussianBlur(p=a.blur_p, max_sigma=a.blur_sigma))
     return extras
