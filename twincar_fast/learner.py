@@ -14,6 +14,8 @@ import re
 from functools import partial
 from pathlib import Path
 
+import fastai.callback.progress  # noqa: F401 - progress bars for notebooks and terminals
+import fastai.callback.schedule  # noqa: F401 - adds Learner.lr_find, fit_one_cycle, fit_flat_cos
 import numpy as np
 import timm
 import torch
