@@ -48,3 +48,22 @@ def test_python_m_run_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.valid_pct" in lines[0], proc.stderr
+
+
+def test_errors_after_the_heavy_imports_are_one_line_too(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "twincar_fast.cli",
+            "evaluate",
+            str(tmp_path / "nope.pkl"),
+            "--data",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("twincar: error:"), proc.stderr

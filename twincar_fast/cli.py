@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `twincar` command line; return the exit code."""
     args = build_parser().parse_args(argv)
+    # fastai's own modules still call torch.jit.script; that notice is not the user's to act on
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
