@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from fastprogress.core import IN_NOTEBOOK
@@ -16,7 +18,15 @@ from rich.table import Table
 
 from twincar_fast.config import ExperimentConfig
 
-__all__ = ["console", "epoch_line", "plain_output", "print_config", "print_epoch", "print_paths"]
+__all__ = [
+    "console",
+    "epoch_line",
+    "plain_output",
+    "print_config",
+    "print_epoch",
+    "print_paths",
+    "quiet_if_plain",
+]
 
 console = Console(highlight=False, soft_wrap=True)  # long lines stay whole in logs
 
@@ -24,6 +34,16 @@ console = Console(highlight=False, soft_wrap=True)  # long lines stay whole in l
 def plain_output() -> bool:
     """True when stdout is neither a terminal nor a notebook: no progress bars, plain lines."""
     return not IN_NOTEBOOK and not sys.stdout.isatty()
+
+
+@contextmanager
+def quiet_if_plain(learn) -> Iterator[None]:
+    """No fastai progress bars and no stats print while `learn` runs, when stdout is not a terminal."""
+    with ExitStack() as stack:
+        if plain_output():
+            stack.enter_context(learn.no_bar())
+            stack.enter_context(learn.no_logging())
+        yield
 
 
 def print_config(cfg: ExperimentConfig, run: str) -> None:

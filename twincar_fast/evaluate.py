@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,8 @@ from fastai.callback.progress import ProgressCallback  # noqa: F401 - patches Le
 from fastai.learner import Learner, load_learner
 
 from twincar_fast.config import ExperimentConfig, load_config
-from twincar_fast.console import console, plain_output
+from twincar_fast.console import console, quiet_if_plain
+from twincar_fast.data import check_vocab, eval_dl
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
 from twincar_fast.metrics import classification_metrics, per_class_table
@@ -37,13 +36,11 @@ from twincar_fast.metrics import classification_metrics, per_class_table
 __all__ = [
     "SPLITS",
     "RunPaths",
-    "check_vocab",
     "evaluate",
     "evaluate_learner",
     "load_run_config",
     "load_run_learner",
     "predictions_table",
-    "quiet",
     "relative_images",
     "require_learner",
     "resolve_run",
@@ -148,33 +145,6 @@ def load_run_learner(path: str | os.PathLike) -> Learner:
 # ---------------------------------------------------------------- predictions
 
 
-@contextmanager
-def quiet(learn: Learner) -> Iterator[None]:
-    """No progress bar when stdout is not a terminal (logs, tests)."""
-    with learn.no_bar() if plain_output() else nullcontext():
-        yield
-
-
-def check_vocab(learn: Learner, data_dir: Path) -> list[str]:
-    """The data set's classes, checked against the learner's vocab (same names, same order)."""
-    from twincar_fast.data import read_classes
-
-    classes = [str(c) for c in read_classes(data_dir)]
-    vocab = [str(c) for c in learn.dls.vocab]
-    if classes != vocab:
-        diff = next(
-            (i for i, (a, b) in enumerate(zip(vocab, classes, strict=False)) if a != b),
-            min(len(vocab), len(classes)),
-        )
-        seen = (vocab + ["<none>"])[diff], (classes + ["<none>"])[diff]
-        raise TwincarError(
-            f"{data_dir / 'classes.csv'}: the model knows {len(vocab)} classes, the data set "
-            f"{len(classes)}; class {diff} is '{seen[0]}' in the model but '{seen[1]}' in the "
-            "data — evaluate on the data set the model was trained on"
-        )
-    return classes
-
-
 def relative_images(items, data_dir: Path) -> list[str]:
     """Image paths of a loader's items, relative to the data set when they lie inside it."""
     if isinstance(items, pd.DataFrame):
@@ -224,8 +194,6 @@ def predictions_table(
 
 def split_dl(learn: Learner, data_dir: Path, split: str, cfg: ExperimentConfig | None):
     """The labelled loader over `split` with validation transforms (valid split from `cfg`)."""
-    from twincar_fast.data import eval_dl
-
     if split not in SPLITS:
         raise TwincarError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split == "valid" and cfg is None:
@@ -266,9 +234,9 @@ def evaluate_learner(
         The contents of eval_<split>.json.
     """
     data_dir = Path(data_dir)
-    classes = check_vocab(learn, data_dir)
+    classes = check_vocab(learn.dls, data_dir)
     dl = split_dl(learn, data_dir, split, cfg)
-    with quiet(learn):
+    with quiet_if_plain(learn):
         probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
     probs, losses = probs.float().cpu().numpy(), losses.float().cpu().numpy()
     targets = targets.cpu().numpy().astype(int)

@@ -24,14 +24,13 @@ from PIL import Image, ImageDraw
 
 from twincar_fast import plots
 from twincar_fast.config import ExperimentConfig
-from twincar_fast.console import console
+from twincar_fast.console import console, quiet_if_plain
+from twincar_fast.data import check_vocab
 from twincar_fast.errors import TwincarError
 from twincar_fast.evaluate import (
-    check_vocab,
     evaluate_learner,
     load_run_config,
     load_run_learner,
-    quiet,
     relative_images,
     require_learner,
     resolve_run,
@@ -143,7 +142,7 @@ def gradcam_files(learn: Learner, files: Sequence[Path], path: Path) -> Path:
     _check_images(files)
     dl = learn.dls.test_dl([Path(f) for f in files], with_labels=False, bs=min(len(files), 64))
     x = torch.cat([b[0] for b in dl])
-    with quiet(learn):
+    with quiet_if_plain(learn):
         probs = learn.get_preds(dl=dl)[0].float().numpy()
     top2 = np.argsort(-probs, axis=1)[:, :2]
     vocab, rgb = list(learn.dls.vocab), denormalize(learn, x)
@@ -283,7 +282,7 @@ def interpret_learner(
     """Draw every figure and table of a run from an in-memory learner; return index.html."""
     report_dir, data_dir = Path(report_dir), Path(data_dir)
     _check_images(images)
-    check_vocab(learn, data_dir)
+    check_vocab(learn.dls, data_dir)
     split = "test" if cfg.eval.test else "valid"
     if not (report_dir / f"eval_{split}.json").is_file():
         evaluate_learner(learn, data_dir, split, report_dir, cfg)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,14 @@ from twincar_fast.callbacks import (
     replay_tracker,
 )
 from twincar_fast.config import ExperimentConfig, save_config
-from twincar_fast.console import console, plain_output, print_config, print_epoch, print_paths
+from twincar_fast.console import (
+    console,
+    plain_output,
+    print_config,
+    print_epoch,
+    print_paths,
+    quiet_if_plain,
+)
 from twincar_fast.data import build_dls, ensure_dataset, print_data_summary
 from twincar_fast.errors import ConfigError, TwincarError
 from twincar_fast.evaluate import evaluate_learner
@@ -140,16 +146,6 @@ def _stopped_early(cfg: ExperimentConfig, rows: list[dict]) -> bool:
     return bool(t.early_stopping and values and state.wait >= t.early_stopping)
 
 
-@contextmanager
-def _quiet_if_plain(learn: Learner) -> Iterator[None]:
-    """No progress bars and no fastai stats print when stdout is not a terminal."""
-    with ExitStack() as stack:
-        if plain_output():
-            stack.enter_context(learn.no_bar())
-            stack.enter_context(learn.no_logging())
-        yield
-
-
 def _fit_stage(
     learn: Learner,
     cfg: ExperimentConfig,
@@ -190,7 +186,7 @@ def fit_run(
     if t.grad_accum > 1:
         cbs = [GradientAccumulation(n_acc=cfg.data.batch_size * t.grad_accum), *cbs]
     offset, resume_from = 0, (done - 1 if done else None)
-    with _quiet_if_plain(learn):
+    with quiet_if_plain(learn):
         for stage, n in (("head", t.head_epochs), ("main", t.epochs)):
             start = min(max(done - offset, 0), n)
             if stage == "main" and _stopped_early(cfg, saver.rows):
@@ -205,7 +201,7 @@ def fit_run(
 
 def save_valid_preds(learn: Learner, path: Path) -> Path:
     """The current model's validation `probs`, `targets` and `items` (image paths) as .npz."""
-    with _quiet_if_plain(learn):
+    with quiet_if_plain(learn):
         probs, targets = learn.get_preds(ds_idx=1)
     items = learn.dls.valid_ds.items
     if isinstance(items, pd.DataFrame):
@@ -340,7 +336,7 @@ def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100
     old_path, old_model_dir = learn.path, learn.model_dir
     learn.path, learn.model_dir = out_dir, "."  # fastai's temporary save lands in out_dir
     try:
-        with _quiet_if_plain(learn):
+        with quiet_if_plain(learn):
             found = learn.lr_find(num_it=num_it, suggest_funcs=(valley, slide, minimum))
     except IndexError:  # fastai's suggestions need about 20 recorded steps
         n = len(learn.recorder.losses)

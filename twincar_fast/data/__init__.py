@@ -3,6 +3,7 @@
 from twincar_fast.data.dataset import ensure_dataset, read_annotations, read_classes, read_rejected
 from twincar_fast.data.loaders import (
     build_dls,
+    check_vocab,
     data_summary,
     eval_dl,
     open_region,
@@ -13,6 +14,7 @@ from twincar_fast.data.split import split_train_valid
 
 __all__ = [
     "build_dls",
+    "check_vocab",
     "data_summary",
     "ensure_dataset",
     "eval_dl",

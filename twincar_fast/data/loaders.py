@@ -37,6 +37,7 @@ from twincar_fast.data.split import split_train_valid
 from twincar_fast.errors import ConfigError, DataError
 
 __all__ = [
+    "check_vocab",
     "CenterResize",
     "ImageLoader",
     "RandomGaussianBlur",
@@ -321,11 +322,12 @@ def build_dls(cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None) 
 # ---------------------------------------------------------------- evaluation and summary
 
 
-def _check_vocab(dls: DataLoaders, data_dir: Path) -> None:
-    """Raise a one-line DataError unless data_dir's classes.csv is the model's vocab."""
+def check_vocab(dls: DataLoaders, data_dir: str | os.PathLike) -> list[str]:
+    """The data set's classes; a one-line DataError unless classes.csv is the model's vocab."""
+    data_dir = Path(data_dir)
     classes, vocab = read_classes(data_dir), [str(v) for v in dls.vocab]
     if classes == vocab:
-        return
+        return classes
     diff = next((i for i, (a, b) in enumerate(zip(classes, vocab, strict=False)) if a != b), None)
     what = (
         f"{len(classes)} classes vs the model's {len(vocab)}"
@@ -355,7 +357,7 @@ def eval_dl(
     data_dir = Path(data_dir)
     if split not in ("test", "valid"):
         raise DataError(f"split must be 'test' or 'valid', got {split!r}")
-    _check_vocab(dls, data_dir)
+    check_vocab(dls, data_dir)
     df = read_annotations(data_dir)
     if split == "valid":
         df = split_train_valid(df, valid_pct, seed)
