@@ -169,3 +169,7 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
+
+    def elapsed(self) -> float:
+        """Seconds since the block began (inside it)."""
+        return time.perf_counter() - self.start

@@ -55,8 +55,12 @@ def goals(results: dict) -> dict:
 
 
 def _variants(s: Settings, data_root: str | os.PathLike, ablations: bool) -> dict:
-    """Extra pipeline runs: ours on a `prepare --presize` copy; with ablations, draft off too."""
-    out = {}
+    """Extra pipeline runs: ours with the other aug stage, on a `prepare --presize` copy; with
+    ablations, draft off too."""
+    from twincar_fast.data import resolve_device
+
+    other = "batch" if resolve_device("auto").type == "cpu" else "item"
+    out: dict = {f"ours_{other}_stage": {"aug": {"stage": other}}}
     if s.presize:
         presized = presized_dataset(s.data, s.presize, data_root)
         out[f"ours_presized_{s.presize}"] = {"root": str(presized)}
@@ -132,9 +136,11 @@ def print_table(results: dict) -> None:
                 f["goal"],
                 met,
             )
+    ref = results["data_pipeline"]["reference"]
     for name, v in results["data_pipeline"].get("variants", {}).items():
         if name not in ("ours", "reference"):
-            table.add_row(f"  {name}", _fmt(v["img_per_s"]), "", "img/s", "", "", "")
+            ratio = f"{v['img_per_s'] / ref:.2f}×" if ref else ""
+            table.add_row(f"  {name}", _fmt(v["img_per_s"]), "", "img/s", ratio, "", "")
     mem = results["peak_rss_mb"]["with_workers"]
     table.add_row(
         "  PSS incl. workers", _fmt(mem["ours"]), _fmt(mem["reference"]), mem["unit"], "", "", ""

@@ -48,7 +48,7 @@ def settings_for(mode: str, workers: int | None = None) -> Settings:
         s = Settings(
             mode="tiny",
             data=BenchData(
-                n_classes=3, per_class=4, size=(192, 128), big_frac=0.25, big_size=(768, 512)
+                n_classes=3, per_class=8, size=(192, 128), big_frac=0.25, big_size=(768, 512)
             ),
             workers=0,
             batch_size=4,

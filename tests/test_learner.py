@@ -24,6 +24,7 @@ from twincar_fast.data import build_dls
 from twincar_fast.errors import ConfigError
 from twincar_fast.learner import (
     apply_speedups,
+    cpu_has_bf16,
     create_learner,
     create_model,
     freeze_all_but_head,
@@ -184,8 +185,9 @@ def test_optimizer_and_weight_decay(tiny_cfg, dls, name, wd_step):
     learn = create_learner(with_train(tiny_cfg, optimizer=name, weight_decay=0.05), dls)
     assert wd_step in learn.opt.cbs
     assert all(h["wd"] == 0.05 for h in learn.opt.hypers)
-    # CPU: plain fp32, contiguous, no mixed-precision callback
-    assert not hasattr(learn, "mixed_precision") and not hasattr(learn, "channels_last")
+    # CPU: fp32 weights, channels-last; bf16 autocast only where the CPU has native bf16
+    assert not hasattr(learn, "mixed_precision") and hasattr(learn, "channels_last")
+    assert hasattr(learn, "cpu_autocast") == cpu_has_bf16()
     assert next(learn.model.parameters()).dtype == torch.float32
 
 

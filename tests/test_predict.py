@@ -35,6 +35,7 @@ def trained(tiny_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("predict")
     cfg = make_tiny_cfg(tiny_data, out)
+    cfg.train.mixed_precision = "none"  # fastai's side in fp32 too, as the Predictor
     dls = build_dls(cfg)
     torch.manual_seed(0)
     learn = create_learner(cfg, dls)

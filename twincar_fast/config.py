@@ -63,9 +63,12 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
-    """Batch augmentation on the device (fastai presizing) plus TwinCar's colour and blur extras."""
+    """Training augmentation (fastai's aug_transforms) plus TwinCar's colour and blur extras."""
 
     enabled: bool = True  # false = no augmentation at all (resize + normalize only)
+    stage: Literal["auto", "batch", "item"] = "auto"  # batch: fastai's batch transforms on the
+    # training device; item: the same changes per item in the CPU workers (OpenCV, uint8, with
+    # ColorJitter's colour definitions); auto: batch on a GPU, item on the CPU
     flip: bool = True  # random horizontal flip
     min_scale: float = 0.35  # random resized crop: smallest share of the image kept (1 = off)
     max_rotate: float = 10.0  # largest rotation in degrees (0 = off)
@@ -110,8 +113,9 @@ class TrainConfig:
     early_stopping: int = 7  # patience in epochs (0 = off)
     plateau_patience: int = 3  # epochs without improvement before the LR drops (0 = off)
     plateau_factor: float = 10.0  # the LR is divided by this on a plateau
-    mixed_precision: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16/fp16 on GPU
-    channels_last: bool = True  # channels-last memory format (faster convs on GPU)
+    mixed_precision: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16/fp16 on GPU,
+    # bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else none
+    channels_last: bool = True  # channels-last memory format (faster convs on GPU and CPU)
     grad_accum: int = 1  # accumulate gradients over this many batches
     compile: bool = False  # torch.compile the model (GPU only)
     seed: int = 42  # seed of weights init, sampling and augmentation

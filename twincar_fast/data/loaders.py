@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from twincar_fast.config import AugConfig, ExperimentConfig
+from twincar_fast.data.cpu_aug import CpuAugment, ValidResample, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
 from twincar_fast.data.images import open_rgb
 from twincar_fast.data.split import split_train_valid
@@ -41,6 +42,7 @@ __all__ = [
     "CenterResize",
     "ImageLoader",
     "RandomGaussianBlur",
+    "aug_on_items",
     "batch_transforms",
     "build_dls",
     "class_weights",
@@ -151,10 +153,29 @@ class CenterResize(Resize):
         self.pcts = (0.5, 0.5)
 
 
+def aug_on_items(cfg: ExperimentConfig, device: torch.device | None = None) -> bool:
+    """Whether training items are augmented in the CPU workers (`aug.stage`; auto: on a CPU).
+
+    `device` is the training device (default: `train.device` resolved).
+    """
+    if not cfg.aug.enabled:
+        return False
+    if cfg.aug.stage == "auto":
+        return (device or resolve_device(cfg.train.device)).type == "cpu"
+    return cfg.aug.stage == "item"
+
+
 def item_transforms(cfg: ExperimentConfig) -> list:
-    """Presizing on the CPU: every item to item_size × item_size (random crop place in training)."""
-    resize = Resize if cfg.aug.enabled else CenterResize
-    return [resize(cfg.data.item_size, method=_RESIZE[cfg.data.resize], pad_mode="zeros")]
+    """Presizing on the CPU: every item to item_size × item_size (random crop place in training).
+
+    With augmentation on the items (`aug_on_items`), training items are augmented straight to
+    img_size instead and only validation items are presized.
+    """
+    d = cfg.data
+    args = dict(size=d.item_size, method=_RESIZE[d.resize], pad_mode="zeros")
+    if aug_on_items(cfg):
+        return [CpuAugment(d.img_size, cfg.aug, d.resize), ValidResize(**args)]
+    return [(Resize if cfg.aug.enabled else CenterResize)(**args)]
 
 
 # ---------------------------------------------------------------- batches
@@ -222,11 +243,15 @@ class RandomHue(RandTransform):
         return TensorImage(torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1))
 
 
+def _check_colour(a: AugConfig) -> None:
+    """A ConfigError unless the colour strengths are below 1 (fastai draws log(1 - value))."""
+    for key in ("max_lighting", "saturation", "hue"):
+        if getattr(a, key) >= 1:
+            raise ConfigError(f"aug.{key} must be below 1, got {getattr(a, key)}")
+
+
 def _colour_extras(a: AugConfig) -> list:
     """TwinCar's extras beyond fastai's aug_transforms: saturation, hue, Gaussian blur."""
-    for key in ("max_lighting", "saturation", "hue"):
-        if getattr(a, key) >= 1:  # fastai draws log(1 - value)
-            raise ConfigError(f"aug.{key} must be below 1, got {getattr(a, key)}")
     extras = []
     if a.saturation:
         extras.append(Saturation(max_lighting=a.saturation, p=a.p_lighting))
@@ -240,6 +265,10 @@ def _colour_extras(a: AugConfig) -> list:
 def batch_transforms(cfg: ExperimentConfig) -> list:
     """Augmentation on the device to img_size (train only; valid gets a plain resize), normalized."""
     a, size = cfg.aug, cfg.data.img_size
+    _check_colour(a)
+    norm = Normalize.from_stats(*imagenet_stats)
+    if aug_on_items(cfg):  # training batches come augmented and sized from the workers
+        return [ValidResample(size), norm]
     tfms = []
     if a.enabled:
         tfms = aug_transforms(
@@ -256,7 +285,7 @@ def batch_transforms(cfg: ExperimentConfig) -> list:
         )
     if not any(isinstance(t, (AffineCoordTfm, RandomResizedCropGPU)) for t in tfms):
         tfms.append(RandomResizedCropGPU(size, min_scale=1.0, ratio=(1, 1)))  # resize only
-    return [*tfms, Normalize.from_stats(*imagenet_stats)]
+    return [*tfms, norm]
 
 
 def class_weights(df: pd.DataFrame) -> np.ndarray:
