@@ -111,6 +111,28 @@ def presized_dataset(spec: BenchData, presize: int, root: str | os.PathLike = DE
     return out
 
 
+def repeated_dataset(prepared: str | os.PathLike, times: int) -> Path:
+    """`prepared` with every image listed `times` times (a longer epoch over the same files).
+
+    Written once beside it as `<name>_x<times>/`; the benchmark's short epochs would otherwise be
+    mostly worker start-up, which a real epoch (254 batches of Stanford Cars) spreads thin.
+    """
+    prepared = Path(prepared)
+    if times <= 1:
+        return prepared
+    out = prepared.parent / f"{prepared.name}_x{times}"
+    if not (out / "annotations.csv").is_file():
+        df = pd.read_csv(prepared / "annotations.csv")
+        with atomic_dir(out) as tmp:
+            df = pd.concat([df] * times, ignore_index=True)
+            df["image"] = [os.path.relpath(prepared / p, out) for p in df["image"]]
+            df.to_csv(tmp / "annotations.csv", index=False)
+            for name in ("classes.csv", "rejected.csv"):
+                if (prepared / name).is_file():
+                    shutil.copy(prepared / name, tmp / name)
+    return out
+
+
 def _cost_file(presized: Path) -> Path:
     """Where the one-time cost of a presized copy is kept."""
     return presized.parent / f"{presized.name}_seconds.txt"

@@ -40,6 +40,7 @@ def _test_images(data_dir: os.PathLike, n: int) -> list[str]:
 def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
     """Benchmark 3: (predict_single, predict_batch) entries, same weights on every side."""
     cfg = ours_config(s, data_dir, s.predict_arch, s.predict_img, s.predict_item)
+    cfg.train.mixed_precision = "none"  # learn.predict in fp32, as the Predictor and reference
     learn = create_learner(cfg, build_dls(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         export_model(learn, Path(tmp) / "model", cfg)

@@ -51,8 +51,12 @@ def ours_stages(cfg, n: int) -> list[tuple[str, float]]:
     """(stage, seconds per image) of our loader: items, collate, then each batch transform."""
     dl = build_dls(cfg).train
     idxs = list(range(n))
-    work = lambda: [dl.do_item(i) for i in idxs]  # noqa: E731
-    rows = [("worker: decode + presize", best_seconds(work, threads=1))]
+
+    def work() -> list:
+        with dl.dataset.set_split_idx(0):  # training items, as the loader's iterator makes them
+            return [dl.do_item(i) for i in idxs]
+
+    rows = [("worker: decode + augment (item stage) or presize", best_seconds(work, threads=1))]
     items = work()
     rows.append(("worker: collate", best_seconds(lambda: dl.do_batch(items), threads=1)))
     b = dl.do_batch(items)

@@ -55,12 +55,9 @@ def goals(results: dict) -> dict:
 
 
 def _variants(s: Settings, data_root: str | os.PathLike, ablations: bool) -> dict:
-    """Extra pipeline runs: ours with the other aug stage, on a `prepare --presize` copy; with
-    ablations, draft off too."""
-    from twincar_fast.data import resolve_device
-
-    other = "batch" if resolve_device("auto").type == "cpu" else "item"
-    out: dict = {f"ours_{other}_stage": {"aug": {"stage": other}}}
+    """Extra pipeline runs: ours with fastai's batch-stage augmentation, on a `prepare --presize`
+    copy; with ablations, draft off too."""
+    out: dict = {"ours_batch_stage": {"aug": {"stage": "batch"}}}
     if s.presize:
         presized = presized_dataset(s.data, s.presize, data_root)
         out[f"ours_presized_{s.presize}"] = {"root": str(presized)}

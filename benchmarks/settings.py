@@ -28,6 +28,8 @@ class Settings:
     workers: int = field(default_factory=default_workers)
     batch_size: int = 32  # TwinCar's
     repeats: int = 2  # timed passes per side; the fastest counts
+    pipe_repeat: int = 6  # data pipeline: each training image listed this many times per epoch
+    train_repeat: int = 4  # training epoch: likewise (real epochs are long; start-up is not timed)
     pipe_img: int = 224  # data pipeline: training crops
     pipe_item: int = 320  # data pipeline: our presizing (the recipe's item_size)
     train_arch: str = "resnet18"  # training epoch: the same small model on both sides
@@ -53,6 +55,8 @@ def settings_for(mode: str, workers: int | None = None) -> Settings:
             workers=0,
             batch_size=4,
             repeats=1,
+            pipe_repeat=1,
+            train_repeat=1,
             pipe_img=64,
             pipe_item=80,
             train_arch="test_resnet",
@@ -70,7 +74,14 @@ def settings_for(mode: str, workers: int | None = None) -> Settings:
         s = Settings(mode="quick", data=BenchData(n_classes=8, per_class=20))
     elif mode == "full":
         s = Settings(
-            mode="full", data=BenchData(), repeats=3, single_n=30, fastai_n=10, batch_n=256
+            mode="full",
+            data=BenchData(),
+            repeats=3,
+            pipe_repeat=2,
+            train_repeat=1,
+            single_n=30,
+            fastai_n=10,
+            batch_n=256,
         )
     else:
         raise ValueError(f"unknown benchmark mode {mode!r}: tiny, quick or full")

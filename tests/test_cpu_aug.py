@@ -20,8 +20,8 @@ from PIL import Image
 
 from twincar_fast.config import AugConfig
 from twincar_fast.data import build_dls
-from twincar_fast.data.cpu_aug import CpuAugment, ValidResample, colour_matrix, warp_matrix
-from twincar_fast.data.loaders import aug_on_items
+from twincar_fast.data.cpu_aug import CpuAugment, ValidResize, colour_matrix, warp_matrix
+from twincar_fast.data.loaders import aug_on_items, presize
 from twincar_fast.learner import create_learner
 
 OFF = dict(
@@ -162,14 +162,13 @@ def stage_cfg(tiny_data, tmp_path, stage: str):
     return cfg
 
 
-def test_auto_stage_is_item_on_cpu_and_batch_on_gpu(tiny_data, tmp_path):
-    cfg = stage_cfg(tiny_data, tmp_path, "auto")
-    assert aug_on_items(cfg)  # train.device=cpu
-    assert not aug_on_items(cfg, torch.device("cuda"))
-    assert aug_on_items(stage_cfg(tiny_data, tmp_path, "item"), torch.device("cuda"))
+def test_item_stage_is_the_default_and_sizes_validation_items_directly(tiny_data, tmp_path):
+    cfg = make_tiny_cfg(tiny_data, tmp_path)
+    assert aug_on_items(cfg) and presize(cfg) == cfg.data.img_size == 32
     assert not aug_on_items(stage_cfg(tiny_data, tmp_path, "batch"))
-    cfg.aug.enabled = False  # no augmentation: nothing to place
-    assert not aug_on_items(cfg)
+    assert presize(stage_cfg(tiny_data, tmp_path, "batch")) == cfg.data.item_size == 40
+    cfg.aug.enabled = False  # no augmentation: fastai's presizing, nothing to place
+    assert not aug_on_items(cfg) and presize(cfg) == 40
 
 
 def test_item_stage_loaders(tiny_data, tmp_path):
@@ -182,11 +181,17 @@ def test_item_stage_loaders(tiny_data, tmp_path):
     xb, yb = item.one_batch()
     assert xb.shape == (8, 3, 32, 32) and xb.dtype == torch.float32
     assert -2.5 < float(xb.mean()) < 1.5  # normalized
-    # validation is the same whichever stage trains: same presizing, same resample
-    assert any(isinstance(t, ValidResample) for t in item.valid.after_batch.fs)
-    for (xi, yi), (xb_, yb_) in zip(item.valid, batch.valid, strict=True):
-        assert torch.equal(yi, yb_)
-        torch.testing.assert_close(xi, xb_)
+    # validation: fastai's centre-crop Resize straight to img_size, then normalization only
+    resize = next(t for t in item.valid.after_item.fs if isinstance(t, ValidResize))
+    assert resize.size == (32, 32) and [type(t).__name__ for t in item.valid.after_batch.fs] == [
+        "IntToFloatTensor",
+        "FusedNormalize",
+    ]
+    xv, _ = item.valid.one_batch()
+    first = Image.open(item.valid.items["path"].iloc[0]).convert("RGB")  # 48×32: crop the centre
+    want = np.asarray(first.crop((8, 0, 40, 32)).resize((32, 32), Image.BILINEAR))
+    got = item.valid.decode((xv,))[0][0].permute(1, 2, 0).numpy()  # back to 0-255
+    assert np.abs(got - want).max() <= 1  # float rounding in the decode
 
 
 def test_item_stage_in_worker_processes(tiny_data, tmp_path):

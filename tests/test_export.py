@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from twincar_fast.callbacks import EpochMetrics, SaveRun
 from twincar_fast.config import ModelConfig
+from twincar_fast.data.loaders import presize
 from twincar_fast.learner import create_model
 from twincar_fast.train import run_experiment
 
@@ -49,7 +50,8 @@ def test_export_writes_the_three_model_files(exported):
     assert card["arch"] == "test_resnet" and card["head"] == cfg.model.head
     assert card["head_hidden"] == cfg.model.head_hidden and card["n_classes"] == 4
     assert card["classes"] == CLASS_NAMES
-    assert (card["img_size"], card["item_size"]) == (cfg.data.img_size, cfg.data.item_size)
+    # item-stage augmentation: validation images are resized straight to img_size
+    assert (card["img_size"], card["item_size"]) == (cfg.data.img_size, presize(cfg))
     assert len(card["mean"]) == len(card["std"]) == 3 and card["resize"] == cfg.data.resize
     # the learner keeps training after export: its run callbacks and metrics are back
     assert any(isinstance(cb, EpochMetrics) for cb in res.learn.cbs)

@@ -381,3 +381,18 @@ def test_random_hue_rotates_chroma_and_keeps_luma_and_greys():
     torch.testing.assert_close(y[:, :, 0, 0], x[:, :, 0, 0], atol=1e-5, rtol=0)  # grey stays grey
     same = RandomHue(max_hue=0.5, p=0.0)(x, split_idx=0)
     torch.testing.assert_close(same, x, atol=1e-6, rtol=0)
+
+
+def test_fused_normalize_matches_fastai_normalize_both_ways():
+    from fastai.data.transforms import Normalize
+    from fastai.vision.core import imagenet_stats
+
+    from twincar_fast.data.loaders import FusedNormalize
+
+    x = TensorImage(torch.rand(2, 3, 8, 8))
+    fused, plain = (t.from_stats(*imagenet_stats, cuda=False) for t in (FusedNormalize, Normalize))
+    y = fused(x)
+    assert isinstance(y, TensorImage)
+    torch.testing.assert_close(y, plain(x))
+    assert float(y.mean()) < 0.2 and not torch.allclose(y, x)
+    torch.testing.assert_close(fused.decode(y), x)

@@ -103,13 +103,15 @@ def test_draft_decoded_large_jpegs_match_fastai(trained, big_jpegs):
     assert np.abs(predictor.predict_proba(big_jpegs) - expected).max() > 10 * TOL
 
 
+@pytest.mark.parametrize("stage, presize", [("item", 32), ("batch", 80)])
 @pytest.mark.parametrize("resize", ["crop", "squish", "pad"])
-def test_inputs_match_fastai_valid_batches(tiny_cfg, resize):
+def test_inputs_match_fastai_valid_batches(tiny_cfg, resize, stage, presize):
     tiny_cfg.data = dataclasses.replace(tiny_cfg.data, resize=resize, item_size=80)
-    dls = build_dls(tiny_cfg)  # item 80 → img 32: also fastai's area pre-shrink before bilinear
+    tiny_cfg.aug.stage = stage  # item: resized straight to 32; batch: to 80, then on the device
+    dls = build_dls(tiny_cfg)  # 80 → 32: also fastai's area pre-shrink before bilinear
     xb, _ = dls.valid.one_batch()
     pre = Preprocess.from_dls(dls)
-    assert (pre.item_size, pre.img_size, pre.resize) == (80, 32, resize)
+    assert (pre.item_size, pre.img_size, pre.resize) == (presize, 32, resize)
     paths = valid_paths(dls)[: len(xb)]
     x = pre.batch([pre.item(p) for p in paths], torch.device("cpu"))
     torch.testing.assert_close(x, xb.as_subclass(torch.Tensor), atol=TOL, rtol=0)
@@ -143,7 +145,8 @@ def test_pil_images_and_paths_agree(trained):
     np.testing.assert_allclose(from_image, predictor.predict_proba(path), atol=1e-6)
 
 
-def test_predict_files_prints_a_table(trained, capsys):
+def test_predict_files_prints_a_table(trained, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # long labels stay on one line of the table
     _, dls, model_dir = trained
     paths = valid_paths(dls)[:2]
     results = predict_files(model_dir, paths, top_k=2)

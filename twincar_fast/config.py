@@ -49,7 +49,7 @@ class DataConfig:
     demo_seed: int = 0  # demo set: drawing seed (same seed, same images)
     valid_pct: float = 0.1  # share of the train split held out for validation, per class
     split_seed: int = 42  # seed of the stratified train/valid split
-    item_size: int = 320  # presizing: items are resized to this before batch augmentation
+    item_size: int = 320  # aug.stage batch: items are presized to this before batch augmentation
     img_size: int = 224  # size of the training and evaluation crops
     batch_size: int = 32  # images per batch (TwinCar: 32)
     num_workers: int | None = None  # DataLoader workers; null = one per CPU core, at most 8
@@ -66,9 +66,9 @@ class AugConfig:
     """Training augmentation (fastai's aug_transforms) plus TwinCar's colour and blur extras."""
 
     enabled: bool = True  # false = no augmentation at all (resize + normalize only)
-    stage: Literal["auto", "batch", "item"] = "auto"  # batch: fastai's batch transforms on the
-    # training device; item: the same changes per item in the CPU workers (OpenCV, uint8, with
-    # ColorJitter's colour definitions); auto: batch on a GPU, item on the CPU
+    stage: Literal["item", "batch"] = "item"  # item: per image in the CPU workers (OpenCV, one
+    # warp + one colour map, ColorJitter's colour definitions); batch: fastai's batch transforms on
+    # the training device (measured slower, GPU included: see README, Performance)
     flip: bool = True  # random horizontal flip
     min_scale: float = 0.35  # random resized crop: smallest share of the image kept (1 = off)
     max_rotate: float = 10.0  # largest rotation in degrees (0 = off)

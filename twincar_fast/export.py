@@ -78,7 +78,9 @@ def _preprocessing(learn: Learner, cfg: ExperimentConfig) -> dict:
     out = {"resize": d.resize, "pad_mode": "reflection", "draft": d.draft}
     resize = next((t for t in learn.dls.valid.after_item.fs if isinstance(t, Resize)), None)
     if resize is not None:
-        out.update(resize=str(resize.method), pad_mode=str(resize.pad_mode))
+        out.update(
+            resize=str(resize.method), pad_mode=str(resize.pad_mode), item_size=int(resize.size[0])
+        )
     norm = next((t for t in learn.dls.after_batch.fs if isinstance(t, Normalize)), None)
     mean, std = (
         (norm.mean, norm.std) if norm is not None else (imagenet_stats[0], imagenet_stats[1])

@@ -85,7 +85,7 @@ class Preprocess:
         loader = next((t for t in tfms if isinstance(t, ImageLoader)), None)
         return cls(
             item_size=int(resize.size[0]),
-            img_size=int(sizes[-1][0]),
+            img_size=int(sizes[-1][0]) if sizes else int(resize.size[0]),  # item stage: sized
             mean=norm.mean.flatten().tolist(),
             std=norm.std.flatten().tolist(),
             resize=str(resize.method),

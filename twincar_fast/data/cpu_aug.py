@@ -7,8 +7,8 @@ the DataLoader workers, in three OpenCV calls: one perspective warp (random resi
 rotation, flip and perspective warp folded into one 3×3 matrix, straight to `img_size`), one
 colour matrix (brightness, contrast, saturation and hue, as torchvision's ColorJitter defines
 them, folded into one 3×4 affine map) and, with probability `blur_p`, a Gaussian blur.
-Validation items are untouched by this: they keep fastai's presizing, so a model trained either
-way is evaluated and exported with the same preprocessing.
+Validation items get fastai's `Resize` straight to `img_size` (centre crop, squish or pad), one
+resample instead of presizing to `item_size` and resampling again on the device.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import cv2
 import numpy as np
 import torch
 from fastai.torch_core import TensorImage
-from fastai.vision.augment import RandomResizedCropGPU, RandTransform, Resize
+from fastai.vision.augment import RandTransform, Resize
 from fastai.vision.core import PILImage
 
 from twincar_fast.config import AugConfig
 
-__all__ = ["CpuAugment", "ValidResample", "ValidResize", "colour_matrix", "warp_matrix"]
+__all__ = ["CpuAugment", "ValidResize", "colour_matrix", "warp_matrix"]
 
 _GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -179,19 +179,11 @@ class CpuAugment(RandTransform):
 
     def encodes(self, x: PILImage) -> TensorImage:
         img = self.blur(self.colour(self.geometry(np.asarray(x))))
-        return TensorImage(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
+        # CHW in memory too: stacking 32 such items measured 15× faster than strided views
+        return TensorImage(torch.from_numpy(img.transpose(2, 0, 1).copy()))
 
 
 class ValidResize(Resize):
-    """fastai's presizing `Resize`, for validation items only (training items get `CpuAugment`)."""
+    """fastai's `Resize`, for validation items only (training items get `CpuAugment`)."""
 
     split_idx = 1
-
-
-class ValidResample(RandomResizedCropGPU):
-    """The validation batch's resample from item_size to img_size (training batches are sized)."""
-
-    split_idx = 1
-
-    def __init__(self, size: int):
-        super().__init__(size, min_scale=1.0, ratio=(1, 1))

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from twincar_fast.config import AugConfig, ExperimentConfig
-from twincar_fast.data.cpu_aug import CpuAugment, ValidResample, ValidResize
+from twincar_fast.data.cpu_aug import CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
 from twincar_fast.data.images import open_rgb
 from twincar_fast.data.split import split_train_valid
@@ -40,6 +40,7 @@ from twincar_fast.errors import ConfigError, DataError
 __all__ = [
     "check_vocab",
     "CenterResize",
+    "FusedNormalize",
     "ImageLoader",
     "RandomGaussianBlur",
     "aug_on_items",
@@ -50,6 +51,7 @@ __all__ = [
     "eval_dl",
     "item_transforms",
     "open_region",
+    "presize",
     "print_data_summary",
     "resolve_device",
 ]
@@ -153,26 +155,22 @@ class CenterResize(Resize):
         self.pcts = (0.5, 0.5)
 
 
-def aug_on_items(cfg: ExperimentConfig, device: torch.device | None = None) -> bool:
-    """Whether training items are augmented in the CPU workers (`aug.stage`; auto: on a CPU).
+def aug_on_items(cfg: ExperimentConfig) -> bool:
+    """Whether training items are augmented in the CPU workers (`aug.stage: item`)."""
+    return cfg.aug.enabled and cfg.aug.stage == "item"
 
-    `device` is the training device (default: `train.device` resolved).
-    """
-    if not cfg.aug.enabled:
-        return False
-    if cfg.aug.stage == "auto":
-        return (device or resolve_device(cfg.train.device)).type == "cpu"
-    return cfg.aug.stage == "item"
+
+def presize(cfg: ExperimentConfig) -> int:
+    """Side of the validation items: img_size with item-stage augmentation, else item_size."""
+    return cfg.data.img_size if aug_on_items(cfg) else cfg.data.item_size
 
 
 def item_transforms(cfg: ExperimentConfig) -> list:
-    """Presizing on the CPU: every item to item_size × item_size (random crop place in training).
-
-    With augmentation on the items (`aug_on_items`), training items are augmented straight to
-    img_size instead and only validation items are presized.
-    """
+    """Items on the CPU: presized to item_size (random crop place in training) for batch-stage
+    augmentation; or, at the item stage, augmented to img_size (training) and resized straight
+    to img_size (validation)."""
     d = cfg.data
-    args = dict(size=d.item_size, method=_RESIZE[d.resize], pad_mode="zeros")
+    args = dict(size=presize(cfg), method=_RESIZE[d.resize], pad_mode="zeros")
     if aug_on_items(cfg):
         return [CpuAugment(d.img_size, cfg.aug, d.resize), ValidResize(**args)]
     return [(Resize if cfg.aug.enabled else CenterResize)(**args)]
@@ -243,6 +241,17 @@ class RandomHue(RandTransform):
         return TensorImage(torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1))
 
 
+class FusedNormalize(Normalize):
+    """fastai's `Normalize` in one fused multiply-add: (x - mean) / std = x · (1/std) - mean/std.
+
+    Two passes over the batch become one: on a CPU, the main process's share of the data pipeline.
+    """
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        scale = 1 / self.std
+        return TensorImage(torch.addcmul(-self.mean * scale, x, scale))
+
+
 def _check_colour(a: AugConfig) -> None:
     """A ConfigError unless the colour strengths are below 1 (fastai draws log(1 - value))."""
     for key in ("max_lighting", "saturation", "hue"):
@@ -266,9 +275,9 @@ def batch_transforms(cfg: ExperimentConfig) -> list:
     """Augmentation on the device to img_size (train only; valid gets a plain resize), normalized."""
     a, size = cfg.aug, cfg.data.img_size
     _check_colour(a)
-    norm = Normalize.from_stats(*imagenet_stats)
-    if aug_on_items(cfg):  # training batches come augmented and sized from the workers
-        return [ValidResample(size), norm]
+    norm = FusedNormalize.from_stats(*imagenet_stats)
+    if aug_on_items(cfg):  # every batch comes sized from the workers, training ones augmented
+        return [norm]
     tfms = []
     if a.enabled:
         tfms = aug_transforms(
@@ -315,7 +324,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def make_datablock(cfg: ExperimentConfig, classes: list[str]) -> DataBlock:
     """The DataBlock over annotation rows: image → class, vocab in classes.csv order."""
     d = cfg.data
-    loader = ImageLoader(d.item_size, d.bbox_crop, d.bbox_margin, d.draft)
+    loader = ImageLoader(presize(cfg), d.bbox_crop, d.bbox_margin, d.draft)
     return DataBlock(
         blocks=(
             TransformBlock(type_tfms=loader, batch_tfms=IntToFloatTensor),
