@@ -49,9 +49,12 @@ def quiet_if_plain(learn) -> Iterator[None]:
 def print_config(cfg: ExperimentConfig, run: str) -> None:
     """The experiment's main settings as a small table."""
     d, m, t = cfg.data, cfg.model, cfg.train
+    aug = f"{cfg.aug.stage}-stage" if cfg.aug.enabled else "no"
+    if cfg.aug.enabled and cfg.aug.stage == "batch":
+        aug += f" (items {d.item_size} px)"
     table = Table(title=f"run {run}", show_header=False)
     rows = {
-        "data": f"{d.root} ({d.img_size} px crops of {d.item_size} px items, batch {d.batch_size})",
+        "data": f"{d.root} ({d.img_size} px crops, {aug} augmentation, batch {d.batch_size})",
         "model": f"{m.arch} ({'pretrained' if m.pretrained else 'from scratch'}, {m.head} head)",
         "fit": f"{t.epochs} epochs {t.schedule}, lr {t.lr}, {t.optimizer}, frozen {t.freeze or '-'}",
         "stopping": f"monitor {t.monitor}, early stop {t.early_stopping or 'off'}, "

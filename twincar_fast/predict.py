@@ -2,10 +2,11 @@
 
 `Predictor.from_path` loads `model.safetensors` + `model.json` (weights only, no pickle), a
 fastai `learner.pkl`, or a `models/<run>` folder (preferring the safetensors pair). Images are
-preprocessed exactly as the validation set is during training (fastai presizing): opened with
-`open_region` (JPEG draft decoding, as the training loader), resized to `item_size` on the CPU
-(centre square crop, squish or pad) in a thread pool, then resampled to `img_size` and normalized
-as a batch on the model's device; the forward pass runs channels-last under `inference_mode`.
+preprocessed exactly as the validation set is during training: opened with `open_region` (JPEG
+draft decoding, as the training loader), resized on the CPU (centre square crop, squish or pad) in
+a thread pool to `item_size` (= `img_size` for models trained with item-stage augmentation, the
+default), then resampled to `img_size` where that differs and normalized as a batch on the
+model's device; the forward pass runs channels-last under `inference_mode`.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ _PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
 
 @dataclass
 class Preprocess:
-    """The validation transform of a trained model: presize on the CPU, resample on the device."""
+    """The validation transform of a trained model: resize on the CPU, resample on the device."""
 
-    item_size: int  # presizing: side of the square item
+    item_size: int  # side of the validation item (the model's img_size unless batch-stage aug)
     img_size: int  # side of the crop the model sees
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])

@@ -1,4 +1,5 @@
-"""Annotations → fastai DataLoaders: presized items, batch augmentation on the device, eval loaders."""
+"""Annotations → fastai DataLoaders: items augmented in the workers (or presized for fastai's batch
+augmentation on the device), eval loaders."""
 
 from __future__ import annotations
 
