@@ -33,6 +33,7 @@ from twincar_fast.learner import (
     lr_for,
     make_loss,
     param_groups,
+    precision_for,
     splitter,
 )
 
@@ -189,6 +190,19 @@ def test_optimizer_and_weight_decay(tiny_cfg, dls, name, wd_step):
     assert not hasattr(learn, "mixed_precision") and hasattr(learn, "channels_last")
     assert hasattr(learn, "cpu_autocast") == cpu_has_bf16()
     assert next(learn.model.parameters()).dtype == torch.float32
+
+
+def test_mixed_precision_resolved_per_device(tiny_cfg):
+    t = tiny_cfg.train
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    assert precision_for(t, cpu) == ("bf16" if cpu_has_bf16() else "none")  # auto
+    for asked, on_cpu in [("bf16", "bf16"), ("fp16", "none"), ("none", "none")]:
+        assert precision_for(dataclasses.replace(t, mixed_precision=asked), cpu) == on_cpu
+    assert precision_for(dataclasses.replace(t, mixed_precision="bf16"), mps) == "none"
+    assert (
+        precision_for(dataclasses.replace(t, mixed_precision="fp16"), torch.device("cuda"))
+        == "fp16"
+    )
 
 
 def test_cuda_speedups_are_wired(tiny_cfg, dls):

@@ -1,9 +1,10 @@
-"""Training augmentation in the CPU workers, for machines without a GPU (`aug.stage: item`).
+"""Training augmentation in the DataLoader workers (`aug.stage: item`, the default).
 
-fastai's batch transforms resample float tensors with `grid_sample`, which is fast on a GPU but,
-on a CPU, runs on the same cores as the training step and costs more than the whole per-item PIL
-pipeline it replaces. Here each training image gets the same kinds of change on uint8 pixels in
-the DataLoader workers, in three OpenCV calls: one perspective warp (random resized crop, zoom,
+fastai's batch transforms resample float tensors with `grid_sample` in the main process: on a CPU
+they cost more than the whole per-item PIL pipeline they replace, and even with an H100 their
+kernel launches and Python took 29 ms of the main process per batch, against 0.9 ms here (see the
+README's Performance section). Here each training image gets the same kinds of change on uint8
+pixels in the workers, in three OpenCV calls: one perspective warp (random resized crop, zoom,
 rotation, flip and perspective warp folded into one 3×3 matrix, straight to `img_size`), one
 colour matrix (brightness, contrast, saturation and hue, as torchvision's ColorJitter defines
 them, folded into one 3×4 affine map) and, with probability `blur_p`, a Gaussian blur.
