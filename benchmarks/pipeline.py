@@ -3,7 +3,8 @@
 Both sides read the same training rows (the recipe's stratified split of the same
 `annotations.csv`), with the same batch size, the same number of workers and class-balanced
 sampling, and yield batches of `pipe_img`-px normalized crops on the device. Ours: `build_dls`
-(JPEG draft decoding, presizing in the workers, fastai's batch augmentation on the device).
+(JPEG draft decoding and, by default, augmentation in the workers; `aug.stage: batch` is timed as
+a variant: presizing in the workers, fastai's batch augmentation on the device).
 Reference: per-item PIL/torchvision augmentation in the workers.
 
 Both loaders start their worker processes and fill a first batch every epoch, a fixed cost that a
