@@ -26,11 +26,12 @@ from fastai.vision.core import PILImage
 
 from twincar_fast.config import AugConfig
 
-__all__ = ["CpuAugment", "ValidResize", "colour_matrix", "warp_matrix"]
+__all__ = ["RGB2YIQ", "CpuAugment", "ValidResize", "colour_matrix", "warp_matrix"]
 
 _GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ2RGB = np.linalg.inv(_RGB2YIQ)
+# RGB → YIQ: a hue shift is a rotation of the (I, Q) chroma plane (also the batch stage's RandomHue)
+RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = np.linalg.inv(RGB2YIQ)
 _CORNERS = np.float32([[-1, -1], [-1, 1], [1, -1], [1, 1]])
 
 # OpenCV's thread pool, once started, deadlocks DataLoader workers forked after it; and its threads
@@ -90,7 +91,7 @@ def colour_matrix(
     sat = saturation * np.eye(3) + (1 - saturation) * np.outer(np.ones(3), _GRAY)
     t = 2 * math.pi * hue
     rot = np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
-    m = contrast * brightness * (_YIQ2RGB @ rot @ _RGB2YIQ @ sat)
+    m = contrast * brightness * (_YIQ2RGB @ rot @ RGB2YIQ @ sat)
     offset = np.full((3, 1), (1 - contrast) * brightness * mean_gray)
     return np.concatenate([m, offset], axis=1)
 

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from twincar_fast.config import AugConfig, ExperimentConfig
-from twincar_fast.data.cpu_aug import CpuAugment, ValidResize
+from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
 from twincar_fast.data.images import open_rgb
 from twincar_fast.data.split import split_train_valid
@@ -208,7 +208,7 @@ class RandomGaussianBlur(RandTransform):
 
 
 # RGB → YIQ: a hue shift is a rotation of the (I, Q) chroma plane, so one 3×3 matrix per image.
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB2YIQ = torch.tensor(RGB2YIQ, dtype=torch.float32)
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
