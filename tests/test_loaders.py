@@ -274,7 +274,7 @@ def test_loader_passes_draft_size(big_jpeg, monkeypatch):
     row["bbox_x2"], row["bbox_y2"] = 1200, 900
 
     whole = ImageLoader(100)(row)
-    assert calls[-1] is not None and min(calls[-1]) >= 100
+    assert callable(calls[-1]) and min(calls[-1]((1600, 1200))) >= 100  # draft set from the header
     assert min(whole.size) >= 100 and whole.width <= 400  # not the 1600×1200 original
 
     crop = ImageLoader(100, bbox_crop=True)(row)
@@ -396,3 +396,20 @@ def test_fused_normalize_matches_fastai_normalize_both_ways():
     torch.testing.assert_close(y, plain(x))
     assert float(y.mean()) < 0.2 and not torch.allclose(y, x)
     torch.testing.assert_close(fused.decode(y), x)
+
+
+def test_fused_normalize_of_uint8_is_int_to_float_and_normalize():
+    from fastai.data.transforms import IntToFloatTensor, Normalize
+    from fastai.vision.core import imagenet_stats
+
+    from twincar_fast.data.loaders import FusedNormalize
+
+    x = TensorImage(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8))
+    fused = FusedNormalize.from_uint8(*imagenet_stats)
+    to_float, plain = IntToFloatTensor(), Normalize.from_stats(*imagenet_stats, cuda=False)
+    y = fused(x.to(fused.mean.device)).cpu()
+    assert isinstance(y, TensorImage) and y.dtype == torch.float32
+    torch.testing.assert_close(y, plain(to_float(x)))
+    back = fused.decode(y)  # 0-255 integers again, as IntToFloatTensor decodes
+    assert back.dtype == torch.int64 and (back - x.long()).abs().max() <= 1
+    torch.testing.assert_close(fused(y.to(fused.mean.device)).cpu(), plain(y))  # float: as before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # a copy even for RGB, so closing the file can't empty it
 
 
-def open_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> Image.Image:
+Draft = tuple[int, int] | Callable[[tuple[int, int]], tuple[int, int] | None] | None
+
+
+def open_rgb(path: str | os.PathLike, draft: Draft = None) -> Image.Image:
     """Open any image PIL reads as RGB; `draft=(w, h)` decodes JPEGs at a reduced scale ≥ (w, h).
+
+    `draft` may also be a function of the image's full (w, h), read from the header of the same
+    open, returning (w, h) or None (full scale).
 
     Raises:
         DataError: the file is missing, empty, truncated or not an image; the message names it.
     """
     try:
         with Image.open(path) as img:
+            if callable(draft):
+                draft = draft(img.size)
             if draft is not None and img.format in _JPEG_FORMATS:
                 img.draft("RGB", (max(1, draft[0]), max(1, draft[1])))
             img.load()

@@ -63,16 +63,6 @@ _RESIZE = {"crop": ResizeMethod.Crop, "squish": ResizeMethod.Squish, "pad": Resi
 # ---------------------------------------------------------------- items
 
 
-def _image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """Width and height from the image header, without decoding it."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        msg = " ".join(str(e).split())
-        raise DataError(f"can't read image {path}: {msg}; replace or remove the file") from None
-
-
 def _region(box, margin: float, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
     """The 0-based crop (l, t, r, b) of a 1-based inclusive box grown by `margin`; None = all."""
     if box is None or any(v is None or not math.isfinite(v) for v in box):
@@ -100,15 +90,21 @@ def open_region(
     """
     if box is None and min_side is None:
         return open_rgb(path)
-    size = _image_size(path)
-    region = _region(box, margin, size)
-    left, top, right, bottom = region or (0, 0, *size)
-    scale = min_side / min(right - left, bottom - top) if min_side else 1.0
-    draft = (math.ceil(size[0] * scale), math.ceil(size[1] * scale)) if scale < 1 else None
-    im = open_rgb(path, draft=draft)
+    full: list[tuple[int, int]] = []
+
+    def draft(size: tuple[int, int]) -> tuple[int, int] | None:
+        """The draft size that keeps the region's shorter side ≥ min_side (None: full scale)."""
+        full.append(size)
+        left, top, right, bottom = _region(box, margin, size) or (0, 0, *size)
+        scale = min_side / min(right - left, bottom - top) if min_side else 1.0
+        return (math.ceil(size[0] * scale), math.ceil(size[1] * scale)) if scale < 1 else None
+
+    im = open_rgb(path, draft=draft)  # one open: the header's size sets the draft scale
+    region = _region(box, margin, full[0])
     if region is None:
         return im
-    sx, sy = im.width / size[0], im.height / size[1]  # the draft scale actually used
+    left, top, right, bottom = region
+    sx, sy = im.width / full[0][0], im.height / full[0][1]  # the draft scale actually used
     crop = (
         math.floor(left * sx),
         math.floor(top * sy),
@@ -245,12 +241,31 @@ class RandomHue(RandTransform):
 class FusedNormalize(Normalize):
     """fastai's `Normalize` in one fused multiply-add: (x - mean) / std = x · (1/std) - mean/std.
 
-    Two passes over the batch become one: on a CPU, the main process's share of the data pipeline.
+    With `div` set (item-stage batches arrive as uint8), it is also fastai's `IntToFloatTensor`:
+    x / div is folded into the same pass, and decoding gives 0-`div` integers back as that does.
+    Two or three passes over the batch become one: on a CPU, the main process's share of the
+    data pipeline.
     """
+
+    div: float | None = None  # None: the input is already float (after IntToFloatTensor)
+
+    @classmethod
+    def from_uint8(cls, mean, std, div: float = 255.0) -> FusedNormalize:
+        """Normalization of uint8 batches by (mean, std) of 0-1 pixels, on the default device."""
+        norm = cls.from_stats(mean, std)
+        norm.div = div
+        return norm
 
     def encodes(self, x: TensorImage) -> TensorImage:
         scale = 1 / self.std
-        return TensorImage(torch.addcmul(-self.mean * scale, x, scale))
+        bias = -self.mean * scale
+        if self.div is not None and not x.is_floating_point():
+            scale = scale / self.div
+        return TensorImage(torch.addcmul(bias, x, scale))
+
+    def decodes(self, x: TensorImage) -> TensorImage:
+        x = super().decodes(x)
+        return TensorImage((x.clamp(0.0, 1.0) * self.div).long()) if self.div else x
 
 
 def _check_colour(a: AugConfig) -> None:
@@ -276,9 +291,9 @@ def batch_transforms(cfg: ExperimentConfig) -> list:
     """Augmentation on the device to img_size (train only; valid gets a plain resize), normalized."""
     a, size = cfg.aug, cfg.data.img_size
     _check_colour(a)
+    if aug_on_items(cfg):  # every uint8 batch comes sized from the workers, training ones augmented
+        return [FusedNormalize.from_uint8(*imagenet_stats)]
     norm = FusedNormalize.from_stats(*imagenet_stats)
-    if aug_on_items(cfg):  # every batch comes sized from the workers, training ones augmented
-        return [norm]
     tfms = []
     if a.enabled:
         tfms = aug_transforms(
@@ -326,9 +341,11 @@ def make_datablock(cfg: ExperimentConfig, classes: list[str]) -> DataBlock:
     """The DataBlock over annotation rows: image → class, vocab in classes.csv order."""
     d = cfg.data
     loader = ImageLoader(presize(cfg), d.bbox_crop, d.bbox_margin, d.draft)
+    on_items = aug_on_items(cfg)
     return DataBlock(
         blocks=(
-            TransformBlock(type_tfms=loader, batch_tfms=IntToFloatTensor),
+            # item stage: FusedNormalize converts the uint8 batches itself, in the same pass
+            TransformBlock(type_tfms=loader, batch_tfms=None if on_items else IntToFloatTensor),
             CategoryBlock(vocab=classes, sort=False),
         ),
         get_y=ColReader("label"),
