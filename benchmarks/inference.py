@@ -1,5 +1,9 @@
 """Benchmark 3, prediction: single-image latency and batch throughput of our `Predictor` vs. the
 reference snippet (TwinCar's README) and fastai's `learn.predict`, on the same exported weights.
+
+The model's forward pass alone on one preprocessed image is timed too: no single-image predictor
+of the same fp32 model can be faster, so `learn.predict / forward` is the ceiling of the
+vs-learn.predict ratio on the machine (`ratio_vs_fastai_ceiling`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,25 @@ def median_ms(fn: Callable[[str], object], paths: Sequence[str]) -> float:
     return round(statistics.median(times), 2)
 
 
+def model_forward_ms(predictor: Predictor, paths: Sequence[str]) -> float:
+    """Median milliseconds of the predictor's model alone on each image, already preprocessed."""
+    import torch
+
+    pre, dev = predictor.preprocess, predictor.device
+    inputs = {
+        p: pre.batch([pre.item(p)], dev).contiguous(memory_format=torch.channels_last)
+        for p in paths
+    }
+
+    def forward(p: str) -> None:
+        with torch.inference_mode():
+            predictor.model(inputs[p])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return median_ms(forward, paths)
+
+
 def _test_images(data_dir: os.PathLike, n: int) -> list[str]:
     """`n` test-split image paths (repeating the split if it is smaller)."""
     paths = read_annotations(data_dir).query("split == 'test'")["path"].tolist()
@@ -56,6 +79,7 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
     ref_ms = median_ms(lambda p: reference.predict_one(ref_model, p, size, dev), singles)
     with learn.no_bar():
         fastai_ms = median_ms(learn.predict, singles[: s.fastai_n])
+    forward_ms = model_forward_ms(predictor, singles)
     single = compare(
         ours_ms,
         ref_ms,
@@ -63,6 +87,8 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
         higher_is_better=False,
         fastai=fastai_ms,
         ratio_vs_fastai=round(fastai_ms / ours_ms, 3),
+        forward_ms=forward_ms,
+        ratio_vs_fastai_ceiling=round(fastai_ms / forward_ms, 3),
         n_images={"ours": len(singles), "reference": len(singles), "fastai": s.fastai_n},
     )
 

@@ -133,6 +133,15 @@ def print_table(results: dict) -> None:
                 f["goal"],
                 met,
             )
+            table.add_row(
+                "    ceiling: model alone",
+                _fmt(r["forward_ms"]),
+                _fmt(r["fastai"]),
+                "ms",
+                f"{r['ratio_vs_fastai_ceiling']:.2f}×",
+                "",
+                "",
+            )
     ref = results["data_pipeline"]["reference"]
     for name, v in results["data_pipeline"].get("variants", {}).items():
         if name not in ("ours", "reference"):

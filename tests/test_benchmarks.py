@@ -47,6 +47,12 @@ def test_ratios_point_the_right_way(tiny_results):
     pipe, epoch = tiny_results["data_pipeline"], tiny_results["train_epoch"]
     assert pipe["ratio"] == pytest.approx(pipe["ours"] / pipe["reference"], rel=0.01)
     assert epoch["ratio"] == pytest.approx(epoch["reference"] / epoch["ours"], rel=0.01)
+    single = tiny_results["predict_single"]
+    assert single["ratio_vs_fastai"] == pytest.approx(single["fastai"] / single["ours"], rel=0.01)
+    assert single["forward_ms"] > 0  # the model alone: the ceiling of the vs-learn.predict ratio
+    assert single["ratio_vs_fastai_ceiling"] == pytest.approx(
+        single["fastai"] / single["forward_ms"], rel=0.01
+    )
     assert compare(2.0, 1.0, "img/s", higher_is_better=True)["ratio"] == 2.0
     assert compare(2.0, 1.0, "s", higher_is_better=False)["ratio"] == 0.5
 
