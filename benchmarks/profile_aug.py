@@ -1,8 +1,8 @@
 """`python -m benchmarks.profile_aug [--quick]`: where our data pipeline spends its time, per stage.
 
-Times, on one batch of the benchmark set, the item stage (decode + presize, in the workers) and
-every batch transform (on the device, in the main process) in training mode, so a slow transform
-shows up by name. The reference's per-item transforms are timed the same way for comparison.
+Times, on one batch of the benchmark set, the item stage (decode, then augment or presize, in the
+workers) and every batch transform (on the device, in the main process) in training mode, so a
+slow transform shows up by name. The reference's per-item transforms are timed the same way for comparison.
 """
 
 from __future__ import annotations
@@ -52,12 +52,21 @@ def ours_stages(cfg, n: int) -> list[tuple[str, float]]:
     dl = build_dls(cfg).train
     idxs = list(range(n))
 
-    def work() -> list:
-        with dl.dataset.set_split_idx(0):  # training items, as the loader's iterator makes them
-            return [dl.do_item(i) for i in idxs]
+    dl.before_iter()  # training transforms on, as the loader's iterator sets them
 
-    rows = [("worker: decode + augment (item stage) or presize", best_seconds(work, threads=1))]
-    items = work()
+    def decoded() -> list:
+        return [dl.create_item(i) for i in idxs]
+
+    raw = decoded()
+
+    def augment() -> list:
+        return [dl.after_item(x) for x in raw]
+
+    rows = [
+        ("worker: read row + decode (draft)", best_seconds(decoded, threads=1)),
+        ("worker: augment (item stage) or presize", best_seconds(augment, threads=1)),
+    ]
+    items = augment()
     rows.append(("worker: collate", best_seconds(lambda: dl.do_batch(items), threads=1)))
     b = dl.do_batch(items)
     for tfm in dl.after_batch.fs:

@@ -242,9 +242,8 @@ class FusedNormalize(Normalize):
     """fastai's `Normalize` in one fused multiply-add: (x - mean) / std = x · (1/std) - mean/std.
 
     With `div` set (item-stage batches arrive as uint8), it is also fastai's `IntToFloatTensor`:
-    x / div is folded into the same pass, and decoding gives 0-`div` integers back as that does.
-    Two or three passes over the batch become one: on a CPU, the main process's share of the
-    data pipeline.
+    1 / div is folded into the scale, and decoding gives 0-`div` integers back as that does.
+    Fewer passes over the batch: on a CPU, the main process's share of the data pipeline.
     """
 
     div: float | None = None  # None: the input is already float (after IntToFloatTensor)
@@ -260,7 +259,8 @@ class FusedNormalize(Normalize):
         scale = 1 / self.std
         bias = -self.mean * scale
         if self.div is not None and not x.is_floating_point():
-            scale = scale / self.div
+            # one float copy, scaled in place: uint8 operands would take addcmul's slow path
+            return TensorImage(x.float().mul_(scale / self.div).add_(bias))
         return TensorImage(torch.addcmul(bias, x, scale))
 
     def decodes(self, x: TensorImage) -> TensorImage:
