@@ -3,7 +3,8 @@ reference snippet (TwinCar's README) and fastai's `learn.predict`, on the same e
 
 The model's forward pass alone on one preprocessed image is timed too: no single-image predictor
 of the same fp32 model can be faster, so `learn.predict / forward` is the ceiling of the
-vs-learn.predict ratio on the machine (`ratio_vs_fastai_ceiling`).
+vs-learn.predict ratio on the machine (`ratio_vs_fastai_ceiling`). Single images are timed with
+the four sides taking turns on each image.
 """
 
 from __future__ import annotations
@@ -24,19 +25,28 @@ from twincar_fast.learner import create_learner, create_model
 from twincar_fast.predict import Predictor
 
 
-def median_ms(fn: Callable[[str], object], paths: Sequence[str]) -> float:
-    """Median milliseconds of `fn(path)` over `paths`, after one warm-up call."""
-    fn(paths[0])
-    times = []
-    for p in paths:
-        with Timer() as t:
-            fn(p)
-        times.append(t.seconds * 1000)
-    return round(statistics.median(times), 2)
+def interleaved_median_ms(
+    sides: dict[str, Callable[[str], object]], paths: Sequence[str], counts: dict[str, int]
+) -> dict[str, float]:
+    """Median milliseconds of each side's `fn(path)`, the sides taking turns on every image.
+
+    Each side gets one warm-up call, then times its first `counts[side]` paths; turns make a
+    change of load on the machine hit every side alike.
+    """
+    for fn in sides.values():
+        fn(paths[0])
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for i, p in enumerate(paths):
+        for name, fn in sides.items():
+            if i < counts[name]:
+                with Timer() as t:
+                    fn(p)
+                times[name].append(t.seconds * 1000)
+    return {name: round(statistics.median(v), 2) for name, v in times.items()}
 
 
-def model_forward_ms(predictor: Predictor, paths: Sequence[str]) -> float:
-    """Median milliseconds of the predictor's model alone on each image, already preprocessed."""
+def forward_only(predictor: Predictor, paths: Sequence[str]) -> Callable[[str], None]:
+    """A function running the predictor's model alone on each of `paths`, preprocessed beforehand."""
     import torch
 
     pre, dev = predictor.preprocess, predictor.device
@@ -51,7 +61,7 @@ def model_forward_ms(predictor: Predictor, paths: Sequence[str]) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    return median_ms(forward, paths)
+    return forward
 
 
 def _test_images(data_dir: os.PathLike, n: int) -> list[str]:
@@ -75,11 +85,16 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
     size, dev = s.predict_img, predictor.device
 
     singles = _test_images(data_dir, s.single_n)
-    ours_ms = median_ms(lambda p: predictor.predict([p]), singles)
-    ref_ms = median_ms(lambda p: reference.predict_one(ref_model, p, size, dev), singles)
+    sides = {
+        "ours": lambda p: predictor.predict([p]),
+        "reference": lambda p: reference.predict_one(ref_model, p, size, dev),
+        "fastai": learn.predict,
+        "forward": forward_only(predictor, singles),
+    }
+    counts = {name: len(singles) for name in sides} | {"fastai": s.fastai_n}
     with learn.no_bar():
-        fastai_ms = median_ms(learn.predict, singles[: s.fastai_n])
-    forward_ms = model_forward_ms(predictor, singles)
+        ms = interleaved_median_ms(sides, singles, counts)
+    ours_ms, ref_ms, fastai_ms, forward_ms = (ms[k] for k in sides)
     single = compare(
         ours_ms,
         ref_ms,

@@ -39,7 +39,7 @@ class Settings:
     predict_img: int = 224  # TwinCar's README: Resize 256, CenterCrop 224
     predict_item: int = 320
     single_n: int = 10  # single-image predictions timed per side
-    fastai_n: int = 5  # learn.predict calls timed
+    fastai_n: int = 10  # learn.predict calls timed (on the first of the single images)
     batch_n: int = 64  # images in the batch-throughput test
     presize: int | None = 320  # also time our pipeline on a `prepare --presize` copy (None: skip)
 
