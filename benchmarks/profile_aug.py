@@ -2,7 +2,8 @@
 
 Times, on one batch of the benchmark set, the item stage (decode, then augment or presize, in the
 workers) and every batch transform (on the device, in the main process) in training mode, so a
-slow transform shows up by name. The reference's per-item transforms are timed the same way for comparison.
+slow transform shows up by name. The reference's per-item transforms are timed the same way for
+comparison.
 """
 
 from __future__ import annotations
