@@ -413,3 +413,16 @@ def test_fused_normalize_of_uint8_is_int_to_float_and_normalize():
     back = fused.decode(y)  # 0-255 integers again, as IntToFloatTensor decodes
     assert back.dtype == torch.int64 and (back - x.long()).abs().max() <= 1
     torch.testing.assert_close(fused(y.to(fused.mean.device)).cpu(), plain(y))  # float: as before
+
+
+def test_uint8_scale_shift_numpy_and_torch_agree():
+    from twincar_fast.data.loaders import _scale_shift_numpy, _scale_shift_torch
+
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    scale, bias = torch.rand(1, 3, 1, 1) + 0.5, torch.randn(1, 3, 1, 1)
+    want = x.double() * scale.double() + bias.double()
+    for shift in (_scale_shift_numpy, _scale_shift_torch):  # the CPU and the GPU path
+        y = shift(x, scale, bias)
+        assert y.dtype == torch.float32 and y.shape == x.shape
+        torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-5)
+    assert x.dtype == torch.uint8  # the input batch is left as it was

@@ -251,6 +251,12 @@ def _scale_shift_numpy(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor)
     return torch.from_numpy(out)
 
 
+def _scale_shift_torch(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """float32 x · scale + bias on x's device: one float copy, scaled in place (a uint8 operand
+    would send addcmul down its slow mixed-dtype path)."""
+    return x.as_subclass(torch.Tensor).float().mul_(scale).add_(bias)
+
+
 class FusedNormalize(Normalize):
     """fastai's `Normalize` in one fused multiply-add: (x - mean) / std = x · (1/std) - mean/std.
 
@@ -272,11 +278,9 @@ class FusedNormalize(Normalize):
         scale = 1 / self.std
         bias = -self.mean * scale
         if self.div is not None and not x.is_floating_point():
-            scale = scale / self.div
-            if x.device.type == "cpu":
-                return TensorImage(_scale_shift_numpy(x, scale, bias))
-            # one float copy, scaled in place: uint8 operands would take addcmul's slow path
-            return TensorImage(x.float().mul_(scale).add_(bias))
+            on_cpu = x.device.type == "cpu"
+            shift = _scale_shift_numpy if on_cpu else _scale_shift_torch
+            return TensorImage(shift(x, scale / self.div, bias))
         return TensorImage(torch.addcmul(bias, x, scale))
 
     def decodes(self, x: TensorImage) -> TensorImage:
