@@ -252,8 +252,10 @@ def _scale_shift_numpy(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor)
 
 
 def _scale_shift_torch(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """float32 x · scale + bias on x's device: one float copy, scaled in place (a uint8 operand
-    would send addcmul down its slow mixed-dtype path)."""
+    """float32 x · scale + bias on x's device: one float copy, scaled in place.
+
+    A uint8 operand would send addcmul down its slow mixed-dtype path.
+    """
     return x.as_subclass(torch.Tensor).float().mul_(scale).add_(bias)
 
 
