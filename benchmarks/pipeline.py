@@ -5,7 +5,10 @@ Both sides read the same training rows (the recipe's stratified split of the sam
 sampling, and yield batches of `pipe_img`-px normalized crops on the device. Ours: `build_dls`
 (JPEG draft decoding and, by default, augmentation in the workers; `aug.stage: batch` is timed as
 a variant: presizing in the workers, fastai's batch augmentation on the device).
-Reference: per-item PIL/torchvision augmentation in the workers.
+Reference: per-item PIL/torchvision augmentation in the workers. The variant `plain_torch_items`
+does our item-stage work (draft decode, `CpuAugment`, `FusedNormalize`) in a plain torch
+`Dataset`/`DataLoader`: the difference from ours is what fastai's per-item machinery (Datasets,
+TfmdLists, Pipelines over (x, y) tuples) costs.
 
 Both loaders start their worker processes and fill a first batch every epoch, a fixed cost that a
 real epoch (254 batches of Stanford Cars) spreads thin; so each training image is listed
@@ -21,6 +24,9 @@ from collections.abc import Callable, Iterable
 
 import pandas as pd
 import torch
+from fastai.torch_core import TensorImage
+from fastai.vision.core import PILImage, imagenet_stats
+from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import reference
 from benchmarks.data import repeated_dataset
@@ -28,6 +34,8 @@ from benchmarks.measure import Timer, compare
 from benchmarks.settings import Settings, ours_config
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.data import build_dls, read_annotations, resolve_device, split_train_valid
+from twincar_fast.data.cpu_aug import CpuAugment
+from twincar_fast.data.loaders import FusedNormalize, open_region, presize
 
 
 def split_rows(cfg: ExperimentConfig) -> pd.DataFrame:
@@ -84,6 +92,46 @@ def reference_epoch(cfg: ExperimentConfig) -> Epoch:
     return timed_epoch(lambda: dl, device)
 
 
+class PlainItems(Dataset):
+    """Our training items (draft decode + `CpuAugment`, no bbox crop) from a plain torch Dataset."""
+
+    def __init__(self, df: pd.DataFrame, cfg: ExperimentConfig):
+        self.paths, self.labels = df["path"].tolist(), df["class_id"].astype(int).tolist()
+        self.aug = CpuAugment(cfg.data.img_size, cfg.aug, cfg.data.resize)
+        self.min_side = presize(cfg) if cfg.data.draft else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = PILImage(open_region(self.paths[i], min_side=self.min_side))
+        return self.aug.encodes(img).as_subclass(torch.Tensor), self.labels[i]
+
+
+def plain_items_epoch(cfg: ExperimentConfig) -> Epoch:
+    """One epoch of our item-stage work in a plain torch DataLoader (the reference's sampler)."""
+    if cfg.data.bbox_crop or not cfg.aug.enabled or cfg.aug.stage != "item":
+        raise ValueError("plain_torch_items times the item stage on whole images only")
+    train = split_rows(cfg).query("~is_valid")
+    device = resolve_device(cfg.train.device)
+    ds = PlainItems(train, cfg)
+    dl = DataLoader(
+        ds,
+        batch_size=cfg.data.batch_size,
+        sampler=reference.balanced_sampler(ds.labels, cfg.train.seed),
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
+    norm = FusedNormalize.from_uint8(*imagenet_stats)
+
+    def batches() -> Iterable:
+        for xb, yb in dl:
+            yield norm(TensorImage(xb.to(device, non_blocking=True))), yb
+
+    return timed_epoch(batches, device)
+
+
 def race(epochs: dict[str, Callable[[], tuple]], repeats: int) -> dict[str, tuple]:
     """Run the sides in turns (so load changes hit all), `repeats` times; each one's fastest.
 
@@ -125,7 +173,10 @@ def bench_pipeline(s: Settings, data_dir: os.PathLike, variants: dict | None = N
         vcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
         if "aug" in change:
             vcfg.aug = dataclasses.replace(cfg.aug, **change["aug"])
-        epochs[name] = (reference_epoch if name.startswith("reference") else ours_epoch)(vcfg)
+        side = {"reference": reference_epoch, "plain": plain_items_epoch}.get(
+            name.split("_")[0], ours_epoch
+        )
+        epochs[name] = side(vcfg)
     best = race(epochs, s.repeats)
     out = _entry(best)
     if variants:

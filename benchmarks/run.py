@@ -55,9 +55,9 @@ def goals(results: dict) -> dict:
 
 
 def _variants(s: Settings, data_root: str | os.PathLike, ablations: bool) -> dict:
-    """Extra pipeline runs: ours with fastai's batch-stage augmentation, on a `prepare --presize`
-    copy; with ablations, draft off too."""
-    out: dict = {"ours_batch_stage": {"aug": {"stage": "batch"}}}
+    """Extra pipeline runs: ours with fastai's batch-stage augmentation, our item work in a plain
+    torch DataLoader, ours on a `prepare --presize` copy; with ablations, draft off too."""
+    out: dict = {"ours_batch_stage": {"aug": {"stage": "batch"}}, "plain_torch_items": {}}
     if s.presize:
         presized = presized_dataset(s.data, s.presize, data_root)
         out[f"ours_presized_{s.presize}"] = {"root": str(presized)}
