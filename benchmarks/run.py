@@ -102,6 +102,12 @@ def _fmt(v) -> str:
     return f"{v:,.1f}" if isinstance(v, float) else str(v)
 
 
+def _row(table: Table, name: str, ours, ref, unit: str, ratio: float, goal: dict) -> None:
+    """One table row: both figures, the ratio, and the goal with whether it is met (if any)."""
+    met = {True: "[green]yes[/]", False: "[red]no[/]"}.get(goal.get("met"), "")
+    table.add_row(name, _fmt(ours), _fmt(ref), unit, f"{ratio:.2f}×", goal.get("goal", ""), met)
+
+
 def print_table(results: dict) -> None:
     """Both sides' figures, the ratios and the goals as a rich table."""
     table = Table(title=f"twincar_fast vs. TwinCar reference ({results['settings']['mode']})")
@@ -110,38 +116,12 @@ def print_table(results: dict) -> None:
     g = results["goals"]
     for key in RESULT_KEYS:
         r = results[key]
-        goal = g.get(key, {})
-        met = {True: "[green]yes[/]", False: "[red]no[/]"}.get(goal.get("met"), "")
-        table.add_row(
-            key,
-            _fmt(r["ours"]),
-            _fmt(r["reference"]),
-            r["unit"],
-            f"{r['ratio']:.2f}×",
-            goal.get("goal", ""),
-            met,
-        )
+        _row(table, key, r["ours"], r["reference"], r["unit"], r["ratio"], g.get(key, {}))
         if key == "predict_single":
             f = g["predict_single_vs_fastai"]
-            met = "[green]yes[/]" if f["met"] else "[red]no[/]"
-            table.add_row(
-                "  vs learn.predict",
-                _fmt(r["ours"]),
-                _fmt(r["fastai"]),
-                "ms",
-                f"{f['ratio']:.2f}×",
-                f["goal"],
-                met,
-            )
-            table.add_row(
-                "    ceiling: model alone",
-                _fmt(r["forward_ms"]),
-                _fmt(r["fastai"]),
-                "ms",
-                f"{r['ratio_vs_fastai_ceiling']:.2f}×",
-                "",
-                "",
-            )
+            _row(table, "  vs learn.predict", r["ours"], r["fastai"], "ms", f["ratio"], f)
+            ceiling = r["ratio_vs_fastai_ceiling"]
+            _row(table, "    ceiling: model alone", r["forward_ms"], r["fastai"], "ms", ceiling, {})
     ref = results["data_pipeline"]["reference"]
     for name, v in results["data_pipeline"].get("variants", {}).items():
         if name not in ("ours", "reference"):

@@ -80,7 +80,6 @@ def settings_for(mode: str, workers: int | None = None) -> Settings:
             pipe_repeat=2,
             train_repeat=1,
             single_n=30,
-            fastai_n=10,
             batch_n=256,
         )
     else:
