@@ -20,9 +20,9 @@ from benchmarks.measure import Timer, compare
 from benchmarks.pipeline import race
 from benchmarks.settings import Settings, ours_config
 from twincar_fast.data import build_dls, read_annotations
-from twincar_fast.export import export_model
-from twincar_fast.learner import create_learner, create_model
-from twincar_fast.predict import Predictor
+from twincar_fast.model.learner import create_learner, create_model
+from twincar_fast.ship.export import export_model
+from twincar_fast.ship.predict import Predictor
 
 
 def interleaved_median_ms(

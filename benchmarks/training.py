@@ -27,7 +27,7 @@ from benchmarks.measure import Timer, compare, run_in_child
 from benchmarks.pipeline import split_rows
 from benchmarks.settings import Settings, ours_config
 from twincar_fast.data import build_dls, resolve_device
-from twincar_fast.learner import create_learner, create_model, param_groups
+from twincar_fast.model.learner import create_learner, create_model, param_groups
 
 
 class EpochStats(Callback):

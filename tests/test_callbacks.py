@@ -8,7 +8,10 @@ import torch
 from fastai.callback.schedule import SchedCos
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, top_k_accuracy_score
 
-from twincar_fast.callbacks import (
+from twincar_fast.analysis.metrics import METRIC_NAMES
+from twincar_fast.data import build_dls
+from twincar_fast.model.learner import create_learner
+from twincar_fast.train.callbacks import (
     MONITORS,
     EpochMetrics,
     Plateau,
@@ -17,10 +20,7 @@ from twincar_fast.callbacks import (
     monitor_comp,
     replay_tracker,
 )
-from twincar_fast.data import build_dls
-from twincar_fast.learner import create_learner
-from twincar_fast.metrics import METRIC_NAMES
-from twincar_fast.train import attach_metrics, fit_schedule
+from twincar_fast.train.fit import attach_metrics, fit_schedule
 
 
 @pytest.fixture

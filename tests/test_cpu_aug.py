@@ -22,7 +22,7 @@ from twincar_fast.config import AugConfig
 from twincar_fast.data import build_dls
 from twincar_fast.data.cpu_aug import CpuAugment, ValidResize, colour_matrix, warp_matrix
 from twincar_fast.data.loaders import aug_on_items, presize
-from twincar_fast.learner import create_learner
+from twincar_fast.model.learner import create_learner
 
 OFF = dict(
     flip=False,

@@ -15,11 +15,11 @@ import torch
 from conftest import CLASS_NAMES, make_tiny_cfg
 from safetensors.torch import load_file
 
-from twincar_fast.callbacks import EpochMetrics, SaveRun
 from twincar_fast.config import ModelConfig
 from twincar_fast.data.loaders import presize
-from twincar_fast.learner import create_model
-from twincar_fast.train import run_experiment
+from twincar_fast.experiment import run_experiment
+from twincar_fast.model.learner import create_model
+from twincar_fast.train.callbacks import EpochMetrics, SaveRun
 
 LOAD_AND_PREDICT = """
 import sys, numpy as np

@@ -15,22 +15,22 @@ from conftest import make_tiny_cfg
 from fastai.learner import Learner
 from PIL import Image
 
-from twincar_fast.cli import main
-from twincar_fast.config import ModelConfig
-from twincar_fast.data import build_dls, eval_dl
-from twincar_fast.data.dataset import BBOX_COLUMNS
-from twincar_fast.errors import TwincarError
-from twincar_fast.evaluate import load_run_learner
-from twincar_fast.gradcam import (
+from twincar_fast.analysis.evaluate import load_run_learner
+from twincar_fast.analysis.gradcam import (
     batch_tensor,
     box_masks,
     box_mass_ratio,
     find_target_layer,
     gradcam_maps,
 )
-from twincar_fast.interpret import interpret_run
-from twincar_fast.learner import create_model
-from twincar_fast.train import run_experiment
+from twincar_fast.analysis.interpret import interpret_run
+from twincar_fast.cli import main
+from twincar_fast.config import ModelConfig
+from twincar_fast.data import build_dls, eval_dl
+from twincar_fast.data.dataset import BBOX_COLUMNS
+from twincar_fast.errors import TwincarError
+from twincar_fast.experiment import run_experiment
+from twincar_fast.model.learner import create_model
 
 FIGURES = [
     "accuracy.png",

@@ -22,9 +22,7 @@ from torch import nn
 from twincar_fast.config import ModelConfig
 from twincar_fast.data import build_dls
 from twincar_fast.errors import ConfigError
-from twincar_fast.learner import (
-    apply_speedups,
-    cpu_has_bf16,
+from twincar_fast.model.learner import (
     create_learner,
     create_model,
     freeze_all_but_head,
@@ -33,9 +31,9 @@ from twincar_fast.learner import (
     lr_for,
     make_loss,
     param_groups,
-    precision_for,
     splitter,
 )
+from twincar_fast.model.precision import apply_speedups, cpu_has_bf16, precision_for
 
 RESNET_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 

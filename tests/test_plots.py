@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from twincar_fast import plots
-from twincar_fast.metrics import METRIC_NAMES
+from twincar_fast.analysis import plots
+from twincar_fast.analysis.metrics import METRIC_NAMES
 
 MAKES = ["Chevrolet Silverado 2500HD Regular Cab", "Mercedes-Benz Sprinter Van", "Audi S5 Coupe"]
 

@@ -15,9 +15,9 @@ from PIL import Image
 from twincar_fast.cli import main
 from twincar_fast.data import build_dls
 from twincar_fast.errors import TwincarError
-from twincar_fast.export import export_model
-from twincar_fast.learner import create_learner
-from twincar_fast.predict import Predictor, Preprocess, predict_files
+from twincar_fast.model.learner import create_learner
+from twincar_fast.ship.export import export_model
+from twincar_fast.ship.predict import Predictor, Preprocess, predict_files
 
 TOL = 1e-4  # on probabilities
 

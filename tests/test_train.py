@@ -30,9 +30,10 @@ from sklearn.metrics import (
 from twincar_fast.config import load_config, save_config
 from twincar_fast.data import build_dls
 from twincar_fast.errors import ConfigError, TwincarError
-from twincar_fast.learner import create_learner
-from twincar_fast.runs import create_run_folders, open_resume
-from twincar_fast.train import fit_run, fit_schedule, lr_find_report, run_experiment
+from twincar_fast.experiment import lr_find_report, run_experiment
+from twincar_fast.model.learner import create_learner
+from twincar_fast.train.fit import fit_run, fit_schedule
+from twincar_fast.train.runs import create_run_folders, open_resume
 
 # the run folder contract (docs/brief), spelled out here rather than imported
 COLUMNS = (

@@ -20,7 +20,7 @@ from twincar_fast.errors import TwincarError
 
 def _run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
-    from twincar_fast.train import run_experiment
+    from twincar_fast.experiment import run_experiment
 
     run_experiment(cfg, resume=args.resume)
 
@@ -41,7 +41,7 @@ def _add_run(sub: argparse._SubParsersAction, name: str, help: str) -> None:
 
 def _lr_find(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
-    from twincar_fast.train import run_lr_find
+    from twincar_fast.experiment import run_lr_find
 
     run_lr_find(cfg)
 
@@ -115,7 +115,7 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from twincar_fast.evaluate import evaluate
+    from twincar_fast.analysis.evaluate import evaluate
 
     evaluate(args.model, args.data, split=args.split, out_dir=args.out)
 
@@ -135,7 +135,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _interpret(args: argparse.Namespace) -> None:
-    from twincar_fast.interpret import interpret_run
+    from twincar_fast.analysis.interpret import interpret_run
 
     interpret_run(args.run, images=args.images, data_dir=args.data)
 
@@ -154,7 +154,7 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from twincar_fast.predict import predict_files
+    from twincar_fast.ship.predict import predict_files
 
     predict_files(args.model, args.images, top_k=args.top_k)
 

@@ -252,7 +252,7 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
     from safetensors.torch import load_file
 
     from twincar_fast.config import ModelConfig
-    from twincar_fast.learner import create_model
+    from twincar_fast.model.learner import create_model
 
     meta = _read_model_json(path)
     keys = ("arch", "head", "head_hidden", "head_dropout")

@@ -26,12 +26,12 @@ import torch
 from fastai.callback.progress import ProgressCallback  # noqa: F401 - patches Learner.no_bar
 from fastai.learner import Learner, load_learner
 
+from twincar_fast.analysis.metrics import classification_metrics, per_class_table
 from twincar_fast.config import ExperimentConfig, load_config
 from twincar_fast.console import console, quiet_if_plain
 from twincar_fast.data import check_vocab, eval_dl
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
-from twincar_fast.metrics import classification_metrics, per_class_table
 
 __all__ = [
     "SPLITS",

@@ -26,13 +26,12 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, TrackerCallback
 from fastai.learner import Learner, Recorder, ValueMetric, load_model, save_model
 
+from twincar_fast.analysis.metrics import METRIC_NAMES, classification_metrics
 from twincar_fast.files import atomic_path, write_csv
-from twincar_fast.metrics import METRIC_NAMES, classification_metrics
 
 __all__ = [
     "MONITORS",
     "METRICS_COLUMNS",
-    "CpuAutocast",
     "EarlyStop",
     "EpochMetrics",
     "Plateau",
@@ -311,30 +310,3 @@ class Plateau(ReduceLROnPlateau):
             print(
                 f"No improvement of {self.monitor} for {self.patience} epochs: LR ÷ {self.factor:g}"
             )
-
-
-class CpuAutocast(Callback):
-    """bf16 autocast of the forward pass and loss on the CPU (fastai's MixedPrecision is CUDA-only).
-
-    bf16 needs no loss scaling; predictions go back to fp32 for the loss and the metrics.
-    """
-
-    order = 10  # where fastai's MixedPrecision sits
-
-    def before_batch(self) -> None:
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-        self.autocast.__enter__()
-
-    def after_pred(self) -> None:
-        self.learn.pred = self.pred.float()
-
-    def after_loss(self) -> None:
-        self._leave()
-
-    def after_cancel_batch(self) -> None:
-        self._leave()
-
-    def _leave(self) -> None:
-        if getattr(self, "autocast", None) is not None:
-            self.autocast.__exit__(None, None, None)
-            self.autocast = None

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from twincar_fast.analysis.metrics import METRIC_NAMES
 from twincar_fast.files import write_text
-from twincar_fast.metrics import METRIC_NAMES
 
 __all__ = ["headline_metrics", "read_json", "write_index"]
 

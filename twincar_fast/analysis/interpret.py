@@ -4,7 +4,7 @@
 everything later from a saved model (models/<run>/learner.pkl) without retraining. Both end with
 `reports/<run>/index.html`, one file that links every figure and table.
 
-Grad-CAM++ figures (maps from `twincar_fast.gradcam`): the top-loss mistakes with the map of the
+Grad-CAM++ figures (maps from `twincar_fast.analysis.gradcam`): the top-loss mistakes with the map of the
 predicted class beside the map of the true class, one correct example per class, files given on
 the command line, and on the demo set (raw/parts.csv) how much of the map falls in the part box
 that tells the classes apart.
@@ -22,12 +22,8 @@ import torch
 from fastai.learner import Learner
 from PIL import Image, ImageDraw
 
-from twincar_fast import plots
-from twincar_fast.config import ExperimentConfig
-from twincar_fast.console import console, quiet_if_plain
-from twincar_fast.data import check_vocab
-from twincar_fast.errors import TwincarError
-from twincar_fast.evaluate import (
+from twincar_fast.analysis import plots
+from twincar_fast.analysis.evaluate import (
     evaluate_learner,
     load_run_config,
     load_run_learner,
@@ -36,8 +32,7 @@ from twincar_fast.evaluate import (
     resolve_run,
     split_dl,
 )
-from twincar_fast.files import write_csv
-from twincar_fast.gradcam import (
+from twincar_fast.analysis.gradcam import (
     box_masks,
     box_mass_ratio,
     denormalize,
@@ -45,7 +40,12 @@ from twincar_fast.gradcam import (
     gradcam_maps,
     overlay,
 )
-from twincar_fast.report import read_json, write_index
+from twincar_fast.analysis.report import read_json, write_index
+from twincar_fast.config import ExperimentConfig
+from twincar_fast.console import console, quiet_if_plain
+from twincar_fast.data import check_vocab
+from twincar_fast.errors import TwincarError
+from twincar_fast.files import write_csv
 
 __all__ = [
     "draw_split_figures",

@@ -29,15 +29,13 @@ from fastai.vision.learner import TimmBody, add_head, create_head
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from twincar_fast.callbacks import CpuAutocast
 from twincar_fast.config import ExperimentConfig, ModelConfig, TrainConfig
 from twincar_fast.data import resolve_device
 from twincar_fast.errors import ConfigError
+from twincar_fast.model.precision import apply_speedups
 
 __all__ = [
     "apply_freeze",
-    "apply_speedups",
-    "cpu_has_bf16",
     "create_learner",
     "create_model",
     "freeze_all_but_head",
@@ -48,7 +46,6 @@ __all__ = [
     "lr_for",
     "model_stats",
     "param_groups",
-    "precision_for",
     "splitter",
 ]
 
@@ -360,49 +357,6 @@ def make_loss(train_cfg: TrainConfig) -> nn.Module:
 def make_opt_func(train_cfg: TrainConfig) -> partial:
     """The fastai optimizer named by `train.optimizer`, with `train.weight_decay`."""
     return partial(OPTIMIZERS[train_cfg.optimizer], wd=train_cfg.weight_decay)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays off."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def precision_for(train_cfg: TrainConfig, device: torch.device) -> str:
-    """`train.mixed_precision` resolved for `device`: bf16, fp16 or none."""
-    mode = train_cfg.mixed_precision
-    if device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if mode == "auto" else mode
-    if device.type == "cpu":
-        if mode == "auto":
-            return "bf16" if cpu_has_bf16() else "none"
-        if mode == "fp16":
-            log.info("fp16 autocast is CUDA-only; training in fp32 on the CPU (bf16 works there)")
-            return "none"
-        return mode
-    if mode in ("bf16", "fp16"):
-        log.info("mixed precision runs on CUDA and CPU; training in fp32 on %s", device)
-    return "none"
-
-
-def apply_speedups(learn: Learner, train_cfg: TrainConfig, device: torch.device) -> None:
-    """Mixed precision and channels-last on CUDA and CPU (bf16 there), torch.compile on CUDA."""
-    import fastai.callback.channelslast  # noqa: F401 - patches Learner.to_channelslast
-    import fastai.callback.fp16  # noqa: F401 - patches Learner.to_fp16/to_bf16
-
-    mode = precision_for(train_cfg, device)
-    if mode == "bf16" and device.type == "cpu":
-        learn.add_cb(CpuAutocast())
-    elif mode == "bf16":
-        learn.to_bf16()
-    elif mode == "fp16":
-        learn.to_fp16()
-    if train_cfg.channels_last and device.type in ("cuda", "cpu"):
-        learn.to_channelslast(use_amp=False)
-    if train_cfg.compile and device.type == "cuda":
-        learn.model.compile()  # in place: model[0]/model[1] and state-dict keys stay as they are
-    elif train_cfg.compile:
-        log.info("torch.compile is used on CUDA only; running eagerly on %s", device)
 
 
 def create_learner(cfg: ExperimentConfig, dls: DataLoaders) -> Learner:

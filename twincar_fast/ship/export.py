@@ -3,7 +3,7 @@
 `learner.pkl` (`learn.export`) keeps the whole inference pipeline (transforms, vocab) and loads with
 `fastai.learner.load_learner` without the training data, but it is a pickle: load only files you
 trust. `model.safetensors` holds only tensors (safe to load from anywhere); `model.json` says how to
-rebuild the network (`learner.create_model`) and feed it (sizes, normalization, classes).
+rebuild the network (`model.learner.create_model`) and feed it (sizes, normalization, classes).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from fastai.vision.core import imagenet_stats
 from safetensors.torch import save_file
 from torch import nn
 
-from twincar_fast.callbacks import EpochMetrics, SaveRun
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.files import atomic_path, write_json
+from twincar_fast.train.callbacks import EpochMetrics, SaveRun
 
 __all__ = [
     "MODEL_FILES",
@@ -128,7 +128,7 @@ def export_model(
 
 
 def load_safetensors(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a `model.safetensors` into a network built by `learner.create_model` (strict)."""
+    """Load a `model.safetensors` into a network built by `model.learner.create_model` (strict)."""
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(path)))

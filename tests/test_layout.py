@@ -1,0 +1,118 @@
+"""The package's stage folders import one way only: from their own folder, folders below, the base.
+
+The order, top to bottom, is the layout of ../shared/STYLE.md: entry points (run, cli, the package's
+own `__init__`), lab/, experiment, ship/, train/, model/, analysis/, data/, then the four base
+modules (config, console, files, errors). Every import is read with `ast`, those inside functions
+and under `TYPE_CHECKING` too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import twincar_fast
+
+PACKAGE = Path(twincar_fast.__file__).parent
+LAYERS = ["entry", "lab", "experiment", "ship", "train", "model", "analysis", "data", "base"]
+ENTRY = {"run", "cli", "__init__"}
+BASE = {"config", "console", "files", "errors"}
+
+
+def layer_of(module: str) -> str:
+    """The layer of a dotted module name inside the package (`twincar_fast.train.fit` → train)."""
+    parts = module.split(".")[1:]
+    top = parts[0] if parts else "__init__"
+    if top in ENTRY:
+        return "entry"
+    if top in BASE:
+        return "base"
+    if top in LAYERS:
+        return top
+    raise AssertionError(f"{module}: not in the layout; add its folder to STYLE.md and this test")
+
+
+def _imported(node: ast.AST, module: str) -> list[str]:
+    """The package modules one import statement brings in (relative imports resolved)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.startswith("twincar_fast")]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        pkg = module.split(".")[: -node.level]
+        base = ".".join([*pkg, *([base] if base else [])])
+    if not base.startswith("twincar_fast"):
+        return []
+    if base != "twincar_fast":
+        return [base]
+    # `from twincar_fast import X`: a submodule or folder, a lazily re-exported name, or the root's
+    # own light names (__version__, load_config ...), which live in the base
+    out = []
+    for alias in node.names:
+        if (PACKAGE / alias.name).is_dir() or (PACKAGE / f"{alias.name}.py").exists():
+            out.append(f"twincar_fast.{alias.name}")
+        elif alias.name in twincar_fast._LAZY:
+            out.append(twincar_fast._LAZY[alias.name])
+        else:
+            out.append("twincar_fast.config")
+    return out
+
+
+def upward_imports(source: str, module: str) -> list[str]:
+    """`module imports target` for each import of `source` that reaches a layer above `module`'s."""
+    own = LAYERS.index(layer_of(module))
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        for target in _imported(node, module):
+            if LAYERS.index(layer_of(target)) < own:
+                bad.append(f"{module} (line {node.lineno}) imports {target}")
+    return bad
+
+
+def _package_modules() -> list[tuple[str, Path]]:
+    """Every module of the package with its dotted name."""
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        out.append((name.removesuffix(".__init__") if rel.name == "__init__" else name, path))
+    return out
+
+
+def test_no_module_imports_a_folder_above_it():
+    modules = _package_modules()
+    assert len(modules) > 20  # the whole package was read
+    bad = [b for name, path in modules for b in upward_imports(path.read_text(), name)]
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_every_folder_says_what_it_is_for():
+    for folder in ("lab", "ship", "train", "model", "analysis", "data"):
+        doc = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text()))
+        assert doc and doc.endswith(".") and len(doc.splitlines()[0]) > 20, folder
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "ok"),
+    [
+        ("twincar_fast.data.loaders", "from twincar_fast.model.learner import create_model", False),
+        (
+            "twincar_fast.analysis.plots",
+            "def f():\n    from twincar_fast.ship import predict",
+            False,
+        ),
+        ("twincar_fast.train.fit", "from twincar_fast.experiment import run_experiment", False),
+        ("twincar_fast.ship.predict", "from twincar_fast import run_experiment", False),
+        ("twincar_fast.model.learner", "from ..train import callbacks", False),
+        ("twincar_fast.config", "import twincar_fast.data.dataset", False),
+        ("twincar_fast.experiment", "from twincar_fast.train.fit import fit_run", True),
+        ("twincar_fast.train.runs", "from twincar_fast import __version__", True),
+        ("twincar_fast.model.learner", "from .precision import apply_speedups", True),
+        ("twincar_fast.console", "from twincar_fast.config import ExperimentConfig", True),
+    ],
+)
+def test_the_check_catches_upward_imports(module, source, ok):
+    assert (upward_imports(source, module) == []) is ok

@@ -1,0 +1,1 @@
+"""Across experiments: sweeps of many runs (Optuna) and the comparison of their results."""

@@ -1,0 +1,1 @@
+"""Fitting one run: the staged, resumable fit, its callbacks and the run folders it writes."""

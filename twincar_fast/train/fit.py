@@ -1,0 +1,148 @@
+"""The staged fit of one run: head-only epochs, then the main fit, resumable from any finished epoch.
+
+`fit_run` drives fastai's own fits (`fit_one_cycle`, or `fit` under a cosine or flat
+`ParamScheduler`) with `train.callbacks.SaveRun` committing every epoch, and continues an interrupted run
+from its last committed epoch: freezing, LR schedule, early stopping and plateau state included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from fastai.callback.core import Callback
+from fastai.callback.schedule import ParamScheduler, SchedCos, SchedNo
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import Learner
+
+from twincar_fast.config import ExperimentConfig
+from twincar_fast.console import plain_output, print_epoch, quiet_if_plain
+from twincar_fast.errors import ConfigError
+from twincar_fast.model.learner import apply_freeze, freeze_all_but_head, lr_for
+from twincar_fast.train.callbacks import (
+    MONITORS,
+    EarlyStop,
+    EpochMetrics,
+    Plateau,
+    SaveRun,
+    load_checkpoint,
+    monitor_comp,
+    replay_tracker,
+)
+from twincar_fast.train.runs import RunFolders
+
+__all__ = ["attach_metrics", "check_monitor", "fit_run", "fit_schedule"]
+
+
+def check_monitor(cfg: ExperimentConfig) -> None:
+    """ConfigError unless `train.monitor` is a validation column of metrics.csv."""
+    if cfg.train.monitor not in MONITORS:
+        raise ConfigError(
+            f"train.monitor: {cfg.train.monitor!r} is not a validation metric; "
+            f"use one of {', '.join(MONITORS)}"
+        )
+
+
+def attach_metrics(learn: Learner) -> EpochMetrics:
+    """Add `EpochMetrics` and its columns as the learner's metrics (once)."""
+    cb = getattr(learn, "epoch_metrics", None)
+    if not isinstance(cb, EpochMetrics):
+        cb = EpochMetrics()
+        learn.add_cb(cb)
+    learn.metrics = cb.metrics()
+    return cb
+
+
+def fit_schedule(
+    learn: Learner,
+    n_epoch: int,
+    lr: float | np.ndarray,
+    schedule: str,
+    cbs: Sequence[Callback] = (),
+    start_epoch: int = 0,
+) -> None:
+    """Fit `n_epoch` epochs with fastai's one-cycle, a cosine decay or a flat LR, from `start_epoch`."""
+    if schedule == "one_cycle":
+        learn.fit_one_cycle(n_epoch, lr, cbs=list(cbs), start_epoch=start_epoch)
+        return
+    if learn.opt is None:
+        learn.create_opt()
+    learn.opt.set_hyper("lr", lr)
+    lr = np.array([h["lr"] for h in learn.opt.hypers])
+    # a ParamScheduler even for the flat LR, so that `Plateau` scales every schedule the same way
+    sched = SchedCos(lr, lr / 1e5) if schedule == "cosine" else SchedNo(lr, lr)
+    learn.fit(n_epoch, lr, cbs=[ParamScheduler({"lr": sched}), *cbs], start_epoch=start_epoch)
+
+
+def _main_trackers(cfg: ExperimentConfig, rows: list[dict]) -> list[Callback]:
+    """Early stopping and LR plateau of the main fit, continuing from its earlier `rows`."""
+    t = cfg.train
+    values, comp = [r[t.monitor] for r in rows], monitor_comp(t.monitor)
+    cbs: list[Callback] = []
+    if t.early_stopping:
+        cbs.append(EarlyStop(t.monitor, t.early_stopping, replay_tracker(values, comp)))
+    if t.plateau_patience:
+        state = replay_tracker(values, comp, t.plateau_patience, t.plateau_factor)
+        cbs.append(Plateau(t.monitor, t.plateau_patience, t.plateau_factor, state))
+    return cbs
+
+
+def _stopped_early(cfg: ExperimentConfig, rows: list[dict]) -> bool:
+    """Whether the main fit's rows already reached the early-stopping patience."""
+    t = cfg.train
+    values = [r[t.monitor] for r in rows if r["epoch"] >= t.head_epochs]
+    state = replay_tracker(values, monitor_comp(t.monitor))
+    return bool(t.early_stopping and values and state.wait >= t.early_stopping)
+
+
+def _fit_stage(
+    learn: Learner,
+    cfg: ExperimentConfig,
+    saver: SaveRun,
+    stage: str,
+    n_epoch: int,
+    start: int,
+    resume_from: int | None,
+    cbs: Sequence[Callback],
+) -> None:
+    """One stage (`head` or `main`) from epoch `start`: freezing, resume checkpoint, trackers."""
+    if stage == "head":
+        freeze_all_but_head(learn)
+    else:
+        apply_freeze(learn, cfg)  # (clears the optimizer state, as fastai's fine_tune does)
+    if resume_from is not None:  # weights, and mid-stage the optimizer state, of that epoch
+        load_checkpoint(learn, saver.last_path(resume_from), with_opt=start > 0)
+    trackers = _main_trackers(cfg, saver.rows[cfg.train.head_epochs :]) if stage == "main" else []
+    lr = lr_for(cfg, learn)
+    fit_schedule(learn, n_epoch, lr, cfg.train.schedule, [saver, *trackers, *cbs], start)
+
+
+def fit_run(
+    learn: Learner,
+    cfg: ExperimentConfig,
+    folders: RunFolders,
+    done: int = 0,
+    rows: Sequence[dict] = (),
+    cbs: Sequence[Callback] = (),
+) -> SaveRun:
+    """The staged fit (head-only epochs, then the main fit) from epoch `done`; the run's SaveRun."""
+    t = cfg.train
+    total = t.head_epochs + t.epochs
+    echo = (lambda row: print_epoch(row, total)) if plain_output() else None
+    metrics = attach_metrics(learn)
+    saver = SaveRun(t.monitor, folders.ckpt_dir, folders.metrics_csv, metrics, rows, echo)
+    saver.prune()  # checkpoints of epochs that were never committed
+    if t.grad_accum > 1:
+        cbs = [GradientAccumulation(n_acc=cfg.data.batch_size * t.grad_accum), *cbs]
+    offset, resume_from = 0, (done - 1 if done else None)
+    with quiet_if_plain(learn):
+        for stage, n in (("head", t.head_epochs), ("main", t.epochs)):
+            start = min(max(done - offset, 0), n)
+            if stage == "main" and _stopped_early(cfg, saver.rows):
+                start = n  # early stopping had ended the fit before the run was interrupted
+            if start < n:
+                saver.offset = offset  # metrics.csv epochs continue across stages
+                _fit_stage(learn, cfg, saver, stage, n, start, resume_from, cbs)
+                resume_from = None
+            offset += n
+    return saver
