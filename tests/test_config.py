@@ -56,7 +56,8 @@ def test_overrides_are_parsed_to_field_types(pair):
 
 def test_unknown_key_suggests_the_closest(pair):
     with pytest.raises(
-        ConfigError, match=r"child.yaml: unknown key 'train.epoch'; did you mean 'train.epochs'\?"
+        ConfigError,
+        match=r"child.yaml \+ overrides: unknown key 'train.epoch'; did you mean 'train.epochs'\?",
     ):
         load_config(pair, ["train.epoch=3"])
     write(pair, "extends: ../base.yaml\nmodle:\n  arch: resnet18\n")
@@ -73,7 +74,7 @@ def test_unknown_key_suggests_the_closest(pair):
         ("model.head=transformer", r"key 'model.head': expected 'mlp' \| 'fastai'"),
         ("train.freeze=stem", r"key 'train.freeze': expected a list of str"),
         ("data.valid_pct=1.5", r"key 'data.valid_pct' must be between 0 and 1"),
-        ("train.lr=-1", r"key 'train.lr' must be positive"),
+        ("train.lr=-1", r"key 'train.lr' must be finite and positive"),
         ("data.item_size=100", r"key 'data.item_size' must be ≥ data.img_size"),
     ],
 )
@@ -123,3 +124,41 @@ def test_demo_differs_from_baseline_only_where_it_says(tmp_path):
     demo = load_config(REPO / "experiments" / "demo.yaml")
     assert demo.data.demo is True and demo.data.root != "data/stanford_cars"
     assert demo.model.pretrained is False  # no downloads on first run
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "grp/exp", "..", "/abs", ""])
+def test_name_must_be_one_folder_name(pair, name):
+    """Issue 12.3: a name that escapes reports_dir or nests folders is refused."""
+    with pytest.raises(ConfigError, match=r"key 'name' must be a plain folder name"):
+        load_config(pair, [f"name={name!r}" if name else "name=''"])
+
+
+@pytest.mark.parametrize("lr", [".inf", "1e400", ".nan", "[1e-3, .inf]"])
+def test_lr_must_be_finite(pair, lr):
+    """Issue 12.8: an infinite or NaN LR is a config error, not minutes of NaN training."""
+    with pytest.raises(ConfigError, match=r"key 'train.lr' must be finite and positive"):
+        load_config(pair, [f"train.lr={lr}"])
+
+
+def test_user_paths_are_expanded(pair, monkeypatch, tmp_path):
+    """Issue 12.13: `~` in a path means the home folder, as in a shell."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(
+        pair, ["data.root=~/cars", "data.source=~/raw", "reports_dir=~/r", "model.weights=~/w.pth"]
+    )
+    assert cfg.data.root == str(tmp_path / "cars") and cfg.data.source == str(tmp_path / "raw")
+    assert cfg.reports_dir == str(tmp_path / "r") and cfg.model.weights == str(tmp_path / "w.pth")
+
+
+def test_non_utf8_config_is_one_line(tmp_path):
+    """Issue 12.17: a Latin-1 file is a ConfigError naming the file, not a UnicodeDecodeError."""
+    path = tmp_path / "latin.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml: not a UTF-8 text file"):
+        load_config(path)
+
+
+def test_override_mistakes_are_blamed_on_the_overrides(pair):
+    """Issue 12.18: a bad override is not reported as a mistake in the YAML file."""
+    with pytest.raises(ConfigError, match=r"child.yaml \+ overrides: key 'train.epochs'"):
+        load_config(pair, ["train.epochs=abc"])

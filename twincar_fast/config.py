@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -30,6 +31,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "config_to_dict",
+    "expand_paths",
     "load_config",
     "parse_overrides",
     "save_config",
@@ -170,6 +172,10 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: config file not found (check the path)")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {e.start}); save the config as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -231,11 +237,26 @@ def load_config(
 ) -> ExperimentConfig:
     """Load an experiment YAML (following `extends:`), apply `key=value` overrides and validate."""
     path = Path(path)
-    data = _merge(_resolve_extends(path), parse_overrides(overrides))
-    cfg = _build(ExperimentConfig, data, str(path), "")
+    data = _resolve_extends(path)
+    _build(ExperimentConfig, data, str(path), "")  # the file's own mistakes name the file ...
+    over = parse_overrides(overrides)
+    where = f"{path} + overrides" if overrides else str(path)  # ... the overrides' name them
+    cfg = _build(ExperimentConfig, _merge(data, over), where, "")
     if cfg.name is None:
         cfg.name = path.stem
-    validate(cfg, str(path))
+    expand_paths(cfg)
+    validate(cfg, where)
+    return cfg
+
+
+def expand_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Expand `~` in every path of the config (in place), as a shell would."""
+    cfg.reports_dir = os.path.expanduser(cfg.reports_dir)
+    cfg.models_dir = os.path.expanduser(cfg.models_dir)
+    cfg.data.root = os.path.expanduser(cfg.data.root)
+    for obj, key in ((cfg.data, "source"), (cfg.model, "weights")):
+        if getattr(obj, key) is not None:
+            setattr(obj, key, os.path.expanduser(getattr(obj, key)))
     return cfg
 
 
@@ -324,9 +345,18 @@ def _check(ok: bool, file: str, key: str, msg: str) -> None:
         raise ConfigError(f"{file}: key '{key}' {msg}")
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # one folder name: never `..` or a path
+
+
 def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     """Check value ranges and cross-field rules; raise ConfigError naming the file and key."""
     d, a, m, t, e = cfg.data, cfg.aug, cfg.model, cfg.train, cfg.eval
+    _check(
+        cfg.name is None or bool(_NAME.fullmatch(cfg.name)),
+        file,
+        "name",
+        f"must be a plain folder name (letters, digits, . _ -; no / or ..), got {cfg.name!r}",
+    )
     _check(
         0 < d.valid_pct < 1, file, "data.valid_pct", f"must be between 0 and 1, got {d.valid_pct}"
     )
@@ -361,10 +391,10 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     _check(0 <= t.head_epochs, file, "train.head_epochs", "must be ≥ 0")
     lrs = t.lr if isinstance(t.lr, list) else [t.lr]
     _check(
-        len(lrs) >= 1 and all(lr > 0 for lr in lrs),
+        len(lrs) >= 1 and all(math.isfinite(lr) and lr > 0 for lr in lrs),
         file,
         "train.lr",
-        f"must be positive, got {t.lr}",
+        f"must be finite and positive, got {t.lr}",
     )
     _check(0 <= t.label_smoothing < 1, file, "train.label_smoothing", "must be in [0, 1)")
     _check(t.weight_decay >= 0, file, "train.weight_decay", "must be ≥ 0")
