@@ -18,8 +18,17 @@ from twincar_fast.errors import TwincarError
 # ---------------------------------------------------------------- subcommands
 
 
+def _path(text: str) -> Path:
+    """A path argument, `~` expanded (also when the shell didn't)."""
+    return Path(text).expanduser()
+
+
 def _run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
+    if args.resume is not None:  # ... also on a finished or wrong run folder
+        from twincar_fast.train.folders import open_resume
+
+        open_resume(args.resume, cfg)
     from twincar_fast.experiment import run_experiment
 
     run_experiment(cfg, resume=args.resume)
@@ -27,11 +36,16 @@ def _run(args: argparse.Namespace) -> None:
 
 def _add_run(sub: argparse._SubParsersAction, name: str, help: str) -> None:
     p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("config", type=Path, help="experiment YAML, e.g. experiments/demo.yaml")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=3")
+    p.add_argument("config", type=_path, help="experiment YAML, e.g. experiments/demo.yaml")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        help="section.key=value overrides, e.g. train.epochs=3",
+    )
     p.add_argument(
         "--resume",
-        type=Path,
+        type=_path,
         default=None,
         metavar="RUN_DIR",
         help="continue an interrupted run from its last saved epoch",
@@ -49,8 +63,8 @@ def _lr_find(args: argparse.Namespace) -> None:
 def _add_lr_find(sub: argparse._SubParsersAction) -> None:
     help = "run fastai's lr_find on the configured learner; save the plot and suggestions"
     p = sub.add_parser("lr-find", help=help, description=help)
-    p.add_argument("config", type=Path, help="experiment YAML")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("config", type=_path, help="experiment YAML")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides")
     p.set_defaults(func=_lr_find)
 
 
@@ -65,11 +79,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help=help, description=help)
     p.add_argument(
         "source",
-        type=Path,
+        type=_path,
         help="the downloaded data set (devkit, torchvision, Kaggle, "
         "Hugging Face parquet or ImageFolder layout)",
     )
-    p.add_argument("--out", type=Path, required=True, help="folder for the prepared data set")
+    p.add_argument("--out", type=_path, required=True, help="folder for the prepared data set")
     p.add_argument(
         "--presize",
         type=int,
@@ -102,7 +116,7 @@ def _demo_data(args: argparse.Namespace) -> None:
 def _add_demo_data(sub: argparse._SubParsersAction) -> None:
     help = "draw the synthetic fine-grained 'cars' demo set in the original devkit layout"
     p = sub.add_parser("demo-data", help=help, description=help)
-    p.add_argument("--out", type=Path, required=True, help="folder to write the raw demo set to")
+    p.add_argument("--out", type=_path, required=True, help="folder to write the raw demo set to")
     p.add_argument("--classes", type=int, default=12, help="number of classes (default 12)")
     p.add_argument(
         "--per-class", type=int, default=40, help="images per class and split (default 40)"
@@ -124,12 +138,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     help = "the full metric table of a saved model on the test (or valid) split"
     p = sub.add_parser("evaluate", help=help, description=help)
     p.add_argument(
-        "model", type=Path, help="learner.pkl, or a run folder under models/ or reports/"
+        "model", type=_path, help="learner.pkl, or a run folder under models/ or reports/"
     )
-    p.add_argument("--data", type=Path, required=True, help="prepared data set (annotations.csv)")
+    p.add_argument("--data", type=_path, required=True, help="prepared data set (annotations.csv)")
     p.add_argument("--split", choices=["test", "valid"], default="test", help="default: test")
     p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: the run's reports)"
+        "--out", type=_path, default=None, help="output folder (default: the run's reports)"
     )
     p.set_defaults(func=_evaluate)
 
@@ -144,12 +158,12 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
     help = "redraw plots, confusion, top losses and Grad-CAM++ from a saved model, no retraining"
     p = sub.add_parser("interpret", help=help, description=help)
     p.add_argument(
-        "run", type=Path, help="a run folder (reports/<run> or models/<run>) or learner.pkl"
+        "run", type=_path, help="a run folder (reports/<run> or models/<run>) or learner.pkl"
     )
     p.add_argument(
-        "--images", type=Path, nargs="*", default=None, help="Grad-CAM++ these files too"
+        "--images", type=_path, nargs="*", default=None, help="Grad-CAM++ these files too"
     )
-    p.add_argument("--data", type=Path, default=None, help="prepared data set (default: the run's)")
+    p.add_argument("--data", type=_path, default=None, help="prepared data set (default: the run's)")
     p.set_defaults(func=_interpret)
 
 
@@ -163,9 +177,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     help = "predict the class of image files with an exported model"
     p = sub.add_parser("predict", help=help, description=help)
     p.add_argument(
-        "model", type=Path, help="learner.pkl, model.safetensors or a models/<run> folder"
+        "model", type=_path, help="learner.pkl, model.safetensors or a models/<run> folder"
     )
-    p.add_argument("images", type=Path, nargs="+", help="image files")
+    p.add_argument("images", type=_path, nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
     p.set_defaults(func=_predict)
 
@@ -202,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("twincar: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system said no (read-only, a file where a folder goes, ...)
+        if e.filename is None:
+            raise
+        print(f"twincar: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

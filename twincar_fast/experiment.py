@@ -10,9 +10,11 @@ interrupted run in the same folders from its last finished epoch, optimizer stat
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,18 +28,20 @@ from fastai.torch_core import set_seed
 
 from twincar_fast.analysis.evaluate import evaluate_learner
 from twincar_fast.analysis.interpret import interpret_learner
-from twincar_fast.config import ExperimentConfig, save_config
+from twincar_fast.config import ExperimentConfig, save_config, validate
 from twincar_fast.console import console, print_config, print_paths, quiet_if_plain
-from twincar_fast.data import build_dls, ensure_dataset, print_data_summary
+from twincar_fast.data import build_dls, check_split, ensure_dataset, print_data_summary
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, new_run_name, write_json
 from twincar_fast.model.learner import create_learner
 from twincar_fast.ship.export import export_model
 from twincar_fast.train.callbacks import SaveRun, load_checkpoint
 from twincar_fast.train.fit import check_monitor, fit_run
+from twincar_fast.train.folders import missing_steps
 from twincar_fast.train.runs import (
     RunFolders,
     create_run_folders,
+    lock_run,
     open_resume,
     resume_point,
     write_snapshot,
@@ -121,6 +125,18 @@ def _save_outputs(
     return paths
 
 
+def _check_needs(cfg: ExperimentConfig, data_dir: Path, dls) -> None:
+    """Before the first epoch: what the run will need later (training batches, a test split)."""
+    if len(dls.train) == 0:
+        n = len(dls.train_ds)
+        raise TwincarError(
+            f"data.batch_size {cfg.data.batch_size} is larger than the {n} training images, so "
+            f"no full batch is left to train on; set data.batch_size to at most {n}"
+        )
+    if cfg.eval.test:
+        check_split(data_dir, "test")
+
+
 def run_experiment(
     cfg: ExperimentConfig, resume: str | os.PathLike | None = None, cbs: Sequence[Callback] = ()
 ) -> RunResult:
@@ -128,40 +144,76 @@ def run_experiment(
 
     Args:
         cfg: the experiment.
-        resume: reports/<run> of an interrupted run with the same config: its epochs are kept.
+        resume: reports/<run> of an interrupted run with the same config: its epochs are kept;
+            a run that trained but lacks its evaluation or report gets just those.
         cbs: extra fastai callbacks for the fit (loggers, ...).
     """
     start = time.perf_counter()
+    validate(cfg)
     check_monitor(cfg)
-    folders = open_resume(resume, cfg) if resume is not None else None
-    set_seed(cfg.train.seed, reproducible=True)
-    data_dir = ensure_dataset(cfg)
-    dls = build_dls(cfg, data_dir)
-    learn = create_learner(cfg, dls)
-    folders = folders or create_run_folders(cfg)
-    learn.path, learn.model_dir = folders.model_dir, "checkpoints"  # fastai's own saves stay here
-    print_config(cfg, folders.name)
-    print_data_summary(cfg, data_dir, dls)
+    with ExitStack() as held:
+        folders = open_resume(resume, cfg) if resume is not None else None
+        if folders is not None:  # before the data and model: a busy run is refused at once
+            held.enter_context(lock_run(folders))
+        set_seed(cfg.train.seed, reproducible=True)
+        data_dir = ensure_dataset(cfg)
+        dls = build_dls(cfg, data_dir)
+        _check_needs(cfg, data_dir, dls)
+        learn = create_learner(cfg, dls)
+        if folders is None:
+            folders = create_run_folders(cfg)
+            held.enter_context(lock_run(folders))
+        learn.path, learn.model_dir = folders.model_dir, "checkpoints"  # fastai's saves stay here
+        print_config(cfg, folders.name)
+        print_data_summary(cfg, data_dir, dls)
+        if folders.finished:
+            summary = json.loads((folders.report_dir / "summary.json").read_text())
+            load_checkpoint(learn, Path(summary["paths"]["best_checkpoint"]), with_opt=False)
+            paths = {k: Path(v) for k, v in summary["paths"].items()}
+        else:
+            summary, paths = _train(learn, cfg, folders, data_dir, resume is not None, cbs, start)
+        _report(learn, cfg, folders, data_dir, paths)
+        _print_result(cfg, summary, paths)
+        return RunResult(folders.name, folders.report_dir, folders.model_dir, summary, learn)
+
+
+def _train(
+    learn: Learner,
+    cfg: ExperimentConfig,
+    folders: RunFolders,
+    data_dir: Path,
+    resume: bool,
+    cbs: Sequence[Callback],
+    start: float,
+) -> tuple[dict, dict[str, Path]]:
+    """Fit, export the best model and write summary.json: (the summary, every output path)."""
     write_snapshot(cfg, folders, learn, data_dir)
-    saver = _fit_or_hint(learn, cfg, folders, resume is not None, cbs)
+    saver = _fit_or_hint(learn, cfg, folders, resume, cbs)
     load_checkpoint(learn, saver.best_path)
     paths = _save_outputs(learn, cfg, folders, saver)
     summary = _summary(cfg, saver, time.perf_counter() - start, paths)
-    write_json(folders.report_dir / "summary.json", summary)  # from here on the run is finished
+    write_json(folders.report_dir / "summary.json", summary)  # from here on the run is trained
     saver.prune(keep_last=False)  # ... and not resumable: drop the last-epoch checkpoint
-    _report(learn, cfg, folders.report_dir, data_dir, paths)
-    _print_result(cfg, summary, paths)
-    return RunResult(folders.name, folders.report_dir, folders.model_dir, summary, learn)
+    return summary, paths
 
 
 def _report(
-    learn: Learner, cfg: ExperimentConfig, report_dir: Path, data_dir: Path, paths: dict
+    learn: Learner, cfg: ExperimentConfig, folders: RunFolders, data_dir: Path, paths: dict
 ) -> None:
-    """Evaluate the best model on the test split and draw the report, as the config asks."""
-    if cfg.eval.test:
-        evaluate_learner(learn, data_dir, "test", report_dir, cfg, paths.get("learner"))
-    if cfg.eval.interpret:
-        paths["index"] = interpret_learner(learn, cfg, report_dir, data_dir)
+    """Evaluate the best model on the test split and draw the report, the steps still missing."""
+    r = folders.report_dir
+    missing = missing_steps(r, cfg)
+    try:
+        if "test evaluation" in missing:
+            evaluate_learner(learn, data_dir, "test", r, cfg, paths.get("learner"))
+        if "report" in missing:
+            paths["index"] = interpret_learner(learn, cfg, r, data_dir)
+    except BaseException:
+        console.print(
+            f"the model is saved; finish the {' and '.join(missing)} with: "
+            f"twincar train {r / 'config.yaml'} --resume {r}"
+        )
+        raise
 
 
 def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) -> None:

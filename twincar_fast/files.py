@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from twincar_fast.errors import TwincarError
+
 _UMASK = os.umask(0)  # read the process umask once (os has no getter) ...
 os.umask(_UMASK)  # ... and put it back: mkstemp's files are 0600, finished ones follow the umask
 
@@ -70,11 +72,24 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_folder(path: str | os.PathLike, what: str) -> Path:
+    """`path` if it is a usable folder or can become one; a one-line TwincarError otherwise."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise TwincarError(
+            f"{what} {path}: a broken symlink (to {os.readlink(path)}); fix or remove it"
+        )
+    if path.exists() and not path.is_dir():
+        raise TwincarError(f"{what} {path}: is a file, not a folder; give a folder")
+    return path
+
+
 def new_run_name(name: str, parents: list[Path], now: datetime | None = None) -> str:
     """Return `name-YYYYmmdd-HHMMSS` (with a counter if needed) that exists under none of `parents`."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    run, n = f"{name}-{stamp}", 1
-    while any((p / run).exists() for p in parents):
-        n += 1
+    run = f"{name}-{stamp}"
+    for n in range(2, 10_000):  # bounded: a folder that reports everything as taken is an error
+        if not any(os.path.lexists(p / run) for p in parents):
+            return run
         run = f"{name}-{stamp}-{n}"
-    return run
+    raise TwincarError(f"{parents[0]}: no free run name for {name!r}; check the folder")

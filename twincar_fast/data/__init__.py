@@ -1,6 +1,12 @@
 """Stanford Cars on disk and in fastai: reading, checking, splitting and loading the prepared set."""
 
-from twincar_fast.data.dataset import ensure_dataset, read_annotations, read_classes, read_rejected
+from twincar_fast.data.dataset import (
+    check_split,
+    ensure_dataset,
+    read_annotations,
+    read_classes,
+    read_rejected,
+)
 from twincar_fast.data.loaders import (
     build_dls,
     check_vocab,
@@ -14,6 +20,7 @@ from twincar_fast.data.split import split_train_valid
 
 __all__ = [
     "build_dls",
+    "check_split",
     "check_vocab",
     "data_summary",
     "ensure_dataset",

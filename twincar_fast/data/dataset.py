@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +16,14 @@ from twincar_fast.data.demo import make_demo_data
 from twincar_fast.data.prepare import prepare_dataset
 from twincar_fast.errors import DataError
 
-__all__ = ["BBOX_COLUMNS", "ensure_dataset", "read_annotations", "read_classes", "read_rejected"]
+__all__ = [
+    "BBOX_COLUMNS",
+    "check_split",
+    "ensure_dataset",
+    "read_annotations",
+    "read_classes",
+    "read_rejected",
+]
 
 BBOX_COLUMNS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
 _REQUIRED = ["image", "label", "class_id", "split"]
@@ -36,7 +47,8 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
             f"run `twincar prepare SOURCE --out {path.parent}` first ({what})"
         )
     try:
-        return pd.read_csv(path, keep_default_na=True)
+        # strings as written: class "001" stays "001", a class named "NA" or "None" stays a name
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         msg = " ".join(str(e).split())
         raise DataError(f"{path}: not a readable CSV ({msg}); re-run `twincar prepare`") from None
@@ -99,7 +111,7 @@ def read_annotations(data_dir: str | os.PathLike) -> pd.DataFrame:
         raise DataError(f"{path}: lists no images; re-run `twincar prepare` on the source")
     _check_labels(df, classes, path)
     df = df.copy()
-    df["class_id"] = df["class_id"].astype(int)
+    df["class_id"] = pd.to_numeric(df["class_id"]).astype(int)
     df["label"] = df["label"].astype(str)
     df["split"] = df["split"].astype(str)
     for col in BBOX_COLUMNS:  # optional: a set without boxes just can't use bbox_crop
@@ -114,6 +126,24 @@ def read_annotations(data_dir: str | os.PathLike) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def check_split(data_dir: str | os.PathLike, split: str) -> None:
+    """DataError unless `split` lists images and none of them is an empty file (before training)."""
+    df = read_annotations(data_dir)
+    paths = df.loc[df["split"] == split, "path"]
+    where = Path(data_dir) / "annotations.csv"
+    if paths.empty:
+        raise DataError(
+            f"{where}: no {split} images, but eval.{split} is on; add the {split} split "
+            f"(re-run `twincar prepare`) or set eval.{split}=false"
+        )
+    empty = [p for p in paths if os.path.getsize(p) == 0]
+    if empty:
+        raise DataError(
+            f"{where}: {len(empty)} {split} image(s) are empty files (first: {empty[0]}); "
+            "re-run `twincar prepare` to reject them"
+        )
+
+
 def read_rejected(data_dir: str | os.PathLike) -> pd.DataFrame:
     """The images `prepare` left out and why (empty if there is no rejected.csv)."""
     path = Path(data_dir) / "rejected.csv"
@@ -122,25 +152,47 @@ def read_rejected(data_dir: str | os.PathLike) -> pd.DataFrame:
     return _read_csv(path, "the rejected images")
 
 
+@contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """Hold `root`/.build.lock: one process builds a shared data set, the others wait and reuse it."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released on close, or when a killed builder's fd goes
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_demo(cfg: ExperimentConfig, root: Path) -> Path:
+    """Draw the demo set into `root`/raw (if needed) and prepare it into `root` (holding the lock)."""
+    d, raw = cfg.data, root / "raw"
+    for stale in root.glob(".raw.*"):  # left by a build that was killed: nobody else builds now
+        shutil.rmtree(stale, ignore_errors=True)
+    if not raw.is_dir() or not any(raw.iterdir()):  # demo writes atomically: a raw/ is whole
+        make_demo_data(
+            raw,
+            n_classes=d.demo_classes,
+            per_class=d.demo_per_class,
+            size=tuple(d.demo_size),
+            seed=d.demo_seed,
+        )
+    return Path(prepare_dataset(raw, root))
+
+
 def ensure_dataset(cfg: ExperimentConfig) -> Path:
     """The prepared data folder of `cfg`; builds the demo set or prepares `data.source` if missing."""
-    root = Path(cfg.data.root)
+    root = Path(cfg.data.root).expanduser()
     if (root / "annotations.csv").is_file():
         return root
-    if cfg.data.demo:
-        d, raw = cfg.data, root / "raw"
-        if not raw.is_dir() or not any(raw.iterdir()):  # demo writes atomically: a raw/ is whole
-            make_demo_data(
-                raw,
-                n_classes=d.demo_classes,
-                per_class=d.demo_per_class,
-                size=tuple(d.demo_size),
-                seed=d.demo_seed,
-            )
-        return Path(prepare_dataset(raw, root))
-    if cfg.data.source:
-        return Path(prepare_dataset(cfg.data.source, root))
-    raise DataError(
-        f"data set missing: {root / 'annotations.csv'} not found and neither data.source nor "
-        f"data.demo is set; " + _HOW_TO_GET.format(root=root)
-    )
+    if not (cfg.data.demo or cfg.data.source):
+        raise DataError(
+            f"data set missing: {root / 'annotations.csv'} not found and neither data.source nor "
+            f"data.demo is set; " + _HOW_TO_GET.format(root=root)
+        )
+    with _build_lock(root):
+        if (root / "annotations.csv").is_file():  # another process built it while we waited
+            return root
+        if cfg.data.demo:
+            return _build_demo(cfg, root)
+        return Path(prepare_dataset(Path(cfg.data.source).expanduser(), root))

@@ -13,6 +13,7 @@ Epochs skipped by fastai's `SkipToEpoch` (the `start_epoch` of a resumed fit) ar
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ import pandas as pd
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, TrackerCallback
-from fastai.learner import Learner, Recorder, ValueMetric, load_model, save_model
+from fastai.learner import Learner, Recorder, ValueMetric
+from fastai.torch_core import get_model
 
 from twincar_fast.analysis.metrics import METRIC_NAMES, classification_metrics
+from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_csv
 
 __all__ = [
@@ -41,7 +44,9 @@ __all__ = [
     "load_checkpoint",
     "monitor_comp",
     "replay_tracker",
+    "rng_state",
     "save_checkpoint",
+    "set_rng_state",
 ]
 
 VALID_COLUMNS = [f"valid_{m}" for m in METRIC_NAMES]
@@ -65,19 +70,56 @@ def epoch_skipped(learn: Learner) -> bool:
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(learn: Learner, path: Path, with_opt: bool = True) -> Path:
-    """`learn.save`'s file (model + optimizer state), written atomically to `path`."""
+def rng_state(learn: Learner) -> dict:
+    """Every random state the next epoch draws from: Python, NumPy, torch (CPU, CUDA), the loaders."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "dls": [dl.rng.getstate() for dl in learn.dls.loaders],  # fastai's shuffle generators
+    }
+
+
+def set_rng_state(learn: Learner, state: dict) -> None:
+    """Restore a `rng_state`, so a resumed fit draws what the uninterrupted one would have."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for dl, s in zip(learn.dls.loaders, state["dls"], strict=False):
+        dl.rng.setstate(s)
+
+
+def save_checkpoint(learn: Learner, path: Path, with_opt: bool = True, rng: bool = False) -> Path:
+    """`learn.save`'s file (model + optimizer state, and the random states if `rng`), atomically."""
+    state = {"model": get_model(learn.model).state_dict()}
+    if with_opt and getattr(learn, "opt", None) is not None:
+        state["opt"] = learn.opt.state_dict()
+    if rng:
+        state["rng"] = rng_state(learn)
     with atomic_path(path) as tmp:
-        save_model(tmp, learn.model, getattr(learn, "opt", None), with_opt=with_opt)
+        torch.save(state, tmp)
     return path
 
 
-def load_checkpoint(learn: Learner, path: Path, with_opt: bool = True) -> None:
-    """Load a `save_checkpoint` file into `learn` (on its device), optimizer state too if asked."""
+def load_checkpoint(learn: Learner, path: Path, with_opt: bool = True) -> dict | None:
+    """Load a `save_checkpoint` file into `learn` (on its device); its random states, if saved."""
     if learn.opt is None:
         learn.create_opt()
-    device = getattr(learn.dls, "device", None)
-    load_model(path, learn.model, learn.opt, with_opt=with_opt, device=device, weights_only=False)
+    device = getattr(learn.dls, "device", None) or "cpu"
+    try:  # the file is ours (a checkpoint of this run), and holds NumPy's random state
+        state = torch.load(path, map_location=device, weights_only=False)
+        get_model(learn.model).load_state_dict(state.get("model", state))
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError) as e:
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        raise TwincarError(
+            f"{path}: damaged checkpoint ({reason}); delete the run's checkpoints and start a new run"
+        ) from None
+    if with_opt and "opt" in state:
+        learn.opt.load_state_dict(state["opt"])
+    return state.get("rng")
 
 
 # ---------------------------------------------------------------- per-epoch metrics
@@ -93,6 +135,7 @@ class EpochMetrics(Callback):
         self.probs: np.ndarray | None = None
         self.targets: np.ndarray | None = None
         self.train_images, self.train_seconds = 0, 0.0
+        self.diverged: tuple[int, int, float] | None = None  # (epoch, batch, lr) of a NaN/inf loss
 
     def metrics(self) -> list[ValueMetric]:
         """fastai metrics (train_acc, valid_acc, ...) whose values this callback computes."""
@@ -103,10 +146,11 @@ class EpochMetrics(Callback):
         return self.values.get(name, float("nan"))
 
     def before_fit(self):
-        self.values = {}
+        self.values, self.diverged = {}, None
 
     def before_train(self):
         self._n, self._correct, self._loss = 0, 0, 0.0
+        self._finite, self._good = True, 0  # all losses finite so far; batches before the first bad
         self._start = time.perf_counter()
 
     def before_validate(self):
@@ -120,11 +164,16 @@ class EpochMetrics(Callback):
             self._n += len(y)
             self._correct = self._correct + (self.pred.argmax(-1) == y).sum()
             self._loss = self._loss + self.loss.detach().float().mean() * len(y)
+            self._finite = torch.isfinite(self.loss.detach()).all() & self._finite
+            self._good = self._good + self._finite.int()
         else:
             self._probs.append(torch.softmax(self.pred.detach().float(), -1).cpu())
             self._targets.append(y.detach().cpu())
 
     def after_train(self):
+        if self._n and not bool(self._finite):  # one sync per epoch; stop before NaN validation
+            self.diverged = (self.epoch, int(self._good), float(self.opt.hypers[-1]["lr"]))
+            raise CancelFitException()
         if self._n:
             self.values["train_loss"] = float(self._loss) / self._n
             self.values["train_acc"] = float(self._correct) / self._n
@@ -222,7 +271,7 @@ class SaveRun(TrackerCallback):
         if _now_best(self):
             self.best_epoch = epoch
             save_checkpoint(self.learn, self.best_path)
-        save_checkpoint(self.learn, self.last_path(epoch))
+        save_checkpoint(self.learn, self.last_path(epoch), rng=True)
         self.rows.append(self._row(epoch))
         write_csv(self.metrics_csv, pd.DataFrame(self.rows, columns=METRICS_COLUMNS))
         self.prune()

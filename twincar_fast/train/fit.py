@@ -17,7 +17,7 @@ from fastai.learner import Learner
 
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import plain_output, print_epoch, quiet_if_plain
-from twincar_fast.errors import ConfigError
+from twincar_fast.errors import ConfigError, TwincarError
 from twincar_fast.model.learner import apply_freeze, freeze_all_but_head, lr_for
 from twincar_fast.train.callbacks import (
     MONITORS,
@@ -28,6 +28,7 @@ from twincar_fast.train.callbacks import (
     load_checkpoint,
     monitor_comp,
     replay_tracker,
+    set_rng_state,
 )
 from twincar_fast.train.runs import RunFolders
 
@@ -110,11 +111,27 @@ def _fit_stage(
         freeze_all_but_head(learn)
     else:
         apply_freeze(learn, cfg)  # (clears the optimizer state, as fastai's fine_tune does)
+    rng = None
     if resume_from is not None:  # weights, and mid-stage the optimizer state, of that epoch
-        load_checkpoint(learn, saver.last_path(resume_from), with_opt=start > 0)
+        rng = load_checkpoint(learn, saver.last_path(resume_from), with_opt=start > 0)
     trackers = _main_trackers(cfg, saver.rows[cfg.train.head_epochs :]) if stage == "main" else []
     lr = lr_for(cfg, learn)
+    if rng is not None:  # last: the next shuffle and augmentation draw as they would have
+        set_rng_state(learn, rng)
     fit_schedule(learn, n_epoch, lr, cfg.train.schedule, [saver, *trackers, *cbs], start)
+    _check_diverged(learn, cfg, saver)
+
+
+def _check_diverged(learn: Learner, cfg: ExperimentConfig, saver: SaveRun) -> None:
+    """A one-line TwincarError when the loss went NaN/inf (the fit stopped before that epoch)."""
+    if learn.epoch_metrics.diverged is None:
+        return
+    epoch, batch, lr = learn.epoch_metrics.diverged
+    kept = f"epochs 0-{len(saver.rows) - 1} are saved" if saver.rows else "no epoch was saved"
+    raise TwincarError(
+        f"training diverged: the loss became NaN/inf at epoch {saver.offset + epoch}, batch {batch} "
+        f"(lr {lr:.3g}); {kept}; lower train.lr (now {cfg.train.lr}) and start a new run"
+    )
 
 
 def fit_run(

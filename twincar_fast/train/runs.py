@@ -10,116 +10,59 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 import torch
 from fastai.learner import Learner
 
-from twincar_fast.config import ExperimentConfig, config_to_dict, load_config, save_config
+from twincar_fast.config import ExperimentConfig, save_config
 from twincar_fast.data import read_classes
-from twincar_fast.errors import ConfigError, TwincarError
-from twincar_fast.files import new_run_name, write_csv, write_json
+from twincar_fast.errors import TwincarError
+from twincar_fast.files import write_csv, write_json
+from twincar_fast.train.callbacks import METRICS_COLUMNS
+from twincar_fast.train.folders import RunFolders, create_run_folders, lock_run, open_resume
 
 __all__ = [
     "RunFolders",
     "create_run_folders",
     "env_info",
+    "lock_run",
     "open_resume",
     "resume_point",
     "write_snapshot",
 ]
 
-_RESUME_MAY_CHANGE = {"train.device", "data.num_workers"}  # where a run trains, not what it learns
 
-
-@dataclass(frozen=True)
-class RunFolders:
-    """A run's two folders: reports/<run>/ and models/<run>/."""
-
-    name: str
-    report_dir: Path
-    model_dir: Path
-
-    @property
-    def ckpt_dir(self) -> Path:
-        """models/<run>/checkpoints/: fastai checkpoints with optimizer state."""
-        return self.model_dir / "checkpoints"
-
-    @property
-    def metrics_csv(self) -> Path:
-        """reports/<run>/metrics.csv."""
-        return self.report_dir / "metrics.csv"
-
-
-def create_run_folders(cfg: ExperimentConfig, now: datetime | None = None) -> RunFolders:
-    """Claim new `reports/<run>/` and `models/<run>/` folders (`<run>` = name-timestamp[-n])."""
-    reports, models = Path(cfg.reports_dir), Path(cfg.models_dir)
-    while True:
-        name = new_run_name(cfg.name or "run", [reports, models], now)
-        try:  # mkdir is the lock: two runs started in the same second get different folders
-            (reports / name).mkdir(parents=True)
-        except FileExistsError:
-            continue
-        (models / name).mkdir(parents=True, exist_ok=True)
-        return RunFolders(name, reports / name, models / name)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested config dict → {'section.key': value}."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _check_same_config(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path) -> None:
-    """ConfigError unless `cfg` is the run's saved config (device and workers may differ)."""
-    a, b = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    diff = [k for k in diff if k not in _RESUME_MAY_CHANGE]
-    if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"{run_dir / 'config.yaml'}: --resume needs the run's own config, but {k} is "
-            f"{a.get(k)!r} there and {b.get(k)!r} here; resume with "
-            f"`twincar train {run_dir / 'config.yaml'} --resume {run_dir}`"
-        )
-
-
-def open_resume(run_dir: str | os.PathLike, cfg: ExperimentConfig) -> RunFolders:
-    """The folders of an interrupted run to continue; one-line TwincarError when it can't be."""
-    run_dir = Path(run_dir)
-    if (run_dir / "checkpoints").is_dir() and not (run_dir / "config.yaml").exists():
-        run_dir = Path(cfg.reports_dir) / run_dir.name  # models/<run> given: use its reports twin
-    if not run_dir.is_dir():
-        raise TwincarError(
-            f"{run_dir}: no such run folder; give the reports/<run> folder to resume"
-        )
-    if not (run_dir / "config.yaml").is_file():
-        raise TwincarError(f"{run_dir}: not a run folder (no config.yaml); give reports/<run>")
-    if (run_dir / "summary.json").is_file():
-        raise TwincarError(
-            f"{run_dir}: run already finished (summary.json exists); start a new run instead"
-        )
-    _check_same_config(load_config(run_dir / "config.yaml"), cfg, run_dir)
-    return RunFolders(run_dir.name, run_dir, Path(cfg.models_dir) / run_dir.name)
+def _read_metrics(csv: Path) -> list[dict]:
+    """metrics.csv rows ([] when missing or 0 bytes); a one-line error when it can't be read."""
+    if not csv.is_file() or not csv.stat().st_size:
+        return []
+    try:
+        return pd.read_csv(csv).to_dict("records")
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        reason = " ".join(str(e).split())[:120]
+        raise TwincarError(f"{csv}: can't read it to resume ({reason}); start a new run") from None
 
 
 def resume_point(folders: RunFolders) -> tuple[int, list[dict]]:
     """(epochs finished, their metrics.csv rows): rows up to the newest last-epoch checkpoint."""
     csv = folders.metrics_csv
-    rows = pd.read_csv(csv).to_dict("records") if csv.is_file() and csv.stat().st_size else []
+    rows = _read_metrics(csv)
+    ckpts = sorted(folders.ckpt_dir.glob("last-epoch*.pth"))
     done = 0
-    for path in folders.ckpt_dir.glob("last-epoch*.pth"):
+    for path in ckpts:
         k = int(path.stem.removeprefix("last-epoch"))
         if k < len(rows) and [r["epoch"] for r in rows[: k + 1]] == list(range(k + 1)):
             done = max(done, k + 1)
+    if done == 0 and (rows or ckpts):  # never restart a run whose epochs can't be matched up
+        raise TwincarError(
+            f"{folders.report_dir}: {len(rows)} epoch(s) in metrics.csv but no matching "
+            f"last-epoch checkpoint in {folders.ckpt_dir}; resuming would restart it: start a new run"
+        )
     rows = rows[:done]  # a row whose checkpoint never landed is done again
     if csv.is_file():
-        write_csv(csv, pd.DataFrame(rows, columns=pd.read_csv(csv).columns))
+        write_csv(csv, pd.DataFrame(rows, columns=METRICS_COLUMNS))
     return done, rows
 
 
