@@ -163,7 +163,9 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--images", type=_path, nargs="*", default=None, help="Grad-CAM++ these files too"
     )
-    p.add_argument("--data", type=_path, default=None, help="prepared data set (default: the run's)")
+    p.add_argument(
+        "--data", type=_path, default=None, help="prepared data set (default: the run's)"
+    )
     p.set_defaults(func=_interpret)
 
 
