@@ -12,12 +12,13 @@ import pytest
 from conftest import make_tiny_cfg
 from sklearn import metrics as skm
 
-from twincar_fast.analysis.evaluate import evaluate, resolve_run
+from twincar_fast.analysis.evaluate import resolve_run
 from twincar_fast.analysis.metrics import METRIC_NAMES
 from twincar_fast.cli import main
 from twincar_fast.data import read_annotations, split_train_valid
 from twincar_fast.errors import TwincarError
 from twincar_fast.experiment import run_experiment
+from twincar_fast.ship.saved import evaluate
 
 PRED_COLUMNS = [
     "image",
@@ -65,7 +66,7 @@ def test_eval_json_has_every_metric_with_the_split_prefix(evaluated, run, tiny_d
     assert saved["n_images"] == int((ann["split"] == "test").sum()) == 24
     assert saved["n_classes"] == 4 and saved["split"] == "test"
     assert saved["run"] == run.name
-    assert saved["model"] == str(run.model_dir / "learner.pkl")
+    assert saved["model"] == str(run.model_dir / "model.safetensors")  # the safe files
 
 
 def test_eval_metrics_equal_sklearn_on_the_predictions_csv(evaluated):
@@ -129,7 +130,9 @@ def test_every_model_form_gives_the_same_result_and_default_output_is_the_run(ru
     by_report = evaluate(run.report_dir, tiny_data)  # reports/<run>: writes into reports/<run>
     assert (run.report_dir / "eval_test.json").is_file()
     assert (run.report_dir / "predictions_test.csv").is_file()
-    by_pkl = evaluate(run.model_dir / "learner.pkl", tiny_data, out_dir=run.report_dir / "x")
+    by_pkl = evaluate(
+        run.model_dir / "learner.pkl", tiny_data, out_dir=run.report_dir / "x", trust_pickle=True
+    )
     for name in ["loss", *METRIC_NAMES]:
         assert by_report[f"test_{name}"] == pytest.approx(by_pkl[f"test_{name}"], abs=1e-6)
     paths = resolve_run(run.model_dir)
@@ -188,10 +191,11 @@ def test_bad_paths_are_one_line(run, tmp_path, tiny_data, capsys):
     junk = tmp_path / "junk" / "learner.pkl"
     junk.parent.mkdir()
     junk.write_text("not a pickle")
-    assert main(["evaluate", str(junk), "--data", str(tiny_data)]) == 2
+    assert main(["evaluate", str(junk), "--data", str(tiny_data), "--trust-pickle"]) == 2
     assert "can't load the learner" in one_error_line(capsys)
     lone = tmp_path / "lone" / "learner.pkl"  # a learner outside any run: no config for 'valid'
     lone.parent.mkdir()
     shutil.copy(run.model_dir / "learner.pkl", lone)
-    assert main(["evaluate", str(lone), "--data", str(tiny_data), "--split", "valid"]) == 2
+    argv = ["evaluate", str(lone), "--data", str(tiny_data), "--split", "valid", "--trust-pickle"]
+    assert main(argv) == 2
     assert "config.yaml" in one_error_line(capsys)

@@ -80,7 +80,7 @@ def test_probs_match_fastai_validation(trained, fmt):
     expected = fastai_probs(learn, dls.valid)
     assert expected.max(1).mean() > 0.5 and len(set(expected.argmax(1))) > 1
     path = model_dir if fmt == "folder" else model_dir / fmt
-    predictor = Predictor.from_path(path, device="cpu")
+    predictor = Predictor.from_path(path, device="cpu", trust_pickle=fmt == "learner.pkl")
     got = predictor.predict_proba(valid_paths(dls))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=TOL)

@@ -129,9 +129,24 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from twincar_fast.analysis.evaluate import evaluate
+    from twincar_fast.ship.saved import evaluate
 
-    evaluate(args.model, args.data, split=args.split, out_dir=args.out)
+    evaluate(
+        args.model,
+        args.data,
+        split=args.split,
+        out_dir=args.out,
+        trust_pickle=args.trust_pickle,
+        force=args.force,
+    )
+
+
+def _add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow learner.pkl, a pickle that can run any code (default: the safe files only)",
+    )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -143,8 +158,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=_path, required=True, help="prepared data set (annotations.csv)")
     p.add_argument("--split", choices=["test", "valid"], default="test", help="default: test")
     p.add_argument(
-        "--out", type=_path, default=None, help="output folder (default: the run's reports)"
+        "--out",
+        type=_path,
+        default=None,
+        help="output folder (default: the run's reports for its own data, else a new "
+        "eval-<data>-<time> folder inside them)",
     )
+    p.add_argument("--force", action="store_true", help="replace an earlier evaluation there")
+    _add_trust(p)
     p.set_defaults(func=_evaluate)
 
 
@@ -172,7 +193,7 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from twincar_fast.ship.predict import predict_files
 
-    predict_files(args.model, args.images, top_k=args.top_k)
+    predict_files(args.model, args.images, top_k=args.top_k, trust_pickle=args.trust_pickle)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -183,6 +204,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", type=_path, nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
+    _add_trust(p)
     p.set_defaults(func=_predict)
 
 

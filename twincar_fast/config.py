@@ -25,6 +25,8 @@ from twincar_fast.files import write_text
 
 __all__ = [
     "AugConfig",
+    "build_typed",
+    "check_key",
     "DataConfig",
     "EvalConfig",
     "ExperimentConfig",
@@ -312,6 +314,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise bad
 
 
+def build_typed(cls: type, data: Any, where: str) -> Any:
+    """Dataclass `cls` from a mapping, typed and checked like a config (ConfigError naming `where`)."""
+    return _build(cls, data, where, "")
+
+
 def _build(cls: type, data: Any, file: str, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping, naming the file and key of any mistake."""
     if not isinstance(data, dict):
@@ -339,7 +346,7 @@ def _build(cls: type, data: Any, file: str, prefix: str) -> Any:
 # ---------------------------------------------------------------- validation
 
 
-def _check(ok: bool, file: str, key: str, msg: str) -> None:
+def check_key(ok: bool, file: str, key: str, msg: str) -> None:
     """Raise a ConfigError naming the file and key unless `ok`."""
     if not ok:
         raise ConfigError(f"{file}: key '{key}' {msg}")
@@ -351,61 +358,61 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # one folder name: never `..
 def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     """Check value ranges and cross-field rules; raise ConfigError naming the file and key."""
     d, a, m, t, e = cfg.data, cfg.aug, cfg.model, cfg.train, cfg.eval
-    _check(
+    check_key(
         cfg.name is None or bool(_NAME.fullmatch(cfg.name)),
         file,
         "name",
         f"must be a plain folder name (letters, digits, . _ -; no / or ..), got {cfg.name!r}",
     )
-    _check(
+    check_key(
         0 < d.valid_pct < 1, file, "data.valid_pct", f"must be between 0 and 1, got {d.valid_pct}"
     )
-    _check(d.img_size >= 16, file, "data.img_size", f"must be at least 16, got {d.img_size}")
-    _check(
+    check_key(d.img_size >= 16, file, "data.img_size", f"must be at least 16, got {d.img_size}")
+    check_key(
         d.item_size >= d.img_size, file, "data.item_size", f"must be ≥ data.img_size ({d.img_size})"
     )
-    _check(d.batch_size >= 1, file, "data.batch_size", f"must be at least 1, got {d.batch_size}")
-    _check(
+    check_key(d.batch_size >= 1, file, "data.batch_size", f"must be at least 1, got {d.batch_size}")
+    check_key(
         d.num_workers is None or d.num_workers >= 0, file, "data.num_workers", "must be ≥ 0 or null"
     )
-    _check(d.bbox_margin >= 0, file, "data.bbox_margin", f"must be ≥ 0, got {d.bbox_margin}")
-    _check(
+    check_key(d.bbox_margin >= 0, file, "data.bbox_margin", f"must be ≥ 0, got {d.bbox_margin}")
+    check_key(
         d.demo_classes >= 2, file, "data.demo_classes", f"must be at least 2, got {d.demo_classes}"
     )
-    _check(d.demo_per_class >= 2, file, "data.demo_per_class", "must be at least 2")
-    _check(
+    check_key(d.demo_per_class >= 2, file, "data.demo_per_class", "must be at least 2")
+    check_key(
         len(d.demo_size) == 2 and min(d.demo_size) >= 64,
         file,
         "data.demo_size",
         "must be [W, H], each ≥ 64",
     )
-    _check(0 < a.min_scale <= 1, file, "aug.min_scale", f"must be in (0, 1], got {a.min_scale}")
-    _check(a.max_zoom >= 1, file, "aug.max_zoom", f"must be ≥ 1, got {a.max_zoom}")
+    check_key(0 < a.min_scale <= 1, file, "aug.min_scale", f"must be in (0, 1], got {a.min_scale}")
+    check_key(a.max_zoom >= 1, file, "aug.max_zoom", f"must be ≥ 1, got {a.max_zoom}")
     for key in ("max_rotate", "max_warp", "max_lighting", "saturation", "hue", "blur_sigma"):
-        _check(getattr(a, key) >= 0, file, f"aug.{key}", f"must be ≥ 0, got {getattr(a, key)}")
+        check_key(getattr(a, key) >= 0, file, f"aug.{key}", f"must be ≥ 0, got {getattr(a, key)}")
     for key in ("blur_p", "p_affine", "p_lighting"):
-        _check(0 <= getattr(a, key) <= 1, file, f"aug.{key}", "must be a probability in [0, 1]")
-    _check(m.head_hidden >= 1, file, "model.head_hidden", "must be at least 1")
-    _check(0 <= m.head_dropout < 1, file, "model.head_dropout", "must be in [0, 1)")
-    _check(t.epochs >= 1, file, "train.epochs", f"must be at least 1, got {t.epochs}")
-    _check(0 <= t.head_epochs, file, "train.head_epochs", "must be ≥ 0")
+        check_key(0 <= getattr(a, key) <= 1, file, f"aug.{key}", "must be a probability in [0, 1]")
+    check_key(m.head_hidden >= 1, file, "model.head_hidden", "must be at least 1")
+    check_key(0 <= m.head_dropout < 1, file, "model.head_dropout", "must be in [0, 1)")
+    check_key(t.epochs >= 1, file, "train.epochs", f"must be at least 1, got {t.epochs}")
+    check_key(0 <= t.head_epochs, file, "train.head_epochs", "must be ≥ 0")
     lrs = t.lr if isinstance(t.lr, list) else [t.lr]
-    _check(
+    check_key(
         len(lrs) >= 1 and all(math.isfinite(lr) and lr > 0 for lr in lrs),
         file,
         "train.lr",
         f"must be finite and positive, got {t.lr}",
     )
-    _check(0 <= t.label_smoothing < 1, file, "train.label_smoothing", "must be in [0, 1)")
-    _check(t.weight_decay >= 0, file, "train.weight_decay", "must be ≥ 0")
-    _check(t.early_stopping >= 0, file, "train.early_stopping", "must be ≥ 0 (0 = off)")
-    _check(t.plateau_patience >= 0, file, "train.plateau_patience", "must be ≥ 0 (0 = off)")
-    _check(
+    check_key(0 <= t.label_smoothing < 1, file, "train.label_smoothing", "must be in [0, 1)")
+    check_key(t.weight_decay >= 0, file, "train.weight_decay", "must be ≥ 0")
+    check_key(t.early_stopping >= 0, file, "train.early_stopping", "must be ≥ 0 (0 = off)")
+    check_key(t.plateau_patience >= 0, file, "train.plateau_patience", "must be ≥ 0 (0 = off)")
+    check_key(
         t.plateau_factor > 1, file, "train.plateau_factor", "must be > 1 (the LR is divided by it)"
     )
-    _check(t.grad_accum >= 1, file, "train.grad_accum", "must be at least 1")
+    check_key(t.grad_accum >= 1, file, "train.grad_accum", "must be at least 1")
     for key in ("top_losses", "gradcam", "confusion_zoom", "most_confused"):
-        _check(getattr(e, key) >= 0, file, f"eval.{key}", "must be ≥ 0")
+        check_key(getattr(e, key) >= 0, file, f"eval.{key}", "must be ≥ 0")
 
 
 # ---------------------------------------------------------------- saving

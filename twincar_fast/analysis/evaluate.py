@@ -28,7 +28,7 @@ from fastai.learner import Learner, load_learner
 
 from twincar_fast.analysis.metrics import classification_metrics, per_class_table
 from twincar_fast.config import ExperimentConfig, load_config
-from twincar_fast.console import console, quiet_if_plain
+from twincar_fast.console import quiet_if_plain
 from twincar_fast.data import check_vocab, eval_dl
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
@@ -36,7 +36,6 @@ from twincar_fast.files import write_csv, write_json
 __all__ = [
     "SPLITS",
     "RunPaths",
-    "evaluate",
     "evaluate_learner",
     "load_run_config",
     "load_run_learner",
@@ -49,6 +48,7 @@ __all__ = [
 
 SPLITS = ("test", "valid")
 LEARNER_FILE = "learner.pkl"
+SAFE_FILE = "model.safetensors"  # with model.json: the weights-only export
 CONFIG_FILE = "config.yaml"
 
 
@@ -74,6 +74,11 @@ def _twin(folder: Path, marker: str, preferred: str) -> Path | None:
     return next((c for c in candidates if (c / marker).is_file()), None)
 
 
+def _has_model(folder: Path) -> bool:
+    """Whether `folder` holds an exported model (learner.pkl or model.safetensors)."""
+    return (folder / LEARNER_FILE).is_file() or (folder / SAFE_FILE).is_file()
+
+
 def _from_summary(report_dir: Path) -> Path | None:
     """The model folder recorded in the run's summary.json, if it still exists."""
     try:
@@ -83,7 +88,7 @@ def _from_summary(report_dir: Path) -> Path | None:
     for key in ("model_dir", "models", "learner"):
         p = Path(str(paths.get(key, "")))
         p = p.parent if p.suffix == ".pkl" else p
-        if str(p) not in ("", ".") and (p / LEARNER_FILE).is_file():
+        if str(p) not in ("", ".") and _has_model(p):
             return p
     return None
 
@@ -98,11 +103,18 @@ def resolve_run(model: str | os.PathLike) -> RunPaths:
         raise TwincarError(
             f"{path}: no such model file or run folder (give learner.pkl, models/<run> or reports/<run>)"
         )
-    if (path / LEARNER_FILE).is_file():
-        return RunPaths(path.name, path / LEARNER_FILE, path, _twin(path, CONFIG_FILE, "reports"))
+    if _has_model(path):
+        pkl = path / LEARNER_FILE if (path / LEARNER_FILE).is_file() else None
+        return RunPaths(path.name, pkl, path, _twin(path, CONFIG_FILE, "reports"))
     if (path / CONFIG_FILE).is_file():
-        model_dir = _from_summary(path) or _twin(path, LEARNER_FILE, "models")
+        model_dir = (
+            _from_summary(path)
+            or _twin(path, LEARNER_FILE, "models")
+            or _twin(path, SAFE_FILE, "models")
+        )
         learner = model_dir / LEARNER_FILE if model_dir else None
+        if learner is not None and not learner.is_file():
+            learner = None
         return RunPaths(path.name, learner, model_dir, path)
     raise TwincarError(
         f"{path}: not a run folder (no {LEARNER_FILE} or {CONFIG_FILE}); "
@@ -112,6 +124,11 @@ def resolve_run(model: str | os.PathLike) -> RunPaths:
 
 def require_learner(run: RunPaths) -> Path:
     """The run's learner.pkl, or a one-line error saying the run has no saved model."""
+    if run.learner is None and run.model_dir is not None:
+        raise TwincarError(
+            f"{run.model_dir}: no {LEARNER_FILE} and no {SAFE_FILE} + model.json pair; "
+            "export the model again with `twincar run`"
+        )
     if run.learner is None:
         raise TwincarError(
             f"{run.report_dir}: run '{run.name}' has no saved model (no models/{run.name}/"
@@ -266,26 +283,3 @@ def _write_eval(
     write_csv(out_dir / f"per_class_{split}.csv", per_class)
     write_csv(out_dir / f"predictions_{split}.csv", table)
     write_json(out_dir / f"eval_{split}.json", result)
-
-
-def evaluate(
-    model: str | os.PathLike,
-    data_dir: str | os.PathLike,
-    split: str = "test",
-    out_dir: str | os.PathLike | None = None,
-) -> dict:
-    """Evaluate a saved model (learner.pkl, models/<run> or reports/<run>) on `split`; write files."""
-    if split not in SPLITS:
-        raise TwincarError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    run = resolve_run(model)
-    path = require_learner(run)
-    cfg = load_run_config(run)
-    out = Path(out_dir) if out_dir is not None else run.report_dir or path.parent
-    learn = load_run_learner(path)
-    result = evaluate_learner(learn, data_dir, split, out, cfg, model_path=path)
-    console.print(
-        f"{split}: {result['n_images']} images, acc {result[f'{split}_acc']:.4f}, "
-        f"f1_macro {result[f'{split}_f1_macro']:.4f}, top5 {result[f'{split}_top5']:.4f}, "
-        f"loss {result[f'{split}_loss']:.4f} → {out / f'eval_{split}.json'}"
-    )
-    return result

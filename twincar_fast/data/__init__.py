@@ -9,6 +9,8 @@ from twincar_fast.data.dataset import (
 )
 from twincar_fast.data.loaders import (
     build_dls,
+    build_eval_dls,
+    check_classes,
     check_vocab,
     data_summary,
     eval_dl,
@@ -20,6 +22,8 @@ from twincar_fast.data.split import split_train_valid
 
 __all__ = [
     "build_dls",
+    "build_eval_dls",
+    "check_classes",
     "check_split",
     "check_vocab",
     "data_summary",

@@ -47,6 +47,8 @@ __all__ = [
     "aug_on_items",
     "batch_transforms",
     "build_dls",
+    "build_eval_dls",
+    "check_classes",
     "class_weights",
     "data_summary",
     "eval_dl",
@@ -397,13 +399,32 @@ def build_dls(cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None) 
     return dblock.dataloaders(df, **kwargs)
 
 
+def build_eval_dls(cfg: ExperimentConfig, data_dir: str | os.PathLike) -> DataLoaders:
+    """DataLoaders with `cfg`'s validation transforms and classes, for evaluation only.
+
+    Needs no training split (every image goes to the unused valid side but one), so a saved model
+    can be evaluated on a test-only set.
+    """
+    data_dir = Path(data_dir)
+    df = read_annotations(data_dir).assign(is_valid=True)
+    df.loc[0, "is_valid"] = False
+    device = resolve_device(cfg.train.device)
+    dblock = make_datablock(cfg, read_classes(data_dir))
+    return dblock.dataloaders(df, bs=cfg.data.batch_size, num_workers=0, device=device)
+
+
 # ---------------------------------------------------------------- evaluation and summary
 
 
 def check_vocab(dls: DataLoaders, data_dir: str | os.PathLike) -> list[str]:
     """The data set's classes; a one-line DataError unless classes.csv is the model's vocab."""
+    return check_classes([str(v) for v in dls.vocab], data_dir)
+
+
+def check_classes(vocab: list[str], data_dir: str | os.PathLike) -> list[str]:
+    """The data set's classes; a one-line DataError unless classes.csv lists `vocab` in order."""
     data_dir = Path(data_dir)
-    classes, vocab = read_classes(data_dir), [str(v) for v in dls.vocab]
+    classes = read_classes(data_dir)
     if classes == vocab:
         return classes
     diff = next((i for i, (a, b) in enumerate(zip(classes, vocab, strict=False)) if a != b), None)

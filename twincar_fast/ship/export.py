@@ -8,8 +8,12 @@ rebuild the network (`model.learner.create_model`) and feed it (sizes, normaliza
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from fastai.data.transforms import Normalize
@@ -19,12 +23,15 @@ from fastai.vision.core import imagenet_stats
 from safetensors.torch import save_file
 from torch import nn
 
-from twincar_fast.config import ExperimentConfig
+from twincar_fast.config import ExperimentConfig, build_typed, check_key
+from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_json
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
 
 __all__ = [
     "MODEL_FILES",
+    "ModelCard",
+    "read_model_card",
     "export_learner",
     "export_model",
     "load_safetensors",
@@ -38,6 +45,69 @@ MODEL_FILES = {
     "model_json": "model.json",
 }
 _RUN_ONLY = (EpochMetrics, SaveRun)  # callbacks tied to one training run: never exported
+
+
+@dataclass
+class ModelCard:
+    """model.json, typed: how to rebuild the network and prepare its input (see `model_card`)."""
+
+    arch: str
+    classes: list[str]
+    img_size: int
+    item_size: int
+    mean: list[float]
+    std: list[float]
+    format: str = "twincar_fast/model-v1"
+    twincar_fast: str = ""
+    head: Literal["mlp", "fastai"] = "mlp"
+    head_hidden: int = 512
+    head_dropout: float = 0.3
+    n_classes: int | None = None
+    bbox_crop: bool = False
+    resize: Literal["crop", "squish", "pad"] = "crop"
+    pad_mode: Literal["zeros", "border", "reflection"] = "reflection"
+    draft: bool = True
+    input: str = field(default="")
+
+
+def _check_card(c: ModelCard, where: str) -> None:
+    """Value ranges of a model card (ConfigError naming the file and key)."""
+    check_key(len(c.classes) >= 2, where, "classes", "must list at least 2 classes")
+    n = c.n_classes
+    check_key(n is None or n == len(c.classes), where, "n_classes", "must be len(classes)")
+    check_key(c.img_size >= 16, where, "img_size", f"must be at least 16, got {c.img_size}")
+    check_key(c.item_size >= c.img_size, where, "item_size", "must be ≥ img_size")
+    for key in ("mean", "std"):
+        v = getattr(c, key)
+        ok = len(v) == 3 and all(math.isfinite(x) for x in v)
+        check_key(ok, where, key, f"must be 3 finite numbers (R, G, B), got {v}")
+    check_key(min(c.std) > 0, where, "std", f"must be positive, got {c.std}")
+    check_key(c.head_hidden >= 1, where, "head_hidden", "must be at least 1")
+    check_key(0 <= c.head_dropout < 1, where, "head_dropout", "must be in [0, 1)")
+
+
+def read_model_card(path: str | os.PathLike) -> ModelCard:
+    """Read and check a model.json (typed like an experiment config); one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise TwincarError(
+            f"{path} not found: model.safetensors needs the model.json written beside it "
+            "by `twincar run`; copy both files"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TwincarError(f"{path}: not valid JSON ({e}); re-export the model") from None
+    if not isinstance(data, dict):
+        raise TwincarError(f"{path}: must be a JSON object, got {type(data).__name__}")
+    missing = [
+        k for k in ("arch", "classes", "img_size", "item_size", "mean", "std") if k not in data
+    ]
+    if missing:
+        raise TwincarError(f"{path}: missing key(s) {', '.join(missing)}; re-export the model")
+    card = build_typed(ModelCard, data, str(path))
+    _check_card(card, str(path))
+    return card
 
 
 def _plain_model(learn: Learner) -> nn.Module:

@@ -11,7 +11,6 @@ model's device; the forward pass runs channels-last under `inference_mode`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from torch import nn
 from twincar_fast.data.loaders import open_region
 from twincar_fast.errors import TwincarError
 
-__all__ = ["Predictor", "Preprocess", "predict_files"]
+__all__ = ["Predictor", "Preprocess", "predict_files", "require_trust"]
 
 ImageInput = str | os.PathLike | Image.Image
 _MODEL_FILES = ("model.safetensors", "learner.pkl")
@@ -155,11 +154,21 @@ class Predictor:
 
     @classmethod
     def from_path(
-        cls, path: str | os.PathLike, device: str | torch.device | None = None
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        trust_pickle: bool = False,
     ) -> Predictor:
-        """Load `model.safetensors` (+ model.json), `learner.pkl` or a `models/<run>` folder."""
+        """Load `model.safetensors` (+ model.json), `learner.pkl` or a `models/<run>` folder.
+
+        Args:
+            path: the model file or folder (a folder's safetensors pair is preferred).
+            device: where to run (default: CUDA when available).
+            trust_pickle: allow loading `learner.pkl`, a pickle that can run any code.
+        """
         path = _model_file(Path(path))
         if path.suffix == ".pkl":
+            require_trust(path, trust_pickle)
             model, classes, pre = _load_learner_pkl(path)
         else:
             model, classes, pre = _load_safetensors(path)
@@ -200,6 +209,16 @@ class Predictor:
         return results
 
 
+def require_trust(path: Path, trust_pickle: bool) -> None:
+    """A one-line TwincarError unless the user trusts this pickle (it can run any code)."""
+    if not trust_pickle:
+        raise TwincarError(
+            f"{path}: a pickle can run any code, so it is loaded only when you trust it "
+            "(--trust-pickle, or trust_pickle=True); the safe files are model.safetensors + "
+            "model.json in the same folder"
+        )
+
+
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """One image or a sequence of them, as a list."""
     if isinstance(images, (str, os.PathLike, Image.Image)):
@@ -228,24 +247,6 @@ def _model_file(path: Path) -> Path:
     return path
 
 
-def _read_model_json(path: Path) -> dict:
-    """model.json beside a safetensors file, checked for the keys needed to rebuild the model."""
-    meta_path = path.with_name("model.json")
-    if not meta_path.is_file():
-        raise TwincarError(
-            f"{meta_path} not found: model.safetensors needs the model.json written beside it "
-            "by `twincar run`; copy both files, or pass learner.pkl instead"
-        )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TwincarError(f"{meta_path}: not valid JSON ({e}); re-export the model") from None
-    missing = [k for k in ("arch", "classes", "img_size", "item_size") if k not in meta]
-    if missing:
-        raise TwincarError(f"{meta_path}: missing key(s) {', '.join(missing)}; re-export the model")
-    return meta
-
-
 def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
     """Rebuild the model from model.json, load the weights-only safetensors, no pickle involved."""
     from safetensors import SafetensorError
@@ -253,24 +254,29 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
 
     from twincar_fast.config import ModelConfig
     from twincar_fast.model.learner import create_model
+    from twincar_fast.ship.export import read_model_card
 
-    meta = _read_model_json(path)
-    keys = ("arch", "head", "head_hidden", "head_dropout")
-    model_cfg = ModelConfig(**{k: meta[k] for k in keys if k in meta}, pretrained=False)
-    model = create_model(model_cfg, len(meta["classes"]), pretrained=False)
+    card = read_model_card(path.with_name("model.json"))
+    model_cfg = ModelConfig(
+        arch=card.arch,
+        pretrained=False,
+        head=card.head,
+        head_hidden=card.head_hidden,
+        head_dropout=card.head_dropout,
+    )
+    model = create_model(model_cfg, len(card.classes), pretrained=False)
     try:
         model.load_state_dict(load_file(path))
     except (SafetensorError, OSError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:200]
         raise TwincarError(
-            f"{path}: can't load these weights into {meta['arch']} ({reason}); "
+            f"{path}: can't load these weights into {card.arch} ({reason}); "
             "the file and model.json must come from the same export"
         ) from None
-    fields = ("mean", "std", "resize", "pad_mode", "draft")
     pre = Preprocess(
-        int(meta["item_size"]), int(meta["img_size"]), **{k: meta[k] for k in fields if k in meta}
+        card.item_size, card.img_size, card.mean, card.std, card.resize, card.pad_mode, card.draft
     )
-    return model, [str(c) for c in meta["classes"]], pre
+    return model, card.classes, pre
 
 
 def _load_learner_pkl(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
@@ -292,7 +298,10 @@ def _load_learner_pkl(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
 
 
 def predict_files(
-    model: str | os.PathLike, images: Sequence[str | os.PathLike], top_k: int = 3
+    model: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    top_k: int = 3,
+    trust_pickle: bool = False,
 ) -> list[dict]:
     """Classify image files with an exported model, print a table and return the results."""
     from rich.console import Console
@@ -304,7 +313,7 @@ def predict_files(
     for p in paths:  # before loading the model: a typo shouldn't cost a model load
         if not p.is_file():
             raise TwincarError(f"image not found: {p} (check the path)")
-    predictor = Predictor.from_path(model)
+    predictor = Predictor.from_path(model, trust_pickle=trust_pickle)
     results = predictor.predict(paths, top_k=top_k)
     table = Table(title=f"predictions ({Path(model)})")
     table.add_column("image")

@@ -1,0 +1,132 @@
+"""A saved model evaluated again: from the safe files (model.safetensors + model.json), a pickle
+only when trusted, into a folder that never replaces a finished run's own results."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+
+from fastai.learner import Learner
+
+from twincar_fast.analysis.evaluate import (
+    SPLITS,
+    RunPaths,
+    evaluate_learner,
+    load_run_config,
+    load_run_learner,
+    require_learner,
+    resolve_run,
+)
+from twincar_fast.config import DataConfig, ExperimentConfig, ModelConfig
+from twincar_fast.console import console
+from twincar_fast.data import build_eval_dls, check_classes
+from twincar_fast.errors import TwincarError
+from twincar_fast.files import new_run_name
+from twincar_fast.model.learner import create_learner
+from twincar_fast.ship.export import MODEL_FILES, ModelCard, load_safetensors, read_model_card
+from twincar_fast.ship.predict import require_trust
+
+__all__ = ["evaluate", "load_safe_learner"]
+
+
+def _card_config(card: ModelCard) -> ExperimentConfig:
+    """An experiment config with the model and validation preprocessing a model card describes."""
+    cfg = ExperimentConfig()
+    cfg.model = ModelConfig(
+        arch=card.arch, head=card.head, head_hidden=card.head_hidden, head_dropout=card.head_dropout
+    )
+    cfg.data = DataConfig(
+        img_size=card.img_size,
+        item_size=card.item_size,
+        resize=card.resize,
+        draft=card.draft,
+        bbox_crop=card.bbox_crop,
+    )
+    return cfg
+
+
+def load_safe_learner(
+    safetensors: str | os.PathLike, data_dir: str | os.PathLike, cfg: ExperimentConfig | None
+) -> Learner:
+    """A Learner over `data_dir` with the weights of a model.safetensors (no pickle involved)."""
+    path = Path(safetensors)
+    card = read_model_card(path.with_name(MODEL_FILES["model_json"]))
+    check_classes(card.classes, data_dir)
+    cfg = copy.deepcopy(cfg) if cfg is not None else _card_config(card)
+    cfg.model = dataclasses.replace(cfg.model, pretrained=False, weights=None)
+    learn = create_learner(cfg, build_eval_dls(cfg, data_dir))
+    try:
+        load_safetensors(learn.model, path)
+    except (OSError, RuntimeError, ValueError) as e:
+        reason = " ".join(str(e).split())[:160]
+        raise TwincarError(f"{path}: can't load these weights ({reason}); re-export") from None
+    return learn
+
+
+def _out_dir(
+    run: RunPaths, cfg: ExperimentConfig | None, data_dir: Path, split: str, out, force: bool
+) -> Path:
+    """Where the evaluation goes: the run's reports for its own data, else a new folder."""
+    base = run.report_dir or run.model_dir
+    if out is not None:
+        out = Path(out)
+    elif cfg is not None and Path(cfg.data.root).resolve() == data_dir.resolve():
+        out = base
+    else:  # other data: never in place of the run's own results
+        out = base / new_run_name(f"eval-{data_dir.resolve().name}", [base])
+    if (out / f"eval_{split}.json").exists() and not force:
+        raise TwincarError(
+            f"{out / f'eval_{split}.json'} exists: an evaluation is never replaced silently; "
+            "pass --force to redo it there, or --out another folder"
+        )
+    return out
+
+
+def _load(path: Path, run: RunPaths, data_dir: Path, cfg, trust_pickle: bool):
+    """(learner, model file): the safetensors pair when there is one, else a trusted pickle."""
+    safe = path if path.suffix == ".safetensors" else None
+    if safe is None and path.suffix != ".pkl" and run.model_dir is not None:
+        safe = run.model_dir / MODEL_FILES["safetensors"]
+    if safe is not None and safe.is_file():
+        return load_safe_learner(safe, data_dir, cfg), safe
+    pkl = require_learner(run)
+    require_trust(pkl, trust_pickle)
+    return load_run_learner(pkl), pkl
+
+
+def evaluate(
+    model: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    out_dir: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    force: bool = False,
+) -> dict:
+    """Evaluate a saved model (models/<run>, reports/<run>, model.safetensors, or a trusted
+    learner.pkl) on `split`; write eval/per-class/predictions files.
+
+    Args:
+        model: the run folder or model file.
+        data_dir: the prepared data set.
+        split: "test" or "valid" (the run's own held-out images).
+        out_dir: where the files go (default: the run's reports for its own data, else a new
+            `eval-<data>-<time>` folder inside them).
+        trust_pickle: allow learner.pkl, a pickle that can run any code.
+        force: replace an earlier evaluation of the same split in that folder.
+    """
+    if split not in SPLITS:
+        raise TwincarError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    path, data_dir = Path(model), Path(data_dir)
+    run = resolve_run(path)
+    cfg = load_run_config(run)
+    out = _out_dir(run, cfg, data_dir, split, out_dir, force)
+    learn, model_file = _load(path, run, data_dir, cfg, trust_pickle)
+    result = evaluate_learner(learn, data_dir, split, out, cfg, model_path=model_file)
+    console.print(
+        f"{split}: {result['n_images']} images, acc {result[f'{split}_acc']:.4f}, "
+        f"f1_macro {result[f'{split}_f1_macro']:.4f}, top5 {result[f'{split}_top5']:.4f}, "
+        f"loss {result[f'{split}_loss']:.4f} → {out / f'eval_{split}.json'}"
+    )
+    return result
