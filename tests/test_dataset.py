@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -145,3 +147,24 @@ def test_ensure_dataset_prepares_source(tmp_path):
     root = ensure_dataset(cfg)
     assert (root / "annotations.csv").is_file()
     assert len(read_annotations(root)) == 16
+
+
+@pytest.mark.slow  # three processes each load the stack (~20 s on 2 cores)
+def test_first_runs_started_together_share_one_demo_build(tmp_path):
+    """Issue 12.5: concurrent first runs raced on raw/ ('Directory not empty'); a killed build's
+    .raw.XXXX folder stayed behind."""
+    root = tmp_path / "demo"
+    (root / ".raw.killed").mkdir(parents=True)  # what a build killed mid-way leaves
+    code = (
+        "from twincar_fast.config import ExperimentConfig; "
+        "from twincar_fast.data import ensure_dataset; cfg = ExperimentConfig(); "
+        f"cfg.data.root = {str(root)!r}; cfg.data.demo = True; cfg.data.demo_classes = 3; "
+        "cfg.data.demo_per_class = 6; cfg.data.demo_size = [96, 64]; ensure_dataset(cfg)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert len(read_annotations(root)) == 36 and not list(root.glob(".raw.*"))

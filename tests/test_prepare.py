@@ -291,3 +291,32 @@ def test_corrupt_parquet_is_named(tmp_path, samples):
     msg = _error(src, tmp_path / "out")
     assert str(bad) in msg and "parquet" in msg
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("names", [["001", "002", "010"], ["NA", "None", "nan"]])
+def test_class_names_are_kept_as_written(tmp_path, samples, names):
+    """Issue 12.10: pandas turned folders 001/010 into 1/10 and NA/None into NaN."""
+    from twincar_fast.data import read_annotations, read_classes
+
+    out = prepare_dataset(write_imagefolder(tmp_path / "src", samples, names), tmp_path / "out")
+    assert sorted(read_classes(out)) == sorted(names)
+    assert set(read_annotations(out)["label"]) == set(names)
+
+
+def test_out_inside_source_empty_classes_and_nothing_usable(tmp_path, samples, capsys):
+    """Issue 12.11: --out inside SOURCE/train became a class; an empty class passed silently;
+    a source whose every image was rejected prepared 'fine'."""
+    src = write_imagefolder(tmp_path / "src", samples)
+    msg = _error(src, src / "train" / "prepared")
+    assert "lies inside the source" in msg
+    assert not (src / "train" / "prepared").exists()
+    dev = write_devkit(tmp_path / "dev", samples)
+    gone = [s for s in samples if s.class_id == 2 and s.split == "train"]
+    for s in gone:  # class 2 keeps its test images only
+        (dev / "cars_train" / s.fname).write_bytes(b"")
+    prepare_dataset(dev, tmp_path / "out")
+    assert "1 class(es) have no training images" in capsys.readouterr().err
+    for s in samples:
+        (dev / f"cars_{s.split}" / s.fname).write_bytes(b"")
+    assert "none of its" in _error(dev, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

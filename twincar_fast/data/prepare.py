@@ -115,6 +115,21 @@ def _check_out(out: Path, layout: str, presize: int | None) -> list[str]:
     return names
 
 
+def _check_usable(source: Path, tables: tuple[pd.DataFrame, ...]) -> None:
+    """DataError when no image is usable; a warning per class without training images."""
+    ann, classes, rejected = tables
+    if ann.empty:
+        first = f" (first: {rejected.iloc[0, 0]}: {rejected.iloc[0, 1]})" if len(rejected) else ""
+        raise DataError(f"{source}: none of its {len(rejected)} images is usable{first}")
+    train = set(ann.loc[ann["split"] == "train", "class_id"])
+    empty = [label for i, label in enumerate(classes["label"]) if i not in train]
+    if empty:
+        Console(stderr=True, highlight=False).print(
+            f"warning: {len(empty)} class(es) have no training images "
+            f"(first: {escape(str(empty[0]))}); the model can't learn them"
+        )
+
+
 def _publish(staging: Path, out: Path, tables: tuple[pd.DataFrame, ...]) -> None:
     """Move staged images into `out`, then write the CSVs, annotations.csv last."""
     for child in staging.iterdir():
@@ -136,9 +151,14 @@ def prepare_dataset(
         presize: also write JPEG copies whose shorter side is this many pixels (only of larger
             images) under `out`/presized_N/, and point `image` at them.
     """
-    source, out = Path(source), Path(out)
+    source, out = Path(source).expanduser(), Path(out).expanduser()
     if presize is not None and presize < 1:
         raise DataError(f"--presize must be a positive number of pixels, got {presize}")
+    if out.resolve().is_relative_to(source.resolve()):
+        raise DataError(
+            f"--out {out} lies inside the source {source}: it would be read as part of the "
+            "download; choose an output folder outside it"
+        )
     layout = detect_layout(source)
     ours = _check_out(out, layout, presize)
     created = not out.exists()
@@ -147,6 +167,7 @@ def prepare_dataset(
     try:
         src = read_source(layout, source, out, staging)
         tables = _tables(src, _check_all(src.items, presize, staging), presize)
+        _check_usable(source, tables)
         _publish(staging, out, tables)
     except BaseException:
         # Nothing half-written stays behind: only what this call created is removed.
