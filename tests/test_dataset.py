@@ -66,6 +66,7 @@ def test_class_id_out_of_range(tiny_copy):
     df.to_csv(tiny_copy / "annotations.csv", index=False)
     msg = one_line_error(read_annotations, tiny_copy)
     assert "class_id" in msg and df.loc[5, "image"] in msg
+    assert "with class_id 9)" in msg  # issue 12.18: not np.int64(9)
 
 
 def test_label_must_match_classes(tiny_copy):

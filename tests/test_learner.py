@@ -304,3 +304,29 @@ def test_pretrained_without_network(monkeypatch, tmp_path, torchvision_r18):
     _, out = torchvision_r18
     local = ModelConfig(arch="resnet18", pretrained=True, weights=str(out / "r18.safetensors"))
     assert create_model(local, 4).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_pretrained_offline_is_said_at_once(monkeypatch, tmp_path, capsys):
+    """Issue 12.14: offline, the error came after ~46 s of hub retries and 20 'Retrying' lines."""
+    import socket
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = ModelConfig(arch="test_resnet", pretrained=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg = one_line_error(create_model, cfg, 4, match="model.pretrained")
+    assert "HF_HUB_OFFLINE is set (offline)" in msg and "model.weights" in msg
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_network(*a, **k):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    msg = one_line_error(create_model, cfg, 4, match="model.pretrained")
+    assert "no network to download test_resnet" in msg
+    assert "Retrying" not in capsys.readouterr().err
+
+
+def test_weights_folder_is_named_as_a_folder(tmp_path):
+    """Issue 12.18: a folder given as model.weights was reported as 'not found'."""
+    cfg = ModelConfig(arch="test_resnet", pretrained=False, weights=str(tmp_path))
+    assert "is a folder" in one_line_error(create_model, cfg, 4, match="model.weights")

@@ -82,7 +82,7 @@ def _check_labels(df: pd.DataFrame, classes: list[str], path: Path) -> None:
         row = bad.iloc[0]
         raise DataError(
             f"{path}: {len(bad)} rows have a class_id outside 0..{len(classes) - 1} "
-            f"(first: {row['image']} with class_id {row['class_id']!r}); re-run `twincar prepare`"
+            f"(first: {row['image']} with class_id {row['class_id'] or '(empty)'}); re-run `twincar prepare`"
         )
     expected = pd.Series(classes, dtype=object).iloc[ids.astype(int)].to_numpy()
     wrong = df[df["label"].astype(str).to_numpy() != expected]
