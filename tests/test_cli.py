@@ -67,3 +67,11 @@ def test_errors_after_the_heavy_imports_are_one_line_too(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("twincar: error:"), proc.stderr
+
+
+def test_run_without_arguments_asks_only_for_the_config(capsys):
+    """Issue 12.18: `twincar run` alone said that `overrides` were required too."""
+    with pytest.raises(SystemExit):
+        main(["run"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("required: config")
