@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import re
-import socket
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from torch import nn
 from twincar_fast.config import ExperimentConfig, ModelConfig, TrainConfig
 from twincar_fast.data import resolve_device
 from twincar_fast.errors import ConfigError
+from twincar_fast.model.hub import check_hub_reachable
 from twincar_fast.model.precision import apply_speedups
 
 __all__ = [
@@ -93,42 +92,10 @@ def model_stats(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(mean), tuple(std)
 
 
-def _hub_cached(arch: str) -> bool:
-    """Whether timm's hub weights of `arch` are in the local Hugging Face cache already."""
-    from huggingface_hub import try_to_load_from_cache
-
-    repo = getattr(timm.models.get_pretrained_cfg(arch), "hf_hub_id", None)
-    files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
-
-
-def _check_hub_reachable(arch: str) -> None:
-    """ConfigError at once when uncached hub weights can't be fetched (offline or no network)."""
-    if _hub_cached(arch):
-        return
-    hint = "set model.weights to a local .safetensors/.pth file, or model.pretrained: false"
-    from huggingface_hub import constants
-
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    offline = [v for v in names if os.environ.get(v, "0").lower() not in ("0", "false", "")]
-    offline += ["HF_HUB_OFFLINE"] * bool(constants.HF_HUB_OFFLINE)
-    if offline:
-        raise ConfigError(
-            f"model.pretrained: {arch} weights are not cached and {offline[0]} is set (offline); {hint}"
-        )
-    try:  # one short attempt instead of the hub client's minute of retries
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError as e:
-        raise ConfigError(
-            f"model.pretrained: no network to download {arch} weights from the timm hub "
-            f"({e.strerror or type(e).__name__}); {hint}"
-        ) from None
-
-
 def _timm_body(arch: str, pretrained: bool) -> TimmBody:
     """fastai's TimmBody around headless `arch`, with hub weights when `pretrained`."""
     if pretrained:
-        _check_hub_reachable(arch)
+        check_hub_reachable(arch)
     try:
         net = timm.create_model(arch, pretrained=pretrained, num_classes=0)
     except _HUB_ERRORS as e:
