@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fastai.callback.core import Callback
 from PIL import Image
 
 from twincar_fast.config import ExperimentConfig
@@ -105,3 +106,16 @@ def make_tiny_cfg(data_root: Path, out: Path) -> ExperimentConfig:
 def tiny_cfg(tiny_data, tmp_path) -> ExperimentConfig:
     """A fresh tiny config per test, writing its runs under the test's tmp_path."""
     return make_tiny_cfg(tiny_data, tmp_path)
+
+
+class InterruptAfter(Callback):
+    """Raise KeyboardInterrupt once `n` epochs are committed (like Ctrl-C between epochs)."""
+
+    order = 100
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def after_epoch(self):
+        if len(self.learn.save_run.rows) == self.n:
+            raise KeyboardInterrupt

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import write_tiny_prepared
-from fastai.callback.core import Callback
+from conftest import InterruptAfter, write_tiny_prepared
 
 from twincar_fast import experiment
 from twincar_fast.cli import main
@@ -25,23 +24,10 @@ from twincar_fast.experiment import run_experiment
 from twincar_fast.train.runs import create_run_folders
 
 
-class _InterruptAfter(Callback):
-    """Raise KeyboardInterrupt once `n` epochs are committed (like Ctrl-C between epochs)."""
-
-    order = 100
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def after_epoch(self):
-        if len(self.learn.save_run.rows) == self.n:
-            raise KeyboardInterrupt
-
-
 def _interrupted(cfg, n: int = 1) -> Path:
     """reports/<run> of a run stopped once `n` epochs were committed."""
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, cbs=[_InterruptAfter(n)])
+        run_experiment(cfg, cbs=[InterruptAfter(n)])
     (report,) = Path(cfg.reports_dir).iterdir()
     return report
 

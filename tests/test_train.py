@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_cfg
-from fastai.callback.core import Callback
+from conftest import InterruptAfter, make_tiny_cfg
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -176,26 +175,13 @@ def test_early_stopping_plateau_and_best_weights(tiny_cfg):
     assert abs(df["valid_loss"][0] - df["valid_loss"][2]) > 1e-4  # the last epoch differs
 
 
-class _InterruptAfter(Callback):
-    """Raise KeyboardInterrupt once `n` epochs are committed (like Ctrl-C between epochs)."""
-
-    order = 100
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def after_epoch(self):
-        if len(self.learn.save_run.rows) == self.n:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("n_done", [1, 2], ids=["after-head-stage", "inside-main-fit"])
 def test_interrupted_run_resumes_in_the_same_folder(tiny_cfg, n_done):
     cfg = tiny_cfg
     # head-only epoch 0, then a main fit of 2 epochs; stopped after epoch 0 or 1
     cfg.train = dataclasses.replace(cfg.train, head_epochs=1, epochs=2, plateau_patience=1)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, cbs=[_InterruptAfter(n_done)])
+        run_experiment(cfg, cbs=[InterruptAfter(n_done)])
     report = _only_dir(Path(cfg.reports_dir))
     before = pd.read_csv(report / "metrics.csv")
     assert before["epoch"].tolist() == list(range(n_done))
