@@ -154,19 +154,47 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from twincar_fast.ship.predict import predict_files
+    from twincar_fast.ship.batch import predict_files
 
-    predict_files(args.model, args.images, top_k=args.top_k)
+    predict_files(
+        args.model, args.images, top_k=args.top_k, boxes=args.boxes, data=args.data, out=args.out
+    )
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     help = "predict the class of image files with an exported model"
-    p = sub.add_parser("predict", help=help, description=help)
+    p = sub.add_parser(
+        "predict",
+        help=help,
+        description=help + "; a model trained on car-box crops needs each image's box "
+        "(--boxes or --data), as in training",
+    )
     p.add_argument(
         "model", type=Path, help="learner.pkl, model.safetensors or a models/<run> folder"
     )
     p.add_argument("images", type=Path, nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
+    p.add_argument(
+        "--boxes",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="car boxes: a CSV with columns image,x1,y1,x2,y2 (1-based inclusive pixels)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a prepared data set: boxes from its annotations.csv for the images it lists",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the results to FILE.csv (image,label,prob,...,box) or FILE.json",
+    )
     p.set_defaults(func=_predict)
 
 

@@ -109,6 +109,7 @@ def model_card(learn: Learner, cfg: ExperimentConfig) -> dict:
         "img_size": d.img_size,
         "item_size": d.item_size,
         "bbox_crop": d.bbox_crop,
+        "bbox_margin": d.bbox_margin,
         **_preprocessing(learn, cfg),
         "input": "RGB scaled to [0, 1], normalized with mean/std, NCHW float32",
     }
