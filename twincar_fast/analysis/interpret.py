@@ -171,6 +171,15 @@ def part_boxes(data_dir: Path, split: str) -> pd.DataFrame | None:
     return parts.set_index("fname")[["x1", "y1", "x2", "y2"]]
 
 
+def _car_boxes(dl, rows: pd.DataFrame, data_dir: Path) -> list:
+    """The annotations car box of each predictions row (None where the loader has none)."""
+    if not isinstance(dl.items, pd.DataFrame) or "bbox_x1" not in dl.items:
+        return [None] * len(rows)
+    where = {img: i for i, img in enumerate(relative_images(dl.items, data_dir))}
+    cols = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
+    return [tuple(dl.items.iloc[where[img]][cols]) for img in rows["image"]]
+
+
 def _outline(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The image with the bounding rectangle of `mask` drawn in white."""
     pil = Image.fromarray(img)
@@ -197,7 +206,7 @@ def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show)
     x = _rows_tensor(learn, dl, right, data_dir)
     cams = gradcam_maps(learn, x, right.true_id.tolist())
     sizes = [Image.open(data_dir / img).size for img in right["image"]]
-    masks = box_masks(learn, sizes, boxes.loc[names].to_numpy())
+    masks = box_masks(learn, sizes, boxes.loc[names].to_numpy(), _car_boxes(dl, right, data_dir))
     ratio = box_mass_ratio(cams, masks)
     table = right[["image", "true", "probability"]].assign(
         box_share=masks.reshape(len(masks), -1).mean(1), ratio=ratio
