@@ -120,6 +120,15 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU only)
     seed: int = 42  # seed of weights init, sampling and augmentation
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    console_columns: list[str] = field(  # metrics.csv columns in the console's epoch table
+        default_factory=lambda: [
+            "train_loss",
+            "valid_loss",
+            "valid_acc",
+            "valid_f1_macro",
+            "valid_top5",
+        ]
+    )
 
 
 @dataclass

@@ -10,6 +10,7 @@ interrupted run in the same folders from its last finished epoch, optimizer stat
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -27,14 +28,15 @@ from fastai.torch_core import set_seed
 from twincar_fast.analysis.evaluate import evaluate_learner
 from twincar_fast.analysis.interpret import interpret_learner
 from twincar_fast.config import ExperimentConfig, save_config
-from twincar_fast.console import console, print_config, print_paths, quiet_if_plain
+from twincar_fast.console import console, eval_bars, print_config, print_paths, quiet_if_plain, step
 from twincar_fast.data import build_dls, ensure_dataset, print_data_summary
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, new_run_name, write_json
 from twincar_fast.model.learner import create_learner
+from twincar_fast.model.precision import device_info
 from twincar_fast.ship.export import export_model
 from twincar_fast.train.callbacks import SaveRun, load_checkpoint
-from twincar_fast.train.fit import check_monitor, fit_run
+from twincar_fast.train.fit import check_console_columns, check_monitor, fit_run
 from twincar_fast.train.runs import (
     RunFolders,
     create_run_folders,
@@ -59,7 +61,7 @@ class RunResult:
 
 def save_valid_preds(learn: Learner, path: Path) -> Path:
     """The current model's validation `probs`, `targets` and `items` (image paths) as .npz."""
-    with quiet_if_plain(learn):
+    with eval_bars(learn):
         probs, targets = learn.get_preds(ds_idx=1)
     items = learn.dls.valid_ds.items
     if isinstance(items, pd.DataFrame):
@@ -71,8 +73,10 @@ def save_valid_preds(learn: Learner, path: Path) -> Path:
     return path
 
 
-def _summary(cfg: ExperimentConfig, saver: SaveRun, wall: float, paths: dict[str, Path]) -> dict:
-    """summary.json: best epoch and metrics, final metrics, timing, output paths."""
+def _summary(
+    cfg: ExperimentConfig, saver: SaveRun, wall: float, paths: dict[str, Path], machine: dict
+) -> dict:
+    """summary.json: best epoch and metrics, final metrics, timing, the machine, output paths."""
     rows, m = saver.rows, saver.epoch_metrics
     total = cfg.train.head_epochs + cfg.train.epochs
     return {
@@ -89,6 +93,7 @@ def _summary(cfg: ExperimentConfig, saver: SaveRun, wall: float, paths: dict[str
         "train_images_per_s": round(m.train_images / m.train_seconds, 2)
         if m.train_seconds
         else None,
+        "machine": machine,  # device, precision, threads: what the figures depend on
         "paths": {k: str(v) for k, v in paths.items()},
     }
 
@@ -115,8 +120,9 @@ def _save_outputs(
 ) -> dict[str, Path]:
     """Export the (best) model and its validation predictions; every output path by name."""
     paths = {"report_dir": folders.report_dir, "model_dir": folders.model_dir}
-    paths.update(export_model(learn, folders.model_dir, cfg))
-    paths["valid_preds"] = save_valid_preds(learn, folders.report_dir / "valid_preds.npz")
+    with step("exporting the best model"):
+        paths.update(export_model(learn, folders.model_dir, cfg))
+        paths["valid_preds"] = save_valid_preds(learn, folders.report_dir / "valid_preds.npz")
     paths["metrics"], paths["best_checkpoint"] = folders.metrics_csv, saver.best_path
     return paths
 
@@ -133,6 +139,7 @@ def run_experiment(
     """
     start = time.perf_counter()
     check_monitor(cfg)
+    check_console_columns(cfg)
     folders = open_resume(resume, cfg) if resume is not None else None
     set_seed(cfg.train.seed, reproducible=True)
     data_dir = ensure_dataset(cfg)
@@ -140,13 +147,14 @@ def run_experiment(
     learn = create_learner(cfg, dls)
     folders = folders or create_run_folders(cfg)
     learn.path, learn.model_dir = folders.model_dir, "checkpoints"  # fastai's own saves stay here
-    print_config(cfg, folders.name)
+    machine = device_info(cfg.train, learn.dls.device)
+    print_config(cfg, folders.name, machine)
     print_data_summary(cfg, data_dir, dls)
     write_snapshot(cfg, folders, learn, data_dir)
     saver = _fit_or_hint(learn, cfg, folders, resume is not None, cbs)
     load_checkpoint(learn, saver.best_path)
     paths = _save_outputs(learn, cfg, folders, saver)
-    summary = _summary(cfg, saver, time.perf_counter() - start, paths)
+    summary = _summary(cfg, saver, time.perf_counter() - start, paths, machine)
     write_json(folders.report_dir / "summary.json", summary)  # from here on the run is finished
     saver.prune(keep_last=False)  # ... and not resumable: drop the last-epoch checkpoint
     _report(learn, cfg, folders.report_dir, data_dir, paths)
@@ -159,19 +167,34 @@ def _report(
 ) -> None:
     """Evaluate the best model on the test split and draw the report, as the config asks."""
     if cfg.eval.test:
-        evaluate_learner(learn, data_dir, "test", report_dir, cfg, paths.get("learner"))
+        with step("evaluating the best model on the test split"):
+            evaluate_learner(learn, data_dir, "test", report_dir, cfg, paths.get("learner"))
+        paths["eval_test"] = report_dir / "eval_test.json"
     if cfg.eval.interpret:
         paths["index"] = interpret_learner(learn, cfg, report_dir, data_dir)
+        paths["figures"] = report_dir / "figures"
 
 
 def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) -> None:
-    """The best epoch in one line, then the output paths."""
+    """The best epoch, the test result and the report to open, then the output paths."""
+    best = summary["best"]
     console.print(
         f"best epoch {summary['best_epoch']}: {cfg.train.monitor} {summary['best_value']:.4f}, "
-        f"valid_acc {summary['best']['valid_acc']:.4f} ({summary['epochs_run']} epochs, "
-        f"{summary['wall_time_s']:.0f}s)"
+        f"valid_acc {best['valid_acc']:.4f} ({summary['epochs_run']} epochs, "
+        f"{summary['wall_time_s']:.0f}s)",
+        markup=False,
     )
+    if "eval_test" in paths:
+        test = json.loads(Path(paths["eval_test"]).read_text())
+        console.print(
+            f"test split ({test['n_images']} images): acc {test['test_acc']:.4f}, "
+            f"top-5 {test['test_top5']:.4f}, macro F1 {test['test_f1_macro']:.4f}",
+            markup=False,
+            style="bold",
+        )
     print_paths("outputs", paths)
+    if "index" in paths:
+        console.print(f"open the report: {paths['index']}", markup=False, style="bold")
 
 
 # ---------------------------------------------------------------- lr_find

@@ -42,7 +42,7 @@ from twincar_fast.analysis.gradcam import (
 )
 from twincar_fast.analysis.report import read_json, write_index
 from twincar_fast.config import ExperimentConfig
-from twincar_fast.console import console, quiet_if_plain
+from twincar_fast.console import console, eval_bars, step
 from twincar_fast.data import check_vocab
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv
@@ -142,7 +142,7 @@ def gradcam_files(learn: Learner, files: Sequence[Path], path: Path) -> Path:
     _check_images(files)
     dl = learn.dls.test_dl([Path(f) for f in files], with_labels=False, bs=min(len(files), 64))
     x = torch.cat([b[0] for b in dl])
-    with quiet_if_plain(learn):
+    with eval_bars(learn):
         probs = learn.get_preds(dl=dl)[0].float().numpy()
     top2 = np.argsort(-probs, axis=1)[:, :2]
     vocab, rgb = list(learn.dls.vocab), denormalize(learn, x)
@@ -295,12 +295,15 @@ def interpret_learner(
     split = "test" if cfg.eval.test else "valid"
     if not (report_dir / f"eval_{split}.json").is_file():
         evaluate_learner(learn, data_dir, split, report_dir, cfg)
-    if (report_dir / "metrics.csv").is_file():
-        plots.plot_curves(report_dir / "metrics.csv", report_dir / "figures")
-    for s in ("test", "valid"):
-        if (report_dir / f"predictions_{s}.csv").is_file():
-            draw_split_figures(report_dir, s, data_dir, cfg)
-    _gradcam_figures(learn, report_dir, split, data_dir, cfg, images)
+    with step("drawing the figures"):
+        if (report_dir / "metrics.csv").is_file():
+            plots.plot_curves(report_dir / "metrics.csv", report_dir / "figures")
+        for s in ("test", "valid"):
+            if (report_dir / f"predictions_{s}.csv").is_file():
+                draw_split_figures(report_dir, s, data_dir, cfg)
+    if cfg.eval.gradcam or images:
+        with step("Grad-CAM++ maps"):
+            _gradcam_figures(learn, report_dir, split, data_dir, cfg, images)
     return write_index(report_dir)
 
 
