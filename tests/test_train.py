@@ -268,3 +268,24 @@ def test_lr_find_leaves_weights_and_optimizer_alone(tiny_cfg, tmp_path):
     assert (tmp_path / "lr_find.png").stat().st_size > 0
     assert json.loads((tmp_path / "lr_find.json").read_text())["valley"] == result["valley"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr_find.json", "lr_find.png"]
+
+
+def test_lr_find_minimum_is_labelled_the_same_in_json_and_plot(tiny_cfg, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from twincar_fast.experiment import lr_find_figure
+
+    learn = create_learner(tiny_cfg, build_dls(tiny_cfg))
+    result = lr_find_report(learn, tmp_path, num_it=30)
+    saved = json.loads((tmp_path / "lr_find.json").read_text())
+    # "minimum" is the LR of the lowest loss (among the steps fastai's suggestions look at)
+    lrs, losses = learn.recorder.lrs[3:-5], [float(v) for v in learn.recorder.losses[3:-5]]
+    assert saved["minimum"] == pytest.approx(lrs[int(np.argmin(losses))])
+    assert saved["minimum_div10"] == pytest.approx(saved["minimum"] / 10)  # fastai's suggestion
+    fig = lr_find_figure(learn, result)
+    points = {ln.get_label(): ln.get_xdata()[0] for ln in fig.axes[0].lines if ln.get_label()}
+    plt.close(fig)
+    (label,) = [k for k in points if k.startswith("minimum")]
+    assert points[label] == pytest.approx(saved["minimum"])
+    assert f"{saved['minimum']:.1e}" in label  # the legend states the value the JSON holds
+    assert points[next(k for k in points if k.startswith("valley"))] == saved["valley"]

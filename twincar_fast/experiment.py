@@ -28,7 +28,15 @@ from fastai.torch_core import set_seed
 from twincar_fast.analysis.evaluate import evaluate_learner
 from twincar_fast.analysis.interpret import interpret_learner
 from twincar_fast.config import ExperimentConfig, save_config
-from twincar_fast.console import console, eval_bars, print_config, print_paths, quiet_if_plain, step
+from twincar_fast.console import (
+    console,
+    eval_bars,
+    plain_output,
+    print_config,
+    print_paths,
+    quiet_if_plain,
+    step,
+)
 from twincar_fast.data import build_dls, ensure_dataset, print_data_summary
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, new_run_name, write_json
@@ -45,7 +53,14 @@ from twincar_fast.train.runs import (
     write_snapshot,
 )
 
-__all__ = ["RunResult", "lr_find_report", "run_experiment", "run_lr_find", "save_valid_preds"]
+__all__ = [
+    "RunResult",
+    "lr_find_figure",
+    "lr_find_report",
+    "run_experiment",
+    "run_lr_find",
+    "save_valid_preds",
+]
 
 
 @dataclass
@@ -200,11 +215,29 @@ def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) 
 # ---------------------------------------------------------------- lr_find
 
 
+def lr_find_figure(learn: Learner, result: dict):
+    """fastai's lr_find plot, each point labelled with its name and LR as lr_find.json has them."""
+    lrs = np.asarray(learn.recorder.lrs, dtype=float)
+    losses = np.asarray([float(v) for v in learn.recorder.losses])
+    names = {"valley": "valley", "slide": "slide", "minimum": "minimum (lowest loss)"}
+    points, labels = [], []
+    for key, label in names.items():
+        x = result[key]
+        points.append((x, float(np.interp(np.log10(x), np.log10(lrs), losses))))
+        labels.append(f"{label} {x:.1e}")
+    import matplotlib.pyplot as plt
+
+    learn.recorder.plot_lr_find(suggestions=points, nms=labels)  # draws; returns no figure
+    return plt.gcf()
+
+
 def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100) -> dict:
     """fastai's `lr_find` (valley, slide, minimum) → lr_find.png + lr_find.json in `out_dir`.
 
-    Weights and optimizer state are left as they were (fastai restores them; the optimizer's
-    hyper-parameters, which `fit` resets to `learn.lr`, are restored here too).
+    `minimum` is the LR of the lowest loss, the plot's point of that name; fastai's own
+    suggestion, a tenth of it, is `minimum_div10`. Weights and optimizer state are left as they
+    were (fastai restores them; the optimizer's hyper-parameters, which `fit` resets to
+    `learn.lr`, are restored here too).
     """
     import matplotlib.pyplot as plt
 
@@ -215,7 +248,9 @@ def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100
     learn.path, learn.model_dir = out_dir, "."  # fastai's temporary save lands in out_dir
     try:
         with quiet_if_plain(learn):
-            found = learn.lr_find(num_it=num_it, suggest_funcs=(valley, slide, minimum))
+            found = learn.lr_find(
+                num_it=num_it, suggest_funcs=(valley, slide, minimum), show_plot=False
+            )
     except IndexError:  # fastai's suggestions need about 20 recorded steps
         n = len(learn.recorder.losses)
         raise TwincarError(
@@ -226,11 +261,15 @@ def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100
         learn.path, learn.model_dir = old_path, old_model_dir
         if hypers is not None:
             learn.opt.hypers = hypers
-    fig = plt.gcf()
+        if not plain_output():
+            console.print()  # end the line of a bar that stopped early (the loss diverged)
+    result = {k: float(v) for k, v in found._asdict().items()}
+    result["minimum_div10"] = result["minimum"]  # fastai's suggestion: lowest-loss LR / 10
+    result["minimum"] *= 10
+    fig = lr_find_figure(learn, result)
     with atomic_path(out_dir / "lr_find.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    result = {k: float(v) for k, v in found._asdict().items()}  # minimum = lowest-loss LR / 10
     result.update(num_it=num_it, plot=str(out_dir / "lr_find.png"))
     write_json(out_dir / "lr_find.json", result)
     return result
@@ -247,8 +286,10 @@ def run_lr_find(cfg: ExperimentConfig) -> dict:
     save_config(cfg, out / "config.yaml")
     result = lr_find_report(learn, out)
     console.print(
-        f"lr_find: valley {result['valley']:.2e}, slide {result['slide']:.2e}, "
-        f"minimum/10 {result['minimum']:.2e}  (set train.lr, e.g. train.lr={result['valley']:.1e})"
+        f"lr_find: valley {result['valley']:.1e}, slide {result['slide']:.1e}, "
+        f"minimum (lowest loss) {result['minimum']:.1e}, minimum/10 {result['minimum_div10']:.1e}"
+        f"  (set train.lr, e.g. train.lr={result['valley']:.1e})",
+        markup=False,
     )
     print_paths("outputs", {"plot": out / "lr_find.png", "suggestions": out / "lr_find.json"})
     return result
