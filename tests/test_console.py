@@ -83,3 +83,26 @@ def test_epoch_columns_are_configurable_and_checked(tiny_cfg):
     tiny_cfg.train.console_columns = ["valid_acc", "valid_accuracy"]
     with pytest.raises(ConfigError, match="valid_accuracy"):
         run_experiment(tiny_cfg)
+
+
+def test_importing_the_package_prints_no_torch_jit_notice(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import twincar_fast\n"
+        "from twincar_fast.data import build_dls\n"
+        "import torch\n\n\n"
+        "def double(x):\n"
+        "    return x * 2\n\n\n"
+        "torch.jit.script(double)  # the user's own call still warns\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "always::FutureWarning", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("torch.jit.script` is deprecated") == 1, proc.stderr[-2000:]

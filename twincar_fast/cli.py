@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from twincar_fast.config import load_config
 from twincar_fast.errors import TwincarError
+
+DESCRIPTION = """Fine-grained car recognition (Stanford Cars 196) with fastai + timm.
+One experiment YAML trains, evaluates, interprets and exports a model; the other commands
+prepare data, evaluate, redraw reports and predict with a saved model."""
+EPILOG = """common commands:
+  twincar run experiments/demo.yaml
+      the whole pipeline on the synthetic demo set (no downloads): train, test, report, export
+  twincar evaluate models/<run> --data data/stanford_cars
+      the full metric table of a saved model on the official test split
+  twincar predict models/<run> my_car.jpg --boxes boxes.csv
+      classify photos (a model trained on car-box crops needs each photo's box)
+
+`twincar COMMAND --help` lists a command's options."""
 
 # ---------------------------------------------------------------- subcommands
 
@@ -203,7 +215,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `twincar` argument parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="twincar", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="twincar",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's lines
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub, "run", "train, evaluate, interpret and export one experiment")
     _add_run(sub, "train", "same as run (train, evaluate, interpret, export); --resume continues")
@@ -219,8 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `twincar` command line; return the exit code."""
     args = build_parser().parse_args(argv)
-    # fastai's own modules still call torch.jit.script; that notice is not the user's to act on
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
