@@ -43,7 +43,8 @@ from twincar_fast.analysis.gradcam import (
 from twincar_fast.analysis.report import read_json, write_index
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console, eval_bars, step
-from twincar_fast.data import check_vocab
+from twincar_fast.data import check_vocab, read_annotations
+from twincar_fast.data.geometry import InputGeometry
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv
 
@@ -92,7 +93,7 @@ def gradcam_mistakes(learn, dl, preds, data_dir, path, n) -> Path | None:
     on_pred = _cam_panels(learn, x, wrong.predicted_id.tolist())
     on_true = _cam_panels(learn, x, wrong.true_id.tolist())
     rgb = denormalize(learn, x)
-    rows = [
+    triples = [
         [
             (rgb[i], plots.wrap(r.image, 36), "black"),
             (on_pred[i], f"predicted: {plots.wrap(r.predicted)}\np={r.probability:.2f}", "tab:red"),
@@ -100,6 +101,8 @@ def gradcam_mistakes(learn, dl, preds, data_dir, path, n) -> Path | None:
         ]
         for i, r in enumerate(wrong.itertuples())
     ]
+    # two mistakes per row: half as tall a figure for the report page
+    rows = [sum(triples[i : i + 2], []) for i in range(0, len(triples), 2)]
     title = "Grad-CAM++ on the top-loss mistakes: predicted class (middle) vs true class (right)"
     return plots.plot_panels(rows, path, title)
 
@@ -244,15 +247,33 @@ def draw_split_figures(
     out = [
         plots.plot_class_f1(per_class, fig_dir / f"class_f1_{split}.png"),
         plots.plot_confusion(cm, classes, fig_dir / f"confusion_{split}.png"),
-        plots.plot_confusion_zoom(cm, classes, block, fig_dir / f"confusion_zoom_{split}.png"),
     ]
+    zoom = fig_dir / f"confusion_zoom_{split}.png"
+    if len(block) < len(classes):  # a zoom on every class would only repeat the matrix
+        out.append(plots.plot_confusion_zoom(cm, classes, block, zoom))
+    else:
+        zoom.unlink(missing_ok=True)  # from an earlier interpret with a zoom
+    view = model_view(cfg, data_dir)
     if not pairs.empty:
         ex = fig_dir / f"most_confused_{split}.png"
-        out.append(plots.plot_confused_examples(preds, pairs, data_dir, ex, CONFUSED_ROWS))
+        out.append(plots.plot_confused_examples(preds, pairs, data_dir, ex, CONFUSED_ROWS, view))
     if cfg.eval.top_losses:
         tl = fig_dir / f"top_losses_{split}.png"
-        out.append(plots.plot_top_losses(preds, data_dir, tl, cfg.eval.top_losses))
+        out.append(plots.plot_top_losses(preds, data_dir, tl, cfg.eval.top_losses, view))
     return out
+
+
+def model_view(cfg: ExperimentConfig, data_dir: Path):
+    """(image, rgb) → what the model saw of it: the car-box crop and resize of its input."""
+    geo = InputGeometry.from_config(cfg)
+    cols = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
+    ann = read_annotations(data_dir).set_index("image")[cols] if geo.bbox_crop else None
+
+    def view(image: str, rgb: Image.Image) -> Image.Image:
+        box = tuple(ann.loc[image]) if ann is not None and image in ann.index else None
+        return geo.view(rgb, box)
+
+    return view
 
 
 def _gradcam_figures(learn, report_dir, split, data_dir, cfg, images) -> list[Path]:

@@ -13,10 +13,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
-__all__ = ["InputGeometry", "crop_region", "resize_window"]
+__all__ = ["InputGeometry", "crop_region", "resize_image", "resize_window"]
 
 Box = tuple[float, float, float, float]
+# fastai's PadMode → torchvision's padding_mode
+_PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
 
 
 def crop_region(box, margin: float, size: tuple[int, int]) -> Box | None:
@@ -47,6 +50,21 @@ def resize_window(w: int, h: int, size: int, method: str) -> tuple[int, int, int
     m = max(ratios) if method == "pad" else min(ratios)
     side = int(m * size)
     return int(0.5 * (w - side)), int(0.5 * (h - side)), side, side
+
+
+def resize_image(img: Image.Image, size: int, method: str, pad_mode: str = "zeros") -> Image.Image:
+    """fastai's validation `Resize(size, method, pad_mode)` of a PIL image: centred, bilinear."""
+    w, h = img.size
+    if method == "squish":
+        return img.resize((size, size), Image.BILINEAR)
+    left, top, side, _ = resize_window(w, h, size, method)
+    img = img.crop((max(left, 0), max(top, 0), min(left + side, w), min(top + side, h)))
+    pads = [max(-left, 0), max(-top, 0), max(left + side - w, 0), max(top + side - h, 0)]
+    if any(pads):
+        from torchvision.transforms.functional import pad  # what fastai pads PIL images with
+
+        img = pad(img, pads, padding_mode=_PAD_MODES[pad_mode])
+    return img.resize((size, size), Image.BILINEAR)
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,19 @@ class InputGeometry:
         cols = (centres >= left) & (centres <= right)
         rows = (centres >= top) & (centres <= bottom)
         return rows[:, None] & cols[None, :]
+
+    def view(self, img: Image.Image, car_box=None) -> Image.Image:
+        """What the model sees of an RGB image (before normalization): cut, resized, resampled."""
+        cut = img.crop(tuple(int(v) for v in self.crop(img.size, car_box)))
+        return resize_image(cut, self.img_size, self.resize)
+
+    @classmethod
+    def from_config(cls, cfg) -> InputGeometry:
+        """The validation geometry an `ExperimentConfig` trains with."""
+        from twincar_fast.data.loaders import presize
+
+        d = cfg.data
+        return cls(presize(cfg), d.img_size, d.resize, d.bbox_crop, d.bbox_margin)
 
     @classmethod
     def from_dls(cls, dls) -> InputGeometry:

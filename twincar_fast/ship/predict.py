@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from twincar_fast.data.geometry import InputGeometry, crop_region, resize_window
+from twincar_fast.data.geometry import InputGeometry, crop_region, resize_image
 from twincar_fast.data.loaders import open_region
 from twincar_fast.errors import TwincarError
 
@@ -34,8 +34,6 @@ __all__ = ["Predictor", "Preprocess", "box_warning"]
 
 ImageInput = str | os.PathLike | Image.Image
 _MODEL_FILES = ("model.safetensors", "learner.pkl")
-# fastai's PadMode → torchvision's padding_mode
-_PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
 
 
 @dataclass
@@ -73,7 +71,7 @@ class Preprocess:
 
     def item(self, image: ImageInput, box=None) -> torch.Tensor:
         """One presized uint8 CHW tensor, as fastai's validation `Resize(item_size)` makes it."""
-        img = _presize(self.open(image, box), self.item_size, self.resize, self.pad_mode)
+        img = resize_image(self.open(image, box), self.item_size, self.resize, self.pad_mode)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
     @property
@@ -116,21 +114,6 @@ class Preprocess:
             bbox_crop=geo.bbox_crop,
             bbox_margin=geo.bbox_margin,
         )
-
-
-def _presize(img: Image.Image, size: int, method: str, pad_mode: str) -> Image.Image:
-    """fastai's `Resize(size, method, pad_mode)` on the validation set: centred, bilinear."""
-    w, h = img.size
-    if method == "squish":
-        return img.resize((size, size), Image.BILINEAR)
-    left, top, side, _ = resize_window(w, h, size, method)
-    img = img.crop((max(left, 0), max(top, 0), min(left + side, w), min(top + side, h)))
-    pads = [max(-left, 0), max(-top, 0), max(left + side - w, 0), max(top + side - h, 0)]
-    if any(pads):
-        from torchvision.transforms.functional import pad  # what fastai pads PIL images with
-
-        img = pad(img, pads, padding_mode=_PAD_MODES[pad_mode])
-    return img.resize((size, size), Image.BILINEAR)
 
 
 def _resample(x: torch.Tensor, size: int) -> torch.Tensor:
