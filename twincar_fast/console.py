@@ -19,7 +19,7 @@ from fastprogress.core import IN_NOTEBOOK
 from rich.console import Console
 from rich.table import Table
 
-from twincar_fast.config import ExperimentConfig
+from twincar_fast.config import CONSOLE_COLUMNS, ExperimentConfig
 
 __all__ = [
     "EPOCH_COLUMNS",
@@ -36,8 +36,7 @@ __all__ = [
 ]
 
 console = Console(highlight=False, soft_wrap=True)  # long lines stay whole in logs
-# the epoch table's default columns (metrics.csv has them all; `train.console_columns` picks)
-EPOCH_COLUMNS = ("train_loss", "valid_loss", "valid_acc", "valid_f1_macro", "valid_top5")
+EPOCH_COLUMNS = CONSOLE_COLUMNS  # the epoch table's default columns (`train.console_columns`)
 
 
 def plain_output() -> bool:

@@ -117,6 +117,26 @@ def _write(path: Path, rows: list[dict], top_k: int) -> Path:
     return write_csv(path, results_table(rows, top_k))
 
 
+def _predict_rows(
+    predictor: Predictor, paths: list[Path], problems: dict, known: dict, top_k: int
+) -> list[dict]:
+    """Result rows in the order of `paths`: predictions of the readable ones, errors of the rest."""
+    good = [p for p in paths if problems[str(p)] is None]
+    wanted = [known.get(_key(p)) for p in good]
+    no_box = sum(b is None for b in wanted)
+    if predictor.preprocess.bbox_crop and no_box:
+        print(f"warning: {box_warning(no_box, len(good))}", file=sys.stderr)  # stdout: the data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # said above, once
+        results = iter(predictor.predict(good, top_k=top_k, boxes=wanted))
+    return [
+        {"image": str(p), **next(results)}
+        if problems[str(p)] is None
+        else {"image": str(p), "error": problems[str(p)]}
+        for p in paths
+    ]
+
+
 def predict_files(
     model: str | os.PathLike,
     images: Sequence[str | os.PathLike],
@@ -144,25 +164,12 @@ def predict_files(
         if not p.is_file():
             raise TwincarError(f"image not found: {p} (check the path)")
     problems = {str(p): image_problem(p) for p in paths}
-    good = [p for p in paths if problems[str(p)] is None]
-    if not good:
+    if paths and all(problems.values()):
         first = paths[0]
         raise TwincarError(f"can't read image {first}: {problems[str(first)]}; nothing to predict")
     known = read_boxes(boxes, data) if boxes is not None or data is not None else {}
     predictor = Predictor.from_path(model)
-    wanted = [known.get(_key(p)) for p in good]
-    no_box = sum(b is None for b in wanted)
-    if predictor.preprocess.bbox_crop and no_box:
-        print(f"warning: {box_warning(no_box, len(good))}", file=sys.stderr)  # stdout: the data
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # said above, once, on the console
-        results = iter(predictor.predict(good, top_k=top_k, boxes=wanted))
-    rows = [
-        {"image": str(p), **next(results)}
-        if problems[str(p)] is None
-        else {"image": str(p), "error": problems[str(p)]}
-        for p in paths
-    ]
+    rows = _predict_rows(predictor, paths, problems, known, top_k)
     _print(rows, Path(model), min(top_k, len(predictor.classes)))
     if out is not None:
         print(f"predictions → {_write(Path(out), rows, top_k)}", file=sys.stderr)
