@@ -103,7 +103,10 @@ def gradcam_mistakes(learn, dl, preds, data_dir, path, n) -> Path | None:
     ]
     # two mistakes per row: half as tall a figure for the report page
     rows = [sum(triples[i : i + 2], []) for i in range(0, len(triples), 2)]
-    title = "Grad-CAM++ on the top-loss mistakes: predicted class (middle) vs true class (right)"
+    title = (
+        "Grad-CAM++ on the top-loss mistakes, two per row: the input, the map of the predicted "
+        "class (red) and of the true class (green)"
+    )
     return plots.plot_panels(rows, path, title)
 
 
