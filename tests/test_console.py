@@ -69,6 +69,9 @@ def test_end_of_run_prints_the_test_result_and_the_report(terminal_run):
     )
     assert str(result.report_dir / "eval_test.json") in tail
     assert "evaluating the best model on the test split: done in" in out
+    machine = json.loads((result.report_dir / "summary.json").read_text())["machine"]
+    assert machine["device"] == "cpu" and machine["precision"] in ("fp32", "bf16 autocast")
+    assert f"cpu → cpu, {machine['precision']}" in out  # the device row of the first table
 
 
 def test_epoch_columns_are_configurable_and_checked(tiny_cfg):
