@@ -3,7 +3,8 @@
 `Predictor.from_path` loads `model.safetensors` + `model.json` (weights only, no pickle), a
 fastai `learner.pkl`, or a `models/<run>` folder (preferring the safetensors pair). Images are
 preprocessed exactly as the validation set is during training: opened with `open_region` (JPEG
-draft decoding, as the training loader), resized on the CPU (centre square crop, squish or pad) in
+draft decoding, as the training loader; cut to the car box grown by its margin for models trained
+with `bbox_crop`, so `predict(..., boxes=...)` takes one box per image), resized on the CPU (centre square crop, squish or pad) in
 a thread pool to `item_size` (= `img_size` for models trained with item-stage augmentation, the
 default), then resampled to `img_size` where that differs and normalized as a batch on the
 model's device; the forward pass runs channels-last under `inference_mode`.
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from twincar_fast.data.geometry import InputGeometry, crop_region, resize_image
+from twincar_fast.data.geometry import InputGeometry, resize_image
 from twincar_fast.data.loaders import open_region
 from twincar_fast.errors import TwincarError
 
@@ -56,13 +57,9 @@ class Preprocess:
         box = box if self.bbox_crop else None
         if isinstance(image, Image.Image):
             image = image.convert("RGB")
-            region = crop_region(box, self.bbox_margin, image.size) if box is not None else None
-            if region is None:
+            if box is None:
                 return image
-            left, top, right, bottom = region
-            return image.crop(
-                (math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom))
-            )
+            return image.crop(tuple(int(v) for v in self.geometry.crop(image.size, box)))
         path = Path(image)
         if not path.is_file():
             raise TwincarError(f"image not found: {path} (check the path)")
