@@ -7,17 +7,19 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from fastcore.basics import noop
 from PIL import Image
 
 from twincar_fast.cli import main
-from twincar_fast.data import build_dls
+from twincar_fast.data import build_dls, read_annotations
 from twincar_fast.errors import TwincarError
 from twincar_fast.model.learner import create_learner
+from twincar_fast.ship.batch import predict_files
 from twincar_fast.ship.export import export_model
-from twincar_fast.ship.predict import Predictor, Preprocess, predict_files
+from twincar_fast.ship.predict import Predictor, Preprocess
 
 TOL = 1e-4  # on probabilities
 
@@ -202,3 +204,114 @@ def test_mismatched_weights_are_one_line(trained, tmp_path):
     with pytest.raises(TwincarError) as e:
         Predictor.from_path(bad / "model.safetensors")
     assert "model.json" in one_line(e)
+
+
+# ---------------------------------------------------------------- car boxes
+
+
+@pytest.fixture(scope="module")
+def box_trained(tiny_data, tmp_path_factory):
+    """A tiny learner trained on car-box crops (bbox_crop), made input-sensitive, exported."""
+    from conftest import make_tiny_cfg
+
+    out = tmp_path_factory.mktemp("predict_boxes")
+    cfg = make_tiny_cfg(tiny_data, out)
+    cfg.train.mixed_precision = "none"
+    cfg.data = dataclasses.replace(cfg.data, bbox_crop=True, bbox_margin=0.16, resize="squish")
+    dls = build_dls(cfg)
+    torch.manual_seed(0)
+    learn = create_learner(cfg, dls)
+    with learn.no_bar():
+        logits, _ = learn.get_preds(dl=dls.valid, act=noop)
+    with torch.no_grad():
+        last = learn.model[1][-1]
+        scale = 2.0 / logits.std(0).clamp_min(1e-6)
+        last.bias -= logits.mean(0)
+        last.weight *= scale[:, None]
+        last.bias *= scale
+    model_dir = out / "models" / "box-run"
+    export_model(learn, model_dir, cfg)
+    return learn, cfg, model_dir
+
+
+@pytest.mark.parametrize("fmt", ["model.safetensors", "learner.pkl"])
+def test_predictor_with_boxes_matches_evaluate(box_trained, tiny_data, tmp_path, fmt):
+    from twincar_fast.analysis.evaluate import evaluate_learner
+
+    learn, cfg, model_dir = box_trained
+    with learn.no_bar():
+        result = evaluate_learner(learn, tiny_data, "test", tmp_path, cfg)
+    table = pd.read_csv(tmp_path / "predictions_test.csv")
+    rows = read_annotations(tiny_data).set_index("image").loc[table["image"]]
+    boxes = rows[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]].to_numpy()
+    predictor = Predictor.from_path(
+        model_dir / fmt, device="cpu", trust_pickle=fmt == "learner.pkl"
+    )
+    assert predictor.preprocess.bbox_crop and predictor.preprocess.bbox_margin == 0.16
+    probs = predictor.predict_proba(rows["path"].tolist(), boxes=boxes)
+    np.testing.assert_allclose(probs.max(1), table["probability"], atol=TOL)
+    acc = float((probs.argmax(1) == table["true_id"]).mean())
+    assert acc == pytest.approx(result["test_acc"])
+    # whole images instead: other inputs, other probabilities, and a warning says why
+    with pytest.warns(UserWarning, match="car-box crops"):
+        whole = predictor.predict(rows["path"].tolist())
+    assert all(r["box"] is None for r in whole)
+    assert np.abs(np.array([r["prob"] for r in whole]) - table["probability"]).max() > 0.05
+
+
+def test_predict_files_boxes_from_data_and_csv(box_trained, tiny_data, tmp_path, capsys):
+    learn, cfg, model_dir = box_trained
+    df = read_annotations(tiny_data)
+    test = df[df["split"] == "test"].head(4)
+    paths = test["path"].tolist()
+    expected = Predictor.from_path(model_dir, device="cpu").predict_proba(
+        paths, boxes=test[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]].to_numpy()
+    )
+    out = tmp_path / "preds.csv"
+    rows = predict_files(model_dir, paths, top_k=2, data=tiny_data, out=out)
+    assert "warning" not in capsys.readouterr().err
+    np.testing.assert_allclose([r["prob"] for r in rows], expected.max(1), atol=TOL)
+    written = pd.read_csv(out)
+    assert list(written.columns[:4]) == ["image", "label", "prob", "class_id"]
+    assert written["box"].str.split().map(len).eq(4).all()
+    # the same boxes from a CSV, one image left without a box
+    csv = tmp_path / "boxes.csv"
+    cols = {"bbox_x1": "x1", "bbox_y1": "y1", "bbox_x2": "x2", "bbox_y2": "y2"}
+    boxes = test.iloc[:3].rename(columns=cols)[["image", "x1", "y1", "x2", "y2"]]
+    boxes.assign(image=paths[:3]).to_csv(csv, index=False)
+    js = tmp_path / "preds.json"
+    rows = predict_files(model_dir, paths, top_k=2, boxes=csv, out=js)
+    printed = capsys.readouterr().err
+    assert printed.count("warning") == 1 and "1 of 4" in printed
+    np.testing.assert_allclose([r["prob"] for r in rows[:3]], expected.max(1)[:3], atol=TOL)
+    assert rows[3]["box"] is None and json.loads(js.read_text())[3]["box"] is None
+    assert main(["predict", str(model_dir), *paths, "--boxes", str(csv), "--out", str(out)]) == 0
+    assert pd.read_csv(out)["box"].tolist()[3] == "none"
+
+
+def test_unreadable_image_is_listed_and_the_rest_predicted(trained, tmp_path, capsys):
+    _, dls, model_dir = trained
+    good = valid_paths(dls)[:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    rows = predict_files(model_dir, [good[0], bad, good[1]], top_k=1)
+    assert [r.get("label") is not None for r in rows] == [True, False, True]
+    assert "broken.jpg" in rows[1]["image"] and rows[1]["error"]
+    out = capsys.readouterr().out
+    assert "broken.jpg" in out and "error" in out  # plain lines: stdout is not a terminal here
+
+
+def test_plain_output_keeps_whole_paths_and_tabs(trained, capsys):
+    _, dls, model_dir = trained
+    paths = valid_paths(dls)[:2]
+    predict_files(model_dir, paths, top_k=1)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == paths
+
+
+def test_shorten_left_keeps_the_file_name():
+    from twincar_fast.ship.batch import shorten_left
+
+    path = "data/demo/raw/cars_test/00017.jpg"
+    assert shorten_left(path, 20) == "…" + path[-19:] and len(shorten_left(path, 20)) == 20
+    assert shorten_left(path, 99) == path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -71,9 +72,11 @@ def cli_run(tiny_data, tmp_path_factory):
 def test_plain_output_has_one_line_per_epoch_and_no_carriage_returns(cli_run):
     proc, cfg, *_ = cli_run
     assert "\r" not in proc.stdout and "\r" not in proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ")]
-    assert len(lines) == cfg.train.epochs
-    assert all("valid_acc" in ln and "train_loss" in ln for ln in lines)
+    lines = proc.stdout.splitlines()
+    header = [i for i, ln in enumerate(lines) if ln.startswith("epoch ")]
+    assert len(header) == 1 and "train_loss" in lines[header[0]]
+    rows = [ln for ln in lines if re.match(rf"\s*\d+/{cfg.train.epochs}\s", ln)]
+    assert len(rows) == cfg.train.epochs
 
 
 def test_run_folders_hold_every_contract_file(cli_run, tiny_data):
@@ -251,3 +254,24 @@ def test_lr_find_leaves_weights_and_optimizer_alone(tiny_cfg, tmp_path):
     assert (tmp_path / "lr_find.png").stat().st_size > 0
     assert json.loads((tmp_path / "lr_find.json").read_text())["valley"] == result["valley"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr_find.json", "lr_find.png"]
+
+
+def test_lr_find_minimum_is_labelled_the_same_in_json_and_plot(tiny_cfg, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from twincar_fast.experiment import lr_find_figure
+
+    learn = create_learner(tiny_cfg, build_dls(tiny_cfg))
+    result = lr_find_report(learn, tmp_path, num_it=30)
+    saved = json.loads((tmp_path / "lr_find.json").read_text())
+    # "minimum" is the LR of the lowest loss (among the steps fastai's suggestions look at)
+    lrs, losses = learn.recorder.lrs[3:-5], [float(v) for v in learn.recorder.losses[3:-5]]
+    assert saved["minimum"] == pytest.approx(lrs[int(np.argmin(losses))])
+    assert saved["minimum_div10"] == pytest.approx(saved["minimum"] / 10)  # fastai's suggestion
+    fig = lr_find_figure(learn, result)
+    points = {ln.get_label(): ln.get_xdata()[0] for ln in fig.axes[0].lines if ln.get_label()}
+    plt.close(fig)
+    (label,) = [k for k in points if k.startswith("minimum")]
+    assert points[label] == pytest.approx(saved["minimum"])
+    assert f"{saved['minimum']:.1e}" in label  # the legend states the value the JSON holds
+    assert points[next(k for k in points if k.startswith("valley"))] == saved["valley"]

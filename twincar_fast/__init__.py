@@ -7,6 +7,10 @@ The public API, re-exported by name. The light part (config, errors) is imported
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from twincar_fast.config import ExperimentConfig, load_config, save_config
@@ -19,6 +23,40 @@ if TYPE_CHECKING:
     from twincar_fast.ship.predict import Predictor
 
 __version__ = "0.1.0"
+
+
+class _QuietFastaiLayers(importlib.abc.MetaPathFinder):
+    """Import `fastai.layers` with torch's `torch.jit.script` deprecation notice silenced.
+
+    fastai decorates four activations with `torch.jit.script` in that module's body, so torch
+    warns when our imports first load fastai; the notice is not the user's to act on. Only that
+    one module's import is silenced (the user's own `torch.jit.script` calls still warn), and
+    the finder removes itself after it.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "fastai.layers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def quiet_exec(module) -> None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", r"`torch\.jit\.script` is deprecated", category=FutureWarning
+                )
+                exec_module(module)
+
+        loader.exec_module = quiet_exec
+        return spec
+
+
+if "fastai.layers" not in sys.modules:
+    sys.meta_path.insert(0, _QuietFastaiLayers())
 
 _LAZY = {
     "build_dls": "twincar_fast.data",

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from twincar_fast.config import load_config
 from twincar_fast.errors import TwincarError
+
+DESCRIPTION = """Fine-grained car recognition (Stanford Cars 196) with fastai + timm.
+One experiment YAML trains, evaluates, interprets and exports a model; the other commands
+prepare data, evaluate, redraw reports and predict with a saved model."""
+EPILOG = """common commands:
+  twincar run experiments/demo.yaml
+      the whole pipeline on the synthetic demo set (no downloads): train, test, report, export
+  twincar evaluate models/<run> --data data/stanford_cars
+      the full metric table of a saved model on the official test split
+  twincar predict models/<run> my_car.jpg --boxes boxes.csv
+      classify photos (a model trained on car-box crops needs each photo's box)
+
+`twincar COMMAND --help` lists a command's options."""
 
 # ---------------------------------------------------------------- subcommands
 
@@ -191,20 +203,54 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from twincar_fast.ship.predict import predict_files
+    from twincar_fast.ship.batch import predict_files
 
-    predict_files(args.model, args.images, top_k=args.top_k, trust_pickle=args.trust_pickle)
+    predict_files(
+        args.model,
+        args.images,
+        top_k=args.top_k,
+        boxes=args.boxes,
+        data=args.data,
+        out=args.out,
+        trust_pickle=args.trust_pickle,
+    )
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     help = "predict the class of image files with an exported model"
-    p = sub.add_parser("predict", help=help, description=help)
+    p = sub.add_parser(
+        "predict",
+        help=help,
+        description=help + "; a model trained on car-box crops needs each image's box "
+        "(--boxes or --data), as in training",
+    )
     p.add_argument(
         "model", type=_path, help="learner.pkl, model.safetensors or a models/<run> folder"
     )
     p.add_argument("images", type=_path, nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
     _add_trust(p)
+    p.add_argument(
+        "--boxes",
+        type=_path,
+        default=None,
+        metavar="CSV",
+        help="car boxes: a CSV with columns image,x1,y1,x2,y2 (1-based inclusive pixels)",
+    )
+    p.add_argument(
+        "--data",
+        type=_path,
+        default=None,
+        metavar="DIR",
+        help="a prepared data set: boxes from its annotations.csv for the images it lists",
+    )
+    p.add_argument(
+        "--out",
+        type=_path,
+        default=None,
+        metavar="FILE",
+        help="also write the results to FILE.csv (image,label,prob,...,box) or FILE.json",
+    )
     p.set_defaults(func=_predict)
 
 
@@ -213,7 +259,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `twincar` argument parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="twincar", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="twincar",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's lines
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub, "run", "train, evaluate, interpret and export one experiment")
     _add_run(sub, "train", "same as run (train, evaluate, interpret, export); --resume continues")
@@ -229,8 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `twincar` command line; return the exit code."""
     args = build_parser().parse_args(argv)
-    # fastai's own modules still call torch.jit.script; that notice is not the user's to act on
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

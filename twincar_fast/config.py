@@ -99,6 +99,9 @@ class ModelConfig:
     head_dropout: float = 0.3  # dropout of the head
 
 
+CONSOLE_COLUMNS = ("train_loss", "valid_loss", "valid_acc", "valid_f1_macro", "valid_top5")
+
+
 @dataclass
 class TrainConfig:
     """The fit: freezing, learning rates, loss, optimizer, schedule and callbacks."""
@@ -124,6 +127,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU only)
     seed: int = 42  # seed of weights init, sampling and augmentation
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    console_columns: list[str] = field(default_factory=lambda: list(CONSOLE_COLUMNS))
+    # ^ the metrics.csv columns of the console's epoch table (metrics.csv keeps them all)
 
 
 @dataclass

@@ -1,14 +1,17 @@
 """The run's console output: config summary at the start, one line per epoch, output paths at the end.
 
-In a terminal (or a notebook) fastai's progress bars and table show the epochs; when stdout is not a
-terminal (CI logs, `> file`) the bars are switched off and `epoch_line` prints one plain line each.
+Epochs show as a compact table (`EpochPrinter`: the `train.console_columns` of metrics.csv, the
+same values as there, so `train_loss` is the epoch's mean loss, not fastai's smoothed one); in a
+terminal (or a notebook) fastai's progress bars run above it, when stdout is not a terminal (CI
+logs, `> file`) they are switched off. The steps after training say what they do (`step`).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -16,19 +19,24 @@ from fastprogress.core import IN_NOTEBOOK
 from rich.console import Console
 from rich.table import Table
 
-from twincar_fast.config import ExperimentConfig
+from twincar_fast.config import CONSOLE_COLUMNS, ExperimentConfig
 
 __all__ = [
+    "EPOCH_COLUMNS",
+    "EpochPrinter",
     "console",
+    "epoch_header",
     "epoch_line",
+    "eval_bars",
     "plain_output",
     "print_config",
-    "print_epoch",
     "print_paths",
     "quiet_if_plain",
+    "step",
 ]
 
 console = Console(highlight=False, soft_wrap=True)  # long lines stay whole in logs
+EPOCH_COLUMNS = CONSOLE_COLUMNS  # the epoch table's default columns (`train.console_columns`)
 
 
 def plain_output() -> bool:
@@ -46,8 +54,8 @@ def quiet_if_plain(learn) -> Iterator[None]:
         yield
 
 
-def print_config(cfg: ExperimentConfig, run: str) -> None:
-    """The experiment's main settings as a small table."""
+def print_config(cfg: ExperimentConfig, run: str, machine: dict | None = None) -> None:
+    """The experiment's main settings as a small table; `machine`: `device_info`'s dict."""
     d, m, t = cfg.data, cfg.model, cfg.train
     aug = f"{cfg.aug.stage}-stage" if cfg.aug.enabled else "no"
     if cfg.aug.enabled and cfg.aug.stage == "batch":
@@ -61,6 +69,11 @@ def print_config(cfg: ExperimentConfig, run: str) -> None:
         f"plateau {t.plateau_patience or 'off'}",
         "device": t.device,
     }
+    if machine:
+        rows["device"] = (
+            f"{t.device} → {machine['device']}, {machine['precision']} "
+            f"({machine['torch_threads']} threads, {machine['processor']})"
+        )
     if t.head_epochs:
         rows["fit"] = f"{t.head_epochs} head-only + {rows['fit']}"
     for key, value in rows.items():
@@ -73,18 +86,59 @@ def _fmt(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def epoch_line(row: dict, n_epochs: int) -> str:
-    """One plain line with an epoch's main numbers (a metrics.csv row)."""
-    keys = ["train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1_macro", "valid_top5"]
-    parts = [f"epoch {row['epoch']} ({row['epoch'] + 1}/{n_epochs})"]  # 0-based, as metrics.csv
-    parts += [f"{k} {_fmt(row[k])}" for k in keys]
-    parts += [f"lr {row['lr']:.2e}", f"{row['time_s']:.1f}s"]
+def _width(column: str) -> int:
+    """Characters of a column of the epoch table: its name, at least a 4-decimal value."""
+    return max(len(column), 6)
+
+
+def epoch_header(columns: Sequence[str]) -> str:
+    """The header of the compact epoch table (epoch, the chosen metrics.csv columns, lr, time)."""
+    names = [f"{'epoch':<7}", *(f"{c:>{_width(c)}}" for c in columns), f"{'lr':>8}", "  time"]
+    return "  ".join(names)
+
+
+def epoch_line(row: dict, n_epochs: int, columns: Sequence[str] = EPOCH_COLUMNS) -> str:
+    """One row of the compact epoch table: a metrics.csv row's `columns` (epoch 0-based, as
+    there, of `n_epochs`), its LR and seconds."""
+    parts = [f"{row['epoch']:>3}/{n_epochs:<3}"]
+    parts += [f"{_fmt(row[c]):>{_width(c)}}" for c in columns]
+    parts += [f"{row['lr']:8.2e}", f"{row['time_s']:5.1f}s"]
     return "  ".join(parts)
 
 
-def print_epoch(row: dict, n_epochs: int) -> None:
-    """Print `epoch_line` as is (no wrapping, no markup)."""
-    console.print(epoch_line(row, n_epochs), soft_wrap=True, markup=False)
+class EpochPrinter:
+    """Prints the compact epoch table: a header before the first row, then one line per epoch."""
+
+    def __init__(self, n_epochs: int, columns: Sequence[str] = EPOCH_COLUMNS):
+        self.n_epochs, self.columns, self.started = n_epochs, list(columns), False
+
+    def __call__(self, row: dict) -> None:
+        if not self.started:
+            console.print(epoch_header(self.columns), markup=False, style="bold")
+            self.started = True
+        console.print(epoch_line(row, self.n_epochs, self.columns), markup=False)
+
+
+@contextmanager
+def eval_bars(learn) -> Iterator[None]:
+    """`quiet_if_plain` for evaluation: and in a terminal, progress bars without the stale
+    training loss (fastai shows `learn.smooth_loss`, last set by the training batches)."""
+    stale = learn.__dict__.pop("smooth_loss", None)
+    try:
+        with quiet_if_plain(learn):
+            yield
+    finally:
+        if stale is not None:
+            learn.smooth_loss = stale
+
+
+@contextmanager
+def step(title: str) -> Iterator[None]:
+    """Say what a step after training does as it starts, and how long it took when done."""
+    console.print(f"{title} …", markup=False)
+    start = time.perf_counter()
+    yield
+    console.print(f"{title}: done in {time.perf_counter() - start:.1f}s", markup=False)
 
 
 def print_paths(title: str, paths: dict[str, str | Path]) -> None:

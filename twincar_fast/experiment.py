@@ -29,14 +29,23 @@ from fastai.torch_core import set_seed
 from twincar_fast.analysis.evaluate import evaluate_learner
 from twincar_fast.analysis.interpret import interpret_learner
 from twincar_fast.config import ExperimentConfig, save_config, validate
-from twincar_fast.console import console, print_config, print_paths, quiet_if_plain
+from twincar_fast.console import (
+    console,
+    eval_bars,
+    plain_output,
+    print_config,
+    print_paths,
+    quiet_if_plain,
+    step,
+)
 from twincar_fast.data import build_dls, check_split, ensure_dataset, print_data_summary
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, new_run_name, write_json
 from twincar_fast.model.learner import create_learner
+from twincar_fast.model.precision import device_info
 from twincar_fast.ship.export import export_model
 from twincar_fast.train.callbacks import SaveRun, load_checkpoint
-from twincar_fast.train.fit import check_monitor, fit_run
+from twincar_fast.train.fit import check_console_columns, check_monitor, fit_run
 from twincar_fast.train.folders import missing_steps
 from twincar_fast.train.runs import (
     RunFolders,
@@ -47,7 +56,14 @@ from twincar_fast.train.runs import (
     write_snapshot,
 )
 
-__all__ = ["RunResult", "lr_find_report", "run_experiment", "run_lr_find", "save_valid_preds"]
+__all__ = [
+    "RunResult",
+    "lr_find_figure",
+    "lr_find_report",
+    "run_experiment",
+    "run_lr_find",
+    "save_valid_preds",
+]
 
 
 @dataclass
@@ -63,7 +79,7 @@ class RunResult:
 
 def save_valid_preds(learn: Learner, path: Path) -> Path:
     """The current model's validation `probs`, `targets` and `items` (image paths) as .npz."""
-    with quiet_if_plain(learn):
+    with eval_bars(learn):
         probs, targets = learn.get_preds(ds_idx=1)
     items = learn.dls.valid_ds.items
     if isinstance(items, pd.DataFrame):
@@ -75,8 +91,10 @@ def save_valid_preds(learn: Learner, path: Path) -> Path:
     return path
 
 
-def _summary(cfg: ExperimentConfig, saver: SaveRun, wall: float, paths: dict[str, Path]) -> dict:
-    """summary.json: best epoch and metrics, final metrics, timing, output paths."""
+def _summary(
+    cfg: ExperimentConfig, saver: SaveRun, wall: float, paths: dict[str, Path], machine: dict
+) -> dict:
+    """summary.json: best epoch and metrics, final metrics, timing, the machine, output paths."""
     rows, m = saver.rows, saver.epoch_metrics
     total = cfg.train.head_epochs + cfg.train.epochs
     return {
@@ -93,6 +111,7 @@ def _summary(cfg: ExperimentConfig, saver: SaveRun, wall: float, paths: dict[str
         "train_images_per_s": round(m.train_images / m.train_seconds, 2)
         if m.train_seconds
         else None,
+        "machine": machine,  # device, precision, threads: what the figures depend on
         "paths": {k: str(v) for k, v in paths.items()},
     }
 
@@ -119,8 +138,9 @@ def _save_outputs(
 ) -> dict[str, Path]:
     """Export the (best) model and its validation predictions; every output path by name."""
     paths = {"report_dir": folders.report_dir, "model_dir": folders.model_dir}
-    paths.update(export_model(learn, folders.model_dir, cfg))
-    paths["valid_preds"] = save_valid_preds(learn, folders.report_dir / "valid_preds.npz")
+    with step("exporting the best model"):
+        paths.update(export_model(learn, folders.model_dir, cfg))
+        paths["valid_preds"] = save_valid_preds(learn, folders.report_dir / "valid_preds.npz")
     paths["metrics"], paths["best_checkpoint"] = folders.metrics_csv, saver.best_path
     return paths
 
@@ -151,6 +171,7 @@ def run_experiment(
     start = time.perf_counter()
     validate(cfg)
     check_monitor(cfg)
+    check_console_columns(cfg)
     with ExitStack() as held:
         folders = open_resume(resume, cfg) if resume is not None else None
         if folders is not None:  # before the data and model: a busy run is refused at once
@@ -164,14 +185,17 @@ def run_experiment(
             folders = create_run_folders(cfg)
             held.enter_context(lock_run(folders))
         learn.path, learn.model_dir = folders.model_dir, "checkpoints"  # fastai's saves stay here
-        print_config(cfg, folders.name)
+        machine = device_info(cfg.train, learn.dls.device)
+        print_config(cfg, folders.name, machine)
         print_data_summary(cfg, data_dir, dls)
         if folders.finished:
             summary = json.loads((folders.report_dir / "summary.json").read_text())
             load_checkpoint(learn, Path(summary["paths"]["best_checkpoint"]), with_opt=False)
             paths = {k: Path(v) for k, v in summary["paths"].items()}
         else:
-            summary, paths = _train(learn, cfg, folders, data_dir, resume is not None, cbs, start)
+            summary, paths = _train(
+                learn, cfg, folders, data_dir, resume is not None, cbs, start, machine
+            )
         _report(learn, cfg, folders, data_dir, paths)
         _print_result(cfg, summary, paths)
         return RunResult(folders.name, folders.report_dir, folders.model_dir, summary, learn)
@@ -185,13 +209,14 @@ def _train(
     resume: bool,
     cbs: Sequence[Callback],
     start: float,
+    machine: dict,
 ) -> tuple[dict, dict[str, Path]]:
     """Fit, export the best model and write summary.json: (the summary, every output path)."""
     write_snapshot(cfg, folders, learn, data_dir)
     saver = _fit_or_hint(learn, cfg, folders, resume, cbs)
     load_checkpoint(learn, saver.best_path)
     paths = _save_outputs(learn, cfg, folders, saver)
-    summary = _summary(cfg, saver, time.perf_counter() - start, paths)
+    summary = _summary(cfg, saver, time.perf_counter() - start, paths, machine)
     write_json(folders.report_dir / "summary.json", summary)  # from here on the run is trained
     saver.prune(keep_last=False)  # ... and not resumable: drop the last-epoch checkpoint
     return summary, paths
@@ -205,7 +230,8 @@ def _report(
     missing = missing_steps(r, cfg)
     try:
         if "test evaluation" in missing:
-            evaluate_learner(learn, data_dir, "test", r, cfg, paths.get("learner"))
+            with step("evaluating the best model on the test split"):
+                evaluate_learner(learn, data_dir, "test", r, cfg, paths.get("learner"))
         if "report" in missing:
             paths["index"] = interpret_learner(learn, cfg, r, data_dir)
     except BaseException:
@@ -214,26 +240,61 @@ def _report(
             f"twincar train {r / 'config.yaml'} --resume {r}"
         )
         raise
+    if cfg.eval.test:
+        paths["eval_test"] = r / "eval_test.json"
+    if cfg.eval.interpret:
+        paths.setdefault("index", r / "index.html")
+        paths["figures"] = r / "figures"
 
 
 def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) -> None:
-    """The best epoch in one line, then the output paths."""
+    """The best epoch, the test result and the report to open, then the output paths."""
+    best = summary["best"]
     console.print(
         f"best epoch {summary['best_epoch']}: {cfg.train.monitor} {summary['best_value']:.4f}, "
-        f"valid_acc {summary['best']['valid_acc']:.4f} ({summary['epochs_run']} epochs, "
-        f"{summary['wall_time_s']:.0f}s)"
+        f"valid_acc {best['valid_acc']:.4f} ({summary['epochs_run']} epochs, "
+        f"{summary['wall_time_s']:.0f}s)",
+        markup=False,
     )
+    if "eval_test" in paths:
+        test = json.loads(Path(paths["eval_test"]).read_text())
+        console.print(
+            f"test split ({test['n_images']} images): acc {test['test_acc']:.4f}, "
+            f"top-5 {test['test_top5']:.4f}, macro F1 {test['test_f1_macro']:.4f}",
+            markup=False,
+            style="bold",
+        )
     print_paths("outputs", paths)
+    if "index" in paths:
+        console.print(f"open the report: {paths['index']}", markup=False, style="bold")
 
 
 # ---------------------------------------------------------------- lr_find
 
 
+def lr_find_figure(learn: Learner, result: dict):
+    """fastai's lr_find plot, each point labelled with its name and LR as lr_find.json has them."""
+    lrs = np.asarray(learn.recorder.lrs, dtype=float)
+    losses = np.asarray([float(v) for v in learn.recorder.losses])
+    names = {"valley": "valley", "slide": "slide", "minimum": "minimum (lowest loss)"}
+    points, labels = [], []
+    for key, label in names.items():
+        x = result[key]
+        points.append((x, float(np.interp(np.log10(x), np.log10(lrs), losses))))
+        labels.append(f"{label} {x:.1e}")
+    import matplotlib.pyplot as plt
+
+    learn.recorder.plot_lr_find(suggestions=points, nms=labels)  # draws; returns no figure
+    return plt.gcf()
+
+
 def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100) -> dict:
     """fastai's `lr_find` (valley, slide, minimum) → lr_find.png + lr_find.json in `out_dir`.
 
-    Weights and optimizer state are left as they were (fastai restores them; the optimizer's
-    hyper-parameters, which `fit` resets to `learn.lr`, are restored here too).
+    `minimum` is the LR of the lowest loss, the plot's point of that name; fastai's own
+    suggestion, a tenth of it, is `minimum_div10`. Weights and optimizer state are left as they
+    were (fastai restores them; the optimizer's hyper-parameters, which `fit` resets to
+    `learn.lr`, are restored here too).
     """
     import matplotlib.pyplot as plt
 
@@ -244,7 +305,9 @@ def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100
     learn.path, learn.model_dir = out_dir, "."  # fastai's temporary save lands in out_dir
     try:
         with quiet_if_plain(learn):
-            found = learn.lr_find(num_it=num_it, suggest_funcs=(valley, slide, minimum))
+            found = learn.lr_find(
+                num_it=num_it, suggest_funcs=(valley, slide, minimum), show_plot=False
+            )
     except IndexError:  # fastai's suggestions need about 20 recorded steps
         n = len(learn.recorder.losses)
         raise TwincarError(
@@ -255,11 +318,15 @@ def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100
         learn.path, learn.model_dir = old_path, old_model_dir
         if hypers is not None:
             learn.opt.hypers = hypers
-    fig = plt.gcf()
+        if not plain_output():
+            console.print()  # end the line of a bar that stopped early (the loss diverged)
+    result = {k: float(v) for k, v in found._asdict().items()}
+    result["minimum_div10"] = result["minimum"]  # fastai's suggestion: lowest-loss LR / 10
+    result["minimum"] *= 10
+    fig = lr_find_figure(learn, result)
     with atomic_path(out_dir / "lr_find.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    result = {k: float(v) for k, v in found._asdict().items()}  # minimum = lowest-loss LR / 10
     result.update(num_it=num_it, plot=str(out_dir / "lr_find.png"))
     write_json(out_dir / "lr_find.json", result)
     return result
@@ -276,8 +343,10 @@ def run_lr_find(cfg: ExperimentConfig) -> dict:
     save_config(cfg, out / "config.yaml")
     result = lr_find_report(learn, out)
     console.print(
-        f"lr_find: valley {result['valley']:.2e}, slide {result['slide']:.2e}, "
-        f"minimum/10 {result['minimum']:.2e}  (set train.lr, e.g. train.lr={result['valley']:.1e})"
+        f"lr_find: valley {result['valley']:.1e}, slide {result['slide']:.1e}, "
+        f"minimum (lowest loss) {result['minimum']:.1e}, minimum/10 {result['minimum_div10']:.1e}"
+        f"  (set train.lr, e.g. train.lr={result['valley']:.1e})",
+        markup=False,
     )
     print_paths("outputs", {"plot": out / "lr_find.png", "suggestions": out / "lr_find.json"})
     return result

@@ -28,7 +28,7 @@ from fastai.learner import Learner, load_learner
 
 from twincar_fast.analysis.metrics import classification_metrics, per_class_table
 from twincar_fast.config import ExperimentConfig, load_config
-from twincar_fast.console import quiet_if_plain
+from twincar_fast.console import eval_bars
 from twincar_fast.data import check_vocab, eval_dl
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
@@ -253,7 +253,7 @@ def evaluate_learner(
     data_dir = Path(data_dir)
     classes = check_vocab(learn.dls, data_dir)
     dl = split_dl(learn, data_dir, split, cfg)
-    with quiet_if_plain(learn):
+    with eval_bars(learn):
         probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
     probs, losses = probs.float().cpu().numpy(), losses.float().cpu().numpy()
     targets = targets.cpu().numpy().astype(int)

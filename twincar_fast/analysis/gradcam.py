@@ -4,7 +4,7 @@ pytorch-grad-cam's `GradCAMPlusPlus` hooks the last feature stage of the body (m
 ResNets the last block of `layer4`, else timm's last `feature_info` module, else the last module
 with a 4D output) and explains one class per image (`ClassifierOutputTarget`). Maps come at the
 model's input size, so they line up with the validation-transformed image (`denormalize`) and with
-boxes sent through the same transforms (`box_masks`).
+boxes mapped through the same geometry (`box_masks`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from fastai.data.transforms import Normalize
 from fastai.learner import Learner
-from PIL import Image
 from pytorch_grad_cam import GradCAMPlusPlus
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from twincar_fast.data.geometry import InputGeometry
 from twincar_fast.errors import TwincarError
 
 __all__ = [
@@ -161,19 +161,24 @@ def overlay(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 
 def box_masks(
-    learn: Learner, sizes: Sequence[tuple[int, int]], boxes: Sequence[Sequence[float]]
+    learn: Learner,
+    sizes: Sequence[tuple[int, int]],
+    boxes: Sequence[Sequence[float]],
+    car_boxes: Sequence[Sequence[float] | None] | None = None,
 ) -> np.ndarray:
     """Where boxes (x1, y1, x2, y2; 1-based inclusive) of W×H images land in the model input.
 
-    Each box is drawn white on a black image of its size and sent through the learner's own
-    validation transforms (resize, centre crop), so the (N, H, W) bool masks match the CAMs.
+    Mapped through the learner's own validation geometry (`data.geometry.InputGeometry`: car-box
+    crop with its margin, resize, resample), the one the loader cuts the pixels with, so the
+    (N, H, W) bool masks match the CAMs. `car_boxes`: each image's car box, for `bbox_crop`.
     """
-    imgs = []
-    for (w, h), (x1, y1, x2, y2) in zip(sizes, boxes, strict=True):
-        arr = np.zeros((int(h), int(w), 3), np.uint8)
-        arr[int(y1) - 1 : int(y2), int(x1) - 1 : int(x2)] = 255
-        imgs.append(Image.fromarray(arr))
-    return denormalize(learn, batch_tensor(learn, imgs)).mean(-1) > 0.5
+    geo = InputGeometry.from_dls(learn.dls)
+    cars = car_boxes if car_boxes is not None else [None] * len(boxes)
+    masks = [
+        geo.mask((int(w), int(h)), box, car)
+        for (w, h), box, car in zip(sizes, boxes, cars, strict=True)
+    ]
+    return np.stack(masks) if masks else np.zeros((0, geo.img_size, geo.img_size), bool)
 
 
 def box_mass_ratio(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:

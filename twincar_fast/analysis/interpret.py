@@ -42,8 +42,9 @@ from twincar_fast.analysis.gradcam import (
 )
 from twincar_fast.analysis.report import read_json, write_index
 from twincar_fast.config import ExperimentConfig
-from twincar_fast.console import console, quiet_if_plain
-from twincar_fast.data import check_vocab
+from twincar_fast.console import console, eval_bars, step
+from twincar_fast.data import check_vocab, read_annotations
+from twincar_fast.data.geometry import InputGeometry
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv
 
@@ -92,7 +93,7 @@ def gradcam_mistakes(learn, dl, preds, data_dir, path, n) -> Path | None:
     on_pred = _cam_panels(learn, x, wrong.predicted_id.tolist())
     on_true = _cam_panels(learn, x, wrong.true_id.tolist())
     rgb = denormalize(learn, x)
-    rows = [
+    triples = [
         [
             (rgb[i], plots.wrap(r.image, 36), "black"),
             (on_pred[i], f"predicted: {plots.wrap(r.predicted)}\np={r.probability:.2f}", "tab:red"),
@@ -100,7 +101,12 @@ def gradcam_mistakes(learn, dl, preds, data_dir, path, n) -> Path | None:
         ]
         for i, r in enumerate(wrong.itertuples())
     ]
-    title = "Grad-CAM++ on the top-loss mistakes: predicted class (middle) vs true class (right)"
+    # two mistakes per row: half as tall a figure for the report page
+    rows = [sum(triples[i : i + 2], []) for i in range(0, len(triples), 2)]
+    title = (
+        "Grad-CAM++ on the top-loss mistakes, two per row: the input, the map of the predicted "
+        "class (red) and of the true class (green)"
+    )
     return plots.plot_panels(rows, path, title)
 
 
@@ -142,7 +148,7 @@ def gradcam_files(learn: Learner, files: Sequence[Path], path: Path) -> Path:
     _check_images(files)
     dl = learn.dls.test_dl([Path(f) for f in files], with_labels=False, bs=min(len(files), 64))
     x = torch.cat([b[0] for b in dl])
-    with quiet_if_plain(learn):
+    with eval_bars(learn):
         probs = learn.get_preds(dl=dl)[0].float().numpy()
     top2 = np.argsort(-probs, axis=1)[:, :2]
     vocab, rgb = list(learn.dls.vocab), denormalize(learn, x)
@@ -171,6 +177,15 @@ def part_boxes(data_dir: Path, split: str) -> pd.DataFrame | None:
     return parts.set_index("fname")[["x1", "y1", "x2", "y2"]]
 
 
+def _car_boxes(dl, rows: pd.DataFrame, data_dir: Path) -> list:
+    """The annotations car box of each predictions row (None where the loader has none)."""
+    if not isinstance(dl.items, pd.DataFrame) or "bbox_x1" not in dl.items:
+        return [None] * len(rows)
+    where = {img: i for i, img in enumerate(relative_images(dl.items, data_dir))}
+    cols = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
+    return [tuple(dl.items.iloc[where[img]][cols]) for img in rows["image"]]
+
+
 def _outline(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The image with the bounding rectangle of `mask` drawn in white."""
     pil = Image.fromarray(img)
@@ -197,7 +212,7 @@ def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show)
     x = _rows_tensor(learn, dl, right, data_dir)
     cams = gradcam_maps(learn, x, right.true_id.tolist())
     sizes = [Image.open(data_dir / img).size for img in right["image"]]
-    masks = box_masks(learn, sizes, boxes.loc[names].to_numpy())
+    masks = box_masks(learn, sizes, boxes.loc[names].to_numpy(), _car_boxes(dl, right, data_dir))
     ratio = box_mass_ratio(cams, masks)
     table = right[["image", "true", "probability"]].assign(
         box_share=masks.reshape(len(masks), -1).mean(1), ratio=ratio
@@ -235,15 +250,33 @@ def draw_split_figures(
     out = [
         plots.plot_class_f1(per_class, fig_dir / f"class_f1_{split}.png"),
         plots.plot_confusion(cm, classes, fig_dir / f"confusion_{split}.png"),
-        plots.plot_confusion_zoom(cm, classes, block, fig_dir / f"confusion_zoom_{split}.png"),
     ]
+    zoom = fig_dir / f"confusion_zoom_{split}.png"
+    if len(block) < len(classes):  # a zoom on every class would only repeat the matrix
+        out.append(plots.plot_confusion_zoom(cm, classes, block, zoom))
+    else:
+        zoom.unlink(missing_ok=True)  # from an earlier interpret with a zoom
+    view = model_view(cfg, data_dir)
     if not pairs.empty:
         ex = fig_dir / f"most_confused_{split}.png"
-        out.append(plots.plot_confused_examples(preds, pairs, data_dir, ex, CONFUSED_ROWS))
+        out.append(plots.plot_confused_examples(preds, pairs, data_dir, ex, CONFUSED_ROWS, view))
     if cfg.eval.top_losses:
         tl = fig_dir / f"top_losses_{split}.png"
-        out.append(plots.plot_top_losses(preds, data_dir, tl, cfg.eval.top_losses))
+        out.append(plots.plot_top_losses(preds, data_dir, tl, cfg.eval.top_losses, view))
     return out
+
+
+def model_view(cfg: ExperimentConfig, data_dir: Path):
+    """(image, rgb) → what the model saw of it: the car-box crop and resize of its input."""
+    geo = InputGeometry.from_config(cfg)
+    cols = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
+    ann = read_annotations(data_dir).set_index("image")[cols] if geo.bbox_crop else None
+
+    def view(image: str, rgb: Image.Image) -> Image.Image:
+        box = tuple(ann.loc[image]) if ann is not None and image in ann.index else None
+        return geo.view(rgb, box)
+
+    return view
 
 
 def _gradcam_figures(learn, report_dir, split, data_dir, cfg, images) -> list[Path]:
@@ -286,12 +319,15 @@ def interpret_learner(
     split = "test" if cfg.eval.test else "valid"
     if not (report_dir / f"eval_{split}.json").is_file():
         evaluate_learner(learn, data_dir, split, report_dir, cfg)
-    if (report_dir / "metrics.csv").is_file():
-        plots.plot_curves(report_dir / "metrics.csv", report_dir / "figures")
-    for s in ("test", "valid"):
-        if (report_dir / f"predictions_{s}.csv").is_file():
-            draw_split_figures(report_dir, s, data_dir, cfg)
-    _gradcam_figures(learn, report_dir, split, data_dir, cfg, images)
+    with step("drawing the figures"):
+        if (report_dir / "metrics.csv").is_file():
+            plots.plot_curves(report_dir / "metrics.csv", report_dir / "figures")
+        for s in ("test", "valid"):
+            if (report_dir / f"predictions_{s}.csv").is_file():
+                draw_split_figures(report_dir, s, data_dir, cfg)
+    if cfg.eval.gradcam or images:
+        with step("Grad-CAM++ maps"):
+            _gradcam_figures(learn, report_dir, split, data_dir, cfg, images)
     return write_index(report_dir)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -63,13 +64,12 @@ def wrap(text: str, width: int = 28) -> str:
 # figure file -> (title, y label, [(metrics.csv column, legend label), ...])
 CURVES = {
     "accuracy.png": (
-        "Accuracy and F1",
+        "Accuracy and macro F1",
         "score",
         [
             ("train_acc", "train accuracy"),
             ("valid_acc", "valid accuracy"),
-            ("valid_f1_macro", "valid F1 macro"),
-            ("valid_f1_weighted", "valid F1 weighted"),
+            ("valid_f1_macro", "valid F1 macro"),  # weighted F1 (metrics.csv) hid under it
         ],
     ),
     "loss.png": ("Loss", "loss", [("train_loss", "train"), ("valid_loss", "valid")]),
@@ -197,11 +197,11 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | os.PathLike) 
     fig, ax = plt.subplots(figsize=(side + 2.5, side + 1.0))
     labels = [classes[i] for i in order]
     im = _confusion_axes(ax, _row_normalized(cm)[np.ix_(order, order)], labels, fontsize)
-    ax.set_title(
+    title = (
         f"Confusion matrix, {n} classes (rows normalized; clustered so that confused classes "
-        "sit together)",
-        fontsize=10,
+        "sit together)"
     )
+    ax.set_title(wrap(title, int(side * 9)), fontsize=10)  # ~9 characters per inch at 10 pt
     _colorbar(fig, im, ax, 0.5)
     return save_figure(fig, path, dpi=DPI if n <= 30 else 140)  # crisp 5.5 pt names
 
@@ -246,11 +246,13 @@ def most_confused(preds: pd.DataFrame, n: int) -> pd.DataFrame:
 # ---------------------------------------------------------------- example images
 
 
-def _open(data_dir: Path, image: str):
-    """The image at `image` (relative to `data_dir`, or absolute) as an RGB PIL image."""
+def _open(data_dir: Path, image: str, view: Callable | None = None):
+    """The image at `image` (relative to `data_dir`, or absolute) as an RGB PIL image; `view`
+    (image, rgb) → what the model saw of it (the validation crop and resize)."""
     from twincar_fast.data.images import open_rgb
 
-    return open_rgb(data_dir / image)
+    img = open_rgb(data_dir / image)
+    return view(image, img) if view is not None else img
 
 
 def _show(ax, img, title: str, color: str = "black") -> None:
@@ -266,8 +268,10 @@ def plot_confused_examples(
     data_dir: str | os.PathLike,
     path: str | os.PathLike,
     rows: int = 10,
+    view: Callable | None = None,
 ) -> Path:
-    """A row per confused pair: an image of A predicted as B beside a correct example of B."""
+    """A row per confused pair: an image of A predicted as B beside a correct example of B
+    (`view`: as in `_open`)."""
     data_dir = Path(data_dir)
     pairs = pairs.head(max(1, rows))
     fig, axes = plt.subplots(
@@ -277,7 +281,7 @@ def plot_confused_examples(
         wrong = preds[(preds.true_id == pair.actual_id) & (preds.predicted_id == pair.predicted_id)]
         w = wrong.sort_values("probability", ascending=False).iloc[0]
         title = f"A: {wrap(pair.actual)}\nseen as B {pair.count}× (p={w.probability:.2f})"
-        _show(left, _open(data_dir, w.image), title, "tab:red")
+        _show(left, _open(data_dir, w.image, view), title, "tab:red")
         good = preds[
             (preds.true_id == pair.predicted_id) & (preds.predicted_id == pair.predicted_id)
         ]
@@ -288,7 +292,7 @@ def plot_confused_examples(
         g = good.sort_values("probability", ascending=False).iloc[0]
         _show(
             right,
-            _open(data_dir, g.image),
+            _open(data_dir, g.image, view),
             f"B: {wrap(pair.predicted)}\ncorrect (p={g.probability:.2f})",
             "tab:green",
         )
@@ -299,15 +303,26 @@ def plot_confused_examples(
 
 
 def plot_top_losses(
-    preds: pd.DataFrame, data_dir: str | os.PathLike, path: str | os.PathLike, n: int = 16
+    preds: pd.DataFrame,
+    data_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    n: int = 16,
+    view: Callable | None = None,
 ) -> Path:
-    """A grid of the `n` highest-loss images titled predicted / actual / loss / probability."""
+    """A grid of the `n` highest-loss images titled predicted / actual / loss / probability
+    (`view`: as in `_open`)."""
     data_dir = Path(data_dir)
     top = preds.sort_values("loss", ascending=False, kind="stable").head(max(1, n))
     cols = min(4, len(top))
     nrows = -(-len(top) // cols)
+    first = _open(data_dir, top.iloc[0].image, view)
+    aspect = first.height / first.width  # rows as tall as the images and their 3 title lines
     fig, axes = plt.subplots(
-        nrows, cols, figsize=(3.2 * cols, 3.3 * nrows + 0.4), squeeze=False, layout="constrained"
+        nrows,
+        cols,
+        figsize=(3.2 * cols, (3.0 * aspect + 0.7) * nrows + 0.4),
+        squeeze=False,
+        layout="constrained",
     )
     for ax in axes.flat[len(top) :]:
         ax.axis("off")
@@ -318,7 +333,7 @@ def plot_top_losses(
         )
         _show(
             ax,
-            _open(data_dir, r.image),
+            _open(data_dir, r.image, view),
             title,
             "tab:red" if r.true_id != r.predicted_id else "black",
         )

@@ -21,26 +21,29 @@ __all__ = ["headline_metrics", "read_json", "write_index"]
 
 # figure stem (without _<split>) -> caption, in page order
 FIGURES = {
-    "accuracy": "Accuracy (train and valid) and valid F1 per epoch",
+    "accuracy": "Accuracy (train and valid) and valid macro F1 per epoch",
     "loss": "Train and valid loss per epoch",
     "precision_recall": "Valid macro precision and recall per epoch",
     "topk": "Valid top-1, top-3 and top-5 accuracy per epoch",
     "class_f1": "The best and the worst classes by F1",
     "confusion": "Confusion matrix, rows normalized, confused classes clustered together",
     "confusion_zoom": "Zoom on the most-confused block of classes",
-    "most_confused": "Most-confused pairs: an image of A predicted as B beside a real B",
-    "top_losses": "The images with the highest loss",
-    "gradcam_mistakes": "Grad-CAM++ on mistakes: predicted class vs true class",
-    "gradcam_correct": "Grad-CAM++ on a correct example of each class",
-    "gradcam_images": "Grad-CAM++ on the images given on the command line",
-    "gradcam_parts": "Grad-CAM++ and the box of the part that tells the classes apart (demo set)",
+    "most_confused": "Most-confused pairs: an image of A predicted as B beside a real B, "
+    "as the model saw them (its input crop)",
+    "top_losses": "The images with the highest loss, as the model saw them (its input crop)",
+    "gradcam_mistakes": "Grad-CAM++ on mistakes, on the model's input: predicted vs true class",
+    "gradcam_correct": "Grad-CAM++ on a correct example of each class, on the model's input",
+    "gradcam_images": "Grad-CAM++ on the images given on the command line, on the model's input",
+    "gradcam_parts": "Grad-CAM++ and the box of the part that tells the classes apart, on the "
+    "model's input: demo set only",
 }
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}
 th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:1em 0;border:1px solid #eee;padding:.5em}figure img{max-width:100%}
+figure{margin:1em 0;border:1px solid #eee;padding:.5em}
+figure img{max-width:100%;max-height:900px;object-fit:contain}
 figcaption{color:#555;font-size:.9em}pre{background:#f7f7f7;padding:.8em;overflow-x:auto}
 """
 
@@ -109,7 +112,7 @@ def _caption(stem: str) -> str:
     for key in sorted(FIGURES, key=len, reverse=True):
         for split in ("", "_test", "_valid"):
             if stem == key + split:
-                return FIGURES[key] + (f" ({split[1:]} split)" if split else "")
+                return FIGURES[key] + (f"; {split[1:]} split" if split else "")
     return stem.replace("_", " ")
 
 
@@ -132,7 +135,8 @@ def _figures_html(report_dir: Path) -> str:
         cap = html.escape(_caption(f.stem))
         out.append(
             f'<figure id="{html.escape(f.stem)}"><a href="{rel}"><img src="{rel}" alt="{cap}" '
-            f'loading="lazy"></a><figcaption>{cap} — <code>{rel}</code></figcaption></figure>'
+            f'loading="lazy"></a><figcaption>{cap} — <code>{rel}</code> (click for full size)'
+            "</figcaption></figure>"
         )
     return "\n".join(out)
 
@@ -154,10 +158,21 @@ def _summary_html(report_dir: Path) -> str:
     s = read_json(report_dir / "summary.json")
     keys = ["monitor", "best_epoch", "best_value", "epochs_run", "stopped_early", "wall_time_s"]
     keys += ["train_images_per_s"]
-    rows = [(k, s[k]) for k in keys if k in s and not isinstance(s[k], (dict, list))]
+    rows = [(k, _short(s[k])) for k in keys if k in s and not isinstance(s[k], (dict, list))]
+    machine = s.get("machine")
+    if isinstance(machine, dict):
+        rows.append(("machine", ", ".join(str(machine.get(k, "?")) for k in _MACHINE)))
     if not rows:
         return ""
     return _table(pd.DataFrame(rows, columns=["summary", "value"]).astype({"value": str}))
+
+
+_MACHINE = ("device", "precision", "torch_threads", "processor")
+
+
+def _short(value) -> str:
+    """A summary value as text, floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _confused_html(report_dir: Path) -> str:

@@ -34,6 +34,7 @@ from rich.table import Table
 from twincar_fast.config import AugConfig, ExperimentConfig
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
+from twincar_fast.data.geometry import crop_region
 from twincar_fast.data.images import open_rgb
 from twincar_fast.data.split import split_train_valid
 from twincar_fast.errors import ConfigError, DataError
@@ -65,21 +66,6 @@ _RESIZE = {"crop": ResizeMethod.Crop, "squish": ResizeMethod.Squish, "pad": Resi
 # ---------------------------------------------------------------- items
 
 
-def _region(box, margin: float, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
-    """The 0-based crop (l, t, r, b) of a 1-based inclusive box grown by `margin`; None = all."""
-    if box is None or any(v is None or not math.isfinite(v) for v in box):
-        return None
-    x1, y1, x2, y2 = box
-    left, top, right, bottom = x1 - 1, y1 - 1, x2, y2
-    mx, my = margin * (right - left), margin * (bottom - top)
-    w, h = size
-    left, top = max(0.0, left - mx), max(0.0, top - my)
-    right, bottom = min(float(w), right + mx), min(float(h), bottom + my)
-    if right - left < 1 or bottom - top < 1:
-        return None  # a box outside the image: use the whole image rather than fail
-    return left, top, right, bottom
-
-
 def open_region(
     path: str | os.PathLike, box=None, margin: float = 0.0, min_side: int | None = None
 ) -> Image.Image:
@@ -97,12 +83,12 @@ def open_region(
     def draft(size: tuple[int, int]) -> tuple[int, int] | None:
         """The draft size that keeps the region's shorter side ≥ min_side (None: full scale)."""
         full.append(size)
-        left, top, right, bottom = _region(box, margin, size) or (0, 0, *size)
+        left, top, right, bottom = crop_region(box, margin, size) or (0, 0, *size)
         scale = min_side / min(right - left, bottom - top) if min_side else 1.0
         return (math.ceil(size[0] * scale), math.ceil(size[1] * scale)) if scale < 1 else None
 
     im = open_rgb(path, draft=draft)  # one open: the header's size sets the draft scale
-    region = _region(box, margin, full[0])
+    region = crop_region(box, margin, full[0])
     if region is None:
         return im
     left, top, right, bottom = region

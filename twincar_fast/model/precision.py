@@ -7,6 +7,8 @@ same autocast there. `apply_speedups` picks what `train.mixed_precision` etc. me
 from __future__ import annotations
 
 import logging
+import platform
+from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback
@@ -14,7 +16,7 @@ from fastai.learner import Learner
 
 from twincar_fast.config import TrainConfig
 
-__all__ = ["CpuAutocast", "apply_speedups", "cpu_has_bf16", "precision_for"]
+__all__ = ["CpuAutocast", "apply_speedups", "cpu_has_bf16", "device_info", "precision_for"]
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +89,33 @@ def apply_speedups(learn: Learner, train_cfg: TrainConfig, device: torch.device)
         learn.model.compile()  # in place: model[0]/model[1] and state-dict keys stay as they are
     elif train_cfg.compile:
         log.info("torch.compile is used on CUDA only; running eagerly on %s", device)
+
+
+def _processor(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(train_cfg: TrainConfig, device: torch.device) -> dict:
+    """What a run computes on: device (`cuda:0`, `cpu`), precision, torch threads, processor.
+
+    Results differ between machines mainly through these: bf16 autocast only runs on CPUs with
+    native bf16, and the thread count changes the order of float sums.
+    """
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    mode = precision_for(train_cfg, device)
+    return {
+        "device": str(device),
+        "precision": {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[mode],
+        "torch_threads": torch.get_num_threads(),
+        "processor": _processor(device),
+    }

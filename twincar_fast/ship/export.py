@@ -64,6 +64,7 @@ class ModelCard:
     head_dropout: float = 0.3
     n_classes: int | None = None
     bbox_crop: bool = False
+    bbox_margin: float = 0.0
     resize: Literal["crop", "squish", "pad"] = "crop"
     pad_mode: Literal["zeros", "border", "reflection"] = "reflection"
     draft: bool = True
@@ -84,6 +85,8 @@ def _check_card(c: ModelCard, where: str) -> None:
     check_key(min(c.std) > 0, where, "std", f"must be positive, got {c.std}")
     check_key(c.head_hidden >= 1, where, "head_hidden", "must be at least 1")
     check_key(0 <= c.head_dropout < 1, where, "head_dropout", "must be in [0, 1)")
+    ok = math.isfinite(c.bbox_margin) and c.bbox_margin >= 0
+    check_key(ok, where, "bbox_margin", f"must be a finite number ≥ 0, got {c.bbox_margin}")
 
 
 def read_model_card(path: str | os.PathLike) -> ModelCard:
@@ -179,6 +182,7 @@ def model_card(learn: Learner, cfg: ExperimentConfig) -> dict:
         "img_size": d.img_size,
         "item_size": d.item_size,
         "bbox_crop": d.bbox_crop,
+        "bbox_margin": d.bbox_margin,
         **_preprocessing(learn, cfg),
         "input": "RGB scaled to [0, 1], normalized with mean/std, NCHW float32",
     }

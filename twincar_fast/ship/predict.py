@@ -3,7 +3,8 @@
 `Predictor.from_path` loads `model.safetensors` + `model.json` (weights only, no pickle), a
 fastai `learner.pkl`, or a `models/<run>` folder (preferring the safetensors pair). Images are
 preprocessed exactly as the validation set is during training: opened with `open_region` (JPEG
-draft decoding, as the training loader), resized on the CPU (centre square crop, squish or pad) in
+draft decoding, as the training loader; cut to the car box grown by its margin for models trained
+with `bbox_crop`, so `predict(..., boxes=...)` takes one box per image), resized on the CPU (centre square crop, squish or pad) in
 a thread pool to `item_size` (= `img_size` for models trained with item-stage augmentation, the
 default), then resampled to `img_size` where that differs and normalized as a batch on the
 model's device; the forward pass runs channels-last under `inference_mode`.
@@ -11,7 +12,9 @@ model's device; the forward pass runs channels-last under `inference_mode`.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,15 +26,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from twincar_fast.data.geometry import InputGeometry, resize_image
 from twincar_fast.data.loaders import open_region
 from twincar_fast.errors import TwincarError
 
-__all__ = ["Predictor", "Preprocess", "predict_files", "require_trust"]
+__all__ = ["Predictor", "Preprocess", "box_warning", "require_trust"]
 
 ImageInput = str | os.PathLike | Image.Image
 _MODEL_FILES = ("model.safetensors", "learner.pkl")
-# fastai's PadMode → torchvision's padding_mode
-_PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
 
 
 @dataclass
@@ -45,20 +47,35 @@ class Preprocess:
     resize: str = "crop"  # crop: centre square; squish: whole image; pad: pad to a square
     pad_mode: str = "zeros"  # padding of `pad` (fastai PadMode: zeros, border, reflection)
     draft: bool = True  # JPEG draft decoding at a reduced scale still ≥ item_size
+    bbox_crop: bool = False  # the model was trained on car-box crops: give each image its box
+    bbox_margin: float = 0.0  # ... grown by this share of the box on each side
 
-    def open(self, image: ImageInput) -> Image.Image:
-        """An RGB PIL image from a path (checked, draft-decoded) or an image object."""
+    def open(self, image: ImageInput, box=None) -> Image.Image:
+        """An RGB PIL image from a path (checked, draft-decoded) or an image object, cut to
+        `box` (x1, y1, x2, y2; 1-based inclusive) grown by the margin when `bbox_crop`."""
+        box = box if self.bbox_crop else None
         if isinstance(image, Image.Image):
-            return image.convert("RGB")
+            image = image.convert("RGB")
+            if box is None:
+                return image
+            return image.crop(tuple(int(v) for v in self.geometry.crop(image.size, box)))
         path = Path(image)
         if not path.is_file():
             raise TwincarError(f"image not found: {path} (check the path)")
-        return open_region(path, min_side=self.item_size if self.draft else None)
+        min_side = self.item_size if self.draft else None
+        return open_region(path, box, self.bbox_margin, min_side)
 
-    def item(self, image: ImageInput) -> torch.Tensor:
+    def item(self, image: ImageInput, box=None) -> torch.Tensor:
         """One presized uint8 CHW tensor, as fastai's validation `Resize(item_size)` makes it."""
-        img = _presize(self.open(image), self.item_size, self.resize, self.pad_mode)
+        img = resize_image(self.open(image, box), self.item_size, self.resize, self.pad_mode)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+    @property
+    def geometry(self) -> InputGeometry:
+        """Where boxes of an original image land in this model input."""
+        return InputGeometry(
+            self.item_size, self.img_size, self.resize, self.bbox_crop, self.bbox_margin
+        )
 
     def batch(self, items: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Stacked items as a normalized float batch of `img_size`, as the validation batch tfms."""
@@ -72,45 +89,27 @@ class Preprocess:
     def from_dls(cls, dls) -> Preprocess:
         """The validation preprocessing of a fastai DataLoaders built by `build_dls`."""
         from fastai.data.transforms import Normalize
-        from fastai.vision.augment import AffineCoordTfm, RandomResizedCropGPU, Resize
+        from fastai.vision.augment import Resize
 
         from twincar_fast.data.loaders import ImageLoader
 
         dl = dls.valid
+        geo = InputGeometry.from_dls(dls)
         resize = next(t for t in dl.after_item.fs if isinstance(t, Resize))
         norm = next(t for t in dl.after_batch.fs if isinstance(t, Normalize))
-        crops = (RandomResizedCropGPU, AffineCoordTfm)
-        sizes = [t.size for t in dl.after_batch.fs if isinstance(t, crops) and t.size is not None]
         tfms = [t for p in dl.dataset.tfms for t in p.fs]
         loader = next((t for t in tfms if isinstance(t, ImageLoader)), None)
         return cls(
-            item_size=int(resize.size[0]),
-            img_size=int(sizes[-1][0]) if sizes else int(resize.size[0]),  # item stage: sized
+            item_size=geo.item_size,
+            img_size=geo.img_size,
             mean=norm.mean.flatten().tolist(),
             std=norm.std.flatten().tolist(),
-            resize=str(resize.method),
+            resize=geo.resize,
             pad_mode=str(resize.pad_mode),
             draft=bool(loader.draft) if loader is not None else False,
+            bbox_crop=geo.bbox_crop,
+            bbox_margin=geo.bbox_margin,
         )
-
-
-def _presize(img: Image.Image, size: int, method: str, pad_mode: str) -> Image.Image:
-    """fastai's `Resize(size, method, pad_mode)` on the validation set: centred, bilinear."""
-    w, h = img.size
-    if method == "squish":
-        return img.resize((size, size), Image.BILINEAR)
-    # Same float arithmetic as fastai's Resize.encodes, so the crop box matches to the pixel.
-    ratios = (w / size, h / size)
-    m = max(ratios) if method == "pad" else min(ratios)
-    side = int(m * size)
-    left, top = int(0.5 * (w - side)), int(0.5 * (h - side))
-    img = img.crop((max(left, 0), max(top, 0), min(left + side, w), min(top + side, h)))
-    pads = [max(-left, 0), max(-top, 0), max(left + side - w, 0), max(top + side - h, 0)]
-    if any(pads):
-        from torchvision.transforms.functional import pad  # what fastai pads PIL images with
-
-        img = pad(img, pads, padding_mode=_PAD_MODES[pad_mode])
-    return img.resize((size, size), Image.BILINEAR)
 
 
 def _resample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -174,38 +173,69 @@ class Predictor:
             model, classes, pre = _load_safetensors(path)
         return cls(model, classes, pre, device=device)
 
-    def _items(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+    def _items(self, images: Sequence[ImageInput], boxes: Sequence) -> list[torch.Tensor]:
         """Presized items, decoded in threads (PIL releases the GIL while decoding and resizing)."""
         if len(images) < 2 or self.num_threads < 2:
-            return [self.preprocess.item(im) for im in images]
+            return [self.preprocess.item(im, b) for im, b in zip(images, boxes, strict=True)]
         with ThreadPoolExecutor(min(self.num_threads, len(images))) as pool:
-            return list(pool.map(self.preprocess.item, images))
+            return list(pool.map(self.preprocess.item, images, boxes))
 
-    def predict_proba(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """Class probabilities, shape (n_images, n_classes), in the model's class order."""
+    def _boxes(self, n: int, boxes: Sequence | None) -> list:
+        """One box (or None) per image; a warning when a box-trained model gets none."""
+        boxes = [None] * n if boxes is None else [_as_box(b) for b in boxes]
+        if len(boxes) != n:
+            raise TwincarError(f"boxes: {len(boxes)} boxes for {n} images; give one per image")
+        missing = sum(b is None for b in boxes)
+        if self.preprocess.bbox_crop and missing:
+            warnings.warn(box_warning(missing, n), UserWarning, stacklevel=3)
+        return boxes
+
+    def predict_proba(
+        self, images: ImageInput | Sequence[ImageInput], boxes: Sequence | None = None
+    ) -> np.ndarray:
+        """Class probabilities, shape (n_images, n_classes), in the model's class order.
+
+        Args:
+            images: image files or PIL images.
+            boxes: per image the car box (x1, y1, x2, y2; 1-based inclusive pixels, as in
+                annotations.csv) or None; used when the model was trained with `bbox_crop`.
+        """
         images = _as_list(images)
+        return self._proba(images, self._boxes(len(images), boxes))
+
+    def _proba(self, images: list[ImageInput], boxes: list) -> np.ndarray:
+        """`predict_proba` of checked inputs, batch by batch."""
         out = []
         with torch.inference_mode():
             for i in range(0, len(images), self.batch_size):
-                items = self._items(images[i : i + self.batch_size])
-                x = self.preprocess.batch(items, self.device)
+                sl = slice(i, i + self.batch_size)
+                x = self.preprocess.batch(self._items(images[sl], boxes[sl]), self.device)
                 x = x.contiguous(memory_format=torch.channels_last)
                 out.append(self.model(x).float().softmax(1).cpu())
         if not out:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         return torch.cat(out).numpy()
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 3) -> list[dict]:
-        """Per image: `label`, `class_id`, `prob` of the top class and the `topk` list of dicts."""
-        probs = self.predict_proba(images)
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        top_k: int = 3,
+        boxes: Sequence | None = None,
+    ) -> list[dict]:
+        """Per image: `label`, `class_id`, `prob` of the top class, the `topk` list of dicts and
+        the `box` it was cut to (None: the whole image); `boxes` as in `predict_proba`."""
+        images = _as_list(images)
+        boxes = self._boxes(len(images), boxes)
+        probs = self._proba(images, boxes)
         k = max(1, min(top_k, len(self.classes)))
         results = []
-        for p in probs:
+        for p, box in zip(probs, boxes, strict=True):
             order = np.argsort(-p, kind="stable")[:k]
             topk = [
                 {"label": self.classes[c], "class_id": int(c), "prob": float(p[c])} for c in order
             ]
-            results.append({**topk[0], "topk": topk})
+            used = box if self.preprocess.bbox_crop else None
+            results.append({**topk[0], "topk": topk, "box": used})
         return results
 
 
@@ -217,6 +247,25 @@ def require_trust(path: Path, trust_pickle: bool) -> None:
             "(--trust-pickle, or trust_pickle=True); the safe files are model.safetensors + "
             "model.json in the same folder"
         )
+
+
+def box_warning(missing: int, n: int) -> str:
+    """The one warning line for images fed whole to a model trained on car-box crops."""
+    return (
+        f"this model was trained on car-box crops (bbox_crop) but {missing} of {n} image(s) "
+        "have no box and are fed whole, which lowers accuracy; give boxes "
+        "(--boxes boxes.csv or --data DIR; in Python `boxes=`)"
+    )
+
+
+def _as_box(box) -> tuple[float, float, float, float] | None:
+    """A box as 4 finite floats, or None (missing, NaN)."""
+    if box is None:
+        return None
+    values = tuple(float(v) for v in box)
+    if len(values) != 4:
+        raise TwincarError(f"box {box!r}: give 4 numbers x1, y1, x2, y2")
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -274,7 +323,15 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
             "the file and model.json must come from the same export"
         ) from None
     pre = Preprocess(
-        card.item_size, card.img_size, card.mean, card.std, card.resize, card.pad_mode, card.draft
+        card.item_size,
+        card.img_size,
+        card.mean,
+        card.std,
+        card.resize,
+        card.pad_mode,
+        card.draft,
+        card.bbox_crop,
+        card.bbox_margin,
     )
     return model, card.classes, pre
 
@@ -295,33 +352,3 @@ def _load_learner_pkl(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
                 f"{path}: can't load this learner ({reason}); re-export it"
             ) from None
     return learn.model, [str(v) for v in learn.dls.vocab], Preprocess.from_dls(learn.dls)
-
-
-def predict_files(
-    model: str | os.PathLike,
-    images: Sequence[str | os.PathLike],
-    top_k: int = 3,
-    trust_pickle: bool = False,
-) -> list[dict]:
-    """Classify image files with an exported model, print a table and return the results."""
-    from rich.console import Console
-    from rich.table import Table
-
-    if top_k < 1:
-        raise TwincarError(f"--top-k must be at least 1, got {top_k}")
-    paths = [Path(p) for p in images]
-    for p in paths:  # before loading the model: a typo shouldn't cost a model load
-        if not p.is_file():
-            raise TwincarError(f"image not found: {p} (check the path)")
-    predictor = Predictor.from_path(model, trust_pickle=trust_pickle)
-    results = predictor.predict(paths, top_k=top_k)
-    table = Table(title=f"predictions ({Path(model)})")
-    table.add_column("image")
-    table.add_column("prediction")
-    table.add_column("prob", justify="right")
-    table.add_column(f"top {min(top_k, len(predictor.classes))}")
-    for p, r in zip(paths, results, strict=True):
-        others = ", ".join(f"{t['label']} {t['prob']:.2f}" for t in r["topk"])
-        table.add_row(str(p), r["label"], f"{r['prob']:.3f}", others)
-    Console().print(table)
-    return [{"image": str(p), **r} for p, r in zip(paths, results, strict=True)]

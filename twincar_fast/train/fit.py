@@ -16,10 +16,11 @@ from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 
 from twincar_fast.config import ExperimentConfig
-from twincar_fast.console import plain_output, print_epoch, quiet_if_plain
+from twincar_fast.console import EpochPrinter, quiet_if_plain
 from twincar_fast.errors import ConfigError, TwincarError
 from twincar_fast.model.learner import apply_freeze, freeze_all_but_head, lr_for
 from twincar_fast.train.callbacks import (
+    METRICS_COLUMNS,
     MONITORS,
     EarlyStop,
     EpochMetrics,
@@ -32,7 +33,7 @@ from twincar_fast.train.callbacks import (
 )
 from twincar_fast.train.runs import RunFolders
 
-__all__ = ["attach_metrics", "check_monitor", "fit_run", "fit_schedule"]
+__all__ = ["attach_metrics", "check_console_columns", "check_monitor", "fit_run", "fit_schedule"]
 
 
 def check_monitor(cfg: ExperimentConfig) -> None:
@@ -41,6 +42,17 @@ def check_monitor(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"train.monitor: {cfg.train.monitor!r} is not a validation metric; "
             f"use one of {', '.join(MONITORS)}"
+        )
+
+
+def check_console_columns(cfg: ExperimentConfig) -> None:
+    """ConfigError unless every `train.console_columns` entry is a metrics.csv column."""
+    known = [c for c in METRICS_COLUMNS if c not in ("epoch", "lr", "time_s")]
+    bad = [c for c in cfg.train.console_columns if c not in known]
+    if bad:
+        raise ConfigError(
+            f"train.console_columns: {bad[0]!r} is not a metrics.csv column; use some of "
+            f"{', '.join(known)}"
         )
 
 
@@ -145,14 +157,15 @@ def fit_run(
     """The staged fit (head-only epochs, then the main fit) from epoch `done`; the run's SaveRun."""
     t = cfg.train
     total = t.head_epochs + t.epochs
-    echo = (lambda row: print_epoch(row, total)) if plain_output() else None
+    echo = EpochPrinter(total, t.console_columns)
     metrics = attach_metrics(learn)
     saver = SaveRun(t.monitor, folders.ckpt_dir, folders.metrics_csv, metrics, rows, echo)
     saver.prune()  # checkpoints of epochs that were never committed
     if t.grad_accum > 1:
         cbs = [GradientAccumulation(n_acc=cfg.data.batch_size * t.grad_accum), *cbs]
     offset, resume_from = 0, (done - 1 if done else None)
-    with quiet_if_plain(learn):
+    # fastai's own epoch table off: it is 281 columns wide and its train_loss is the smoothed one
+    with quiet_if_plain(learn), learn.no_logging():
         for stage, n in (("head", t.head_epochs), ("main", t.epochs)):
             start = min(max(done - offset, 0), n)
             if stage == "main" and _stopped_early(cfg, saver.rows):

@@ -1,0 +1,178 @@
+"""`twincar predict`: image files → predictions, with their car boxes, on the console and in a file.
+
+Boxes come from a CSV (`image, x1, y1, x2, y2`) or from a prepared data set's annotations.csv
+(for the images it lists); a model trained on car-box crops that gets an image without a box says
+so once. Unreadable images are listed with their reason and the others still predicted. The
+console shows a table in a terminal (paths shortened from the left, to fit) and one plain
+tab-separated line per image otherwise; `--out` writes CSV or JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from twincar_fast.console import console, plain_output
+from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations
+from twincar_fast.data.images import image_problem
+from twincar_fast.errors import TwincarError
+from twincar_fast.files import write_csv, write_json
+from twincar_fast.ship.predict import Predictor, box_warning
+
+__all__ = ["predict_files", "read_boxes", "results_table", "shorten_left"]
+
+_BOX_CSV = ["image", "x1", "y1", "x2", "y2"]
+
+
+def _key(path: str | os.PathLike) -> str:
+    """An image's match key: its resolved absolute path."""
+    return str(Path(path).expanduser().resolve())
+
+
+def read_boxes(csv: str | os.PathLike | None = None, data: str | os.PathLike | None = None) -> dict:
+    """Car boxes by resolved image path, from a boxes CSV and/or a prepared set's annotations."""
+    boxes: dict[str, tuple] = {}
+    if data is not None:
+        df = read_annotations(data)
+        for path, *box in df[["path", *BBOX_COLUMNS]].itertuples(index=False):
+            boxes[_key(path)] = tuple(box)
+    if csv is not None:
+        csv = Path(csv)
+        if not csv.is_file():
+            raise TwincarError(f"--boxes {csv}: file not found")
+        df = pd.read_csv(csv)
+        missing = [c for c in _BOX_CSV if c not in df.columns]
+        if missing:
+            raise TwincarError(
+                f"--boxes {csv}: missing column(s) {', '.join(missing)}; "
+                "columns must be image,x1,y1,x2,y2 (1-based inclusive pixels)"
+            )
+        for image, *box in df[_BOX_CSV].itertuples(index=False):
+            p = Path(str(image))
+            boxes[_key(p if p.is_absolute() else csv.parent / p)] = tuple(box)
+            boxes.setdefault(_key(p), tuple(box))  # relative to the working folder, too
+    return boxes
+
+
+def shorten_left(text: str, width: int) -> str:
+    """`text` cut to `width` characters from the left ("…" + its end), so file names stay."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+
+
+def results_table(rows: list[dict], top_k: int) -> pd.DataFrame:
+    """One row per image: image, label, prob, class_id, box, the top-k pairs and any error."""
+    out = []
+    for r in rows:
+        row = {"image": r["image"], "label": r.get("label"), "prob": r.get("prob")}
+        row["class_id"] = r.get("class_id")
+        box = r.get("box")
+        row["box"] = "none" if box is None else " ".join(f"{v:g}" for v in box)
+        for i, t in enumerate(r.get("topk", [])[:top_k], 1):
+            row[f"top{i}"], row[f"top{i}_prob"] = t["label"], t["prob"]
+        row["error"] = r.get("error", "")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _print(rows: list[dict], model: Path, top_k: int) -> None:
+    """A table in a terminal (paths shortened from the left), plain tab-separated lines otherwise
+    (rich would expand the tabs)."""
+    if plain_output():
+        for r in rows:
+            if "error" in r:
+                print(f"{r['image']}\terror: {r['error']}")
+                continue
+            others = ", ".join(f"{t['label']} {t['prob']:.2f}" for t in r["topk"])
+            print(f"{r['image']}\t{r['label']}\t{r['prob']:.3f}\t{others}")
+        return
+    from rich.table import Table
+
+    width = max(20, console.width // 3)
+    table = Table(title=f"predictions ({shorten_left(str(model), console.width - 20)})")
+    table.add_column("image", no_wrap=True, max_width=width)
+    table.add_column("prediction")
+    table.add_column("prob", justify="right")
+    table.add_column(f"top {top_k}")
+    for r in rows:
+        image = shorten_left(r["image"], width)
+        if "error" in r:
+            table.add_row(image, "[red]unreadable[/red]", "", r["error"])
+            continue
+        others = ", ".join(f"{t['label']} {t['prob']:.2f}" for t in r["topk"])
+        table.add_row(image, r["label"], f"{r['prob']:.3f}", others)
+    console.print(table)
+
+
+def _write(path: Path, rows: list[dict], top_k: int) -> Path:
+    """--out as CSV (one row per image) or JSON (the list of result dicts)."""
+    if path.suffix.lower() == ".json":
+        return write_json(path, rows)
+    if path.suffix.lower() != ".csv":
+        raise TwincarError(f"--out {path}: give a .csv or .json file name")
+    return write_csv(path, results_table(rows, top_k))
+
+
+def _predict_rows(
+    predictor: Predictor, paths: list[Path], problems: dict, known: dict, top_k: int
+) -> list[dict]:
+    """Result rows in the order of `paths`: predictions of the readable ones, errors of the rest."""
+    good = [p for p in paths if problems[str(p)] is None]
+    wanted = [known.get(_key(p)) for p in good]
+    no_box = sum(b is None for b in wanted)
+    if predictor.preprocess.bbox_crop and no_box:
+        print(f"warning: {box_warning(no_box, len(good))}", file=sys.stderr)  # stdout: the data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # said above, once
+        results = iter(predictor.predict(good, top_k=top_k, boxes=wanted))
+    return [
+        {"image": str(p), **next(results)}
+        if problems[str(p)] is None
+        else {"image": str(p), "error": problems[str(p)]}
+        for p in paths
+    ]
+
+
+def predict_files(
+    model: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    top_k: int = 3,
+    boxes: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+) -> list[dict]:
+    """Classify image files with an exported model, print them, optionally write `out`.
+
+    Args:
+        model: learner.pkl, model.safetensors or a models/<run> folder.
+        images: the image files.
+        top_k: classes listed per image.
+        boxes: a CSV of car boxes (image, x1, y1, x2, y2).
+        data: a prepared data set whose annotations.csv holds boxes for the images it lists.
+        out: a .csv or .json file for the results.
+        trust_pickle: allow loading a learner.pkl (a pickle can run any code).
+    """
+    if top_k < 1:
+        raise TwincarError(f"--top-k must be at least 1, got {top_k}")
+    if out is not None and Path(out).suffix.lower() not in (".csv", ".json"):
+        raise TwincarError(f"--out {out}: give a .csv or .json file name")
+    paths = [Path(p) for p in images]
+    for p in paths:  # before loading the model: a typo shouldn't cost a model load
+        if not p.is_file():
+            raise TwincarError(f"image not found: {p} (check the path)")
+    problems = {str(p): image_problem(p) for p in paths}
+    if paths and all(problems.values()):
+        first = paths[0]
+        raise TwincarError(f"can't read image {first}: {problems[str(first)]}; nothing to predict")
+    known = read_boxes(boxes, data) if boxes is not None or data is not None else {}
+    predictor = Predictor.from_path(model, trust_pickle=trust_pickle)
+    rows = _predict_rows(predictor, paths, problems, known, top_k)
+    _print(rows, Path(model), min(top_k, len(predictor.classes)))
+    if out is not None:
+        print(f"predictions → {_write(Path(out), rows, top_k)}", file=sys.stderr)
+    return rows
