@@ -110,6 +110,7 @@ def test_evaluate_works_from_the_safe_files(run, tiny_data, tmp_path):
         ({"draft": "no"}, "key 'draft': expected bool"),
         ({"classes": None}, "key 'classes': expected a list of str"),
         ({"head_dropout": 2}, "key 'head_dropout' must be in"),
+        ({"bbox_margin": -0.5}, "key 'bbox_margin' must be a finite number"),
         (None, "must be a JSON object"),
     ],
 )
