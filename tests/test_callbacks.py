@@ -94,3 +94,19 @@ def test_plateau_scales_the_scheduled_lr(learn):
     np.testing.assert_allclose(lrs[:n], expected[:n], rtol=1e-6)  # epoch 0: the schedule
     np.testing.assert_allclose(lrs[n:], expected[n:] / 10, rtol=1e-6)  # epoch 1: scaled by 1/10
     assert plateau.scale == pytest.approx(0.01)  # and again after epoch 1
+
+
+def test_warmup_then_cosine_lr_curve(learn):
+    lr, epochs, warm = 1e-2, 4, 1
+    fit_schedule(learn, epochs, lr, "cosine", warmup_epochs=warm)
+    lrs = np.array(learn.recorder.lrs)
+    n = epochs * len(learn.dls.train)
+    pos = np.arange(n) / n
+    pct = warm / epochs
+    t = (pos - pct) / (1 - pct)
+    cosine = lr / 1e5 + (lr - lr / 1e5) * (1 + np.cos(np.pi * t)) / 2
+    expected = np.where(pos < pct, lr / 100 + (lr - lr / 100) * pos / pct, cosine)
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    peak = int(np.argmax(lrs))
+    assert lrs[0] == pytest.approx(lr / 100) and peak == round(pct * n)
+    assert np.all(np.diff(lrs[: peak + 1]) > 0) and np.all(np.diff(lrs[peak:]) < 0)

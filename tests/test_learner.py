@@ -330,3 +330,40 @@ def test_weights_folder_is_named_as_a_folder(tmp_path):
     """Issue 12.18: a folder given as model.weights was reported as 'not found'."""
     cfg = ModelConfig(arch="test_resnet", pretrained=False, weights=str(tmp_path))
     assert "is a folder" in one_line_error(create_model, cfg, 4, match="model.weights")
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_convnext", "test_efficientnet"])
+def test_timm_head_is_the_models_own_classifier(arch):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch=arch, pretrained=False, head="timm"), 5)
+    torch.manual_seed(0)
+    ref = timm.create_model(arch, pretrained=False, num_classes=5)
+    assert model[1] is not None and isinstance(model[1], nn.Linear)
+    assert group_names(model)[-1] == "head"
+    assert [id(p) for p in splitter(model)[-1]] == [id(p) for p in model[1].parameters()]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    model.eval(), ref.eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)  # same init, same logits
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_no_weight_decay_on_norm_and_bias(tiny_cfg, dls, name):
+    cfg = with_train(tiny_cfg, optimizer=name, weight_decay=0.5, lr=0.1)
+    learn = create_learner(cfg, dls)
+    no_wd = {id(p) for p in norm_bias_params(learn.model, with_bias=True)}
+    params = [p for p in learn.model.parameters() if p.requires_grad]
+    assert no_wd and len(no_wd) < len(params)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)  # only weight decay can move a parameter in this step
+    learn.opt.step()
+    for p, old in zip(params, before, strict=True):
+        if id(p) in no_wd:
+            torch.testing.assert_close(p.detach(), old, rtol=0, atol=0)
+        elif name == "adamw":  # decoupled: p ← p·(1 − lr·wd)
+            torch.testing.assert_close(p.detach(), old * (1 - 0.1 * 0.5))
+        else:  # L2 in the gradient: Adam's first step moves every decayed weight by about lr
+            moved = (p.detach() - old)[old.abs() > 1e-3].abs()
+            assert moved.numel() and torch.allclose(moved, torch.full_like(moved, 0.1), rtol=0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -103,6 +104,19 @@ def test_draft_decoded_large_jpegs_match_fastai(trained, big_jpegs):
     # decoding these in full instead gives other pixels, and the check sees it
     predictor.preprocess = dataclasses.replace(predictor.preprocess, draft=False)
     assert np.abs(predictor.predict_proba(big_jpegs) - expected).max() > 10 * TOL
+
+
+@pytest.mark.parametrize("head", ["mlp", "fastai", "timm"])
+def test_every_head_loads_from_the_safe_files(tiny_cfg, tmp_path, head):
+    """The merge of issues 12 and 13 typed model.json without the timm head: its export failed."""
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.head, cfg.train.mixed_precision = head, "none"
+    dls = build_dls(cfg)
+    learn = create_learner(cfg, dls)
+    export_model(learn, tmp_path / "m", cfg)
+    predictor = Predictor.from_path(tmp_path / "m" / "model.safetensors", device="cpu")
+    expected = fastai_probs(learn, dls.valid)
+    np.testing.assert_allclose(predictor.predict_proba(valid_paths(dls)), expected, atol=TOL)
 
 
 @pytest.mark.parametrize("stage, presize", [("item", 32), ("batch", 80)])

@@ -68,3 +68,10 @@ def test_too_small_class_is_one_line_error():
     msg = str(info.value)
     assert "\n" not in msg
     assert "'class 1'" in msg and "3" in msg and "fewer than 4" in msg
+
+
+def test_no_validation_split_keeps_every_train_image():
+    df = make_df(SIZES)
+    out = split_train_valid(df, 0.0, seed=42)
+    assert len(out) == sum(SIZES) and not out["is_valid"].any()
+    assert set(out["split"]) == {"train"}

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import InterruptAfter, make_tiny_cfg
+from conftest import N_CLASSES, N_TRAIN, InterruptAfter, make_tiny_cfg
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -27,6 +27,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from twincar_fast.analysis.report import headline_metrics
 from twincar_fast.config import load_config, save_config
 from twincar_fast.data import build_dls
 from twincar_fast.errors import ConfigError, TwincarError
@@ -176,6 +177,36 @@ def test_early_stopping_plateau_and_best_weights(tiny_cfg):
     valid_loss = res.learn.validate()[0]
     assert valid_loss == pytest.approx(df["valid_loss"][0], abs=1e-5)
     assert abs(df["valid_loss"][0] - df["valid_loss"][2]) > 1e-4  # the last epoch differs
+
+
+@pytest.mark.parametrize("valid_pct, checkpoint", [(0.0, "best"), (0.25, "last")])
+def test_the_last_epoch_is_kept_without_validation_or_when_asked(tiny_cfg, valid_pct, checkpoint):
+    cfg = tiny_cfg
+    cfg.data = dataclasses.replace(cfg.data, valid_pct=valid_pct)
+    cfg.train = dataclasses.replace(cfg.train, epochs=3, checkpoint=checkpoint)
+    cfg.eval = dataclasses.replace(cfg.eval, test=True)
+    res = run_experiment(cfg)
+    df = pd.read_csv(res.report_dir / "metrics.csv")
+    assert len(df) == 3 and res.summary["best_epoch"] == 2
+    n_train = len(res.learn.dls.train_ds)
+    if valid_pct == 0:  # every train image trains; nothing to validate on
+        assert n_train == N_CLASSES * N_TRAIN and df["valid_loss"].isna().all()
+        assert not (res.report_dir / "valid_preds.npz").exists()
+        text = (res.report_dir / "summary.json").read_text()
+        strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+        assert strict["best_value"] is None and strict["best"]["valid_acc"] is None
+        assert list(headline_metrics(res.report_dir).columns) == [
+            "metric",
+            "test (evaluated, 24 images)",
+        ]
+    else:
+        assert n_train < N_CLASSES * N_TRAIN and df["valid_loss"].notna().all()
+    state = torch.load(
+        res.model_dir / "checkpoints" / "best-epoch002.pth", map_location="cpu", weights_only=False
+    )["model"]
+    for k, v in res.learn.model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    assert json.loads((res.report_dir / "eval_test.json").read_text())["n_images"] == 4 * 6
 
 
 @pytest.mark.parametrize("n_done", [1, 2], ids=["after-head-stage", "inside-main-fit"])

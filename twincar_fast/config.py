@@ -51,7 +51,8 @@ class DataConfig:
     demo_per_class: int = 40  # demo set: images per class in each of the train and test splits
     demo_size: list[int] = field(default_factory=lambda: [192, 128])  # demo set: image W, H
     demo_seed: int = 0  # demo set: drawing seed (same seed, same images)
-    valid_pct: float = 0.1  # share of the train split held out for validation, per class
+    valid_pct: float = 0.1  # share of the train split held out for validation, per class; 0 = train
+    # on every train image, no validation: the last epoch is kept (train.checkpoint: last)
     split_seed: int = 42  # seed of the stratified train/valid split
     item_size: int = 320  # aug.stage batch: items are presized to this before batch augmentation
     img_size: int = 224  # size of the training and evaluation crops
@@ -87,6 +88,9 @@ class AugConfig:
     p_lighting: float = 0.75  # probability of each lighting transform
 
 
+HeadName = Literal["mlp", "fastai", "timm"]
+
+
 @dataclass
 class ModelConfig:
     """The timm backbone and the classifier head."""
@@ -94,7 +98,9 @@ class ModelConfig:
     arch: str = "resnet50"  # any timm model name (`timm.list_models()`)
     pretrained: bool = True  # ImageNet weights from timm's hub (needs a network once)
     weights: str | None = None  # local .safetensors/.pth state dict (timm or torchvision) instead
-    head: Literal["mlp", "fastai"] = "mlp"  # mlp: TwinCar's pool→Linear→ReLU→Dropout→Linear
+    head: HeadName = "mlp"  # the classifier on the body, one of:
+    # mlp: TwinCar's pool→Linear→ReLU→Dropout→Linear; fastai: fastai's BatchNorm/dropout head;
+    # timm: the model's own classifier (timm's pooling + fc)
     head_hidden: int = 512  # hidden units of the mlp head
     head_dropout: float = 0.3  # dropout of the head
 
@@ -113,10 +119,13 @@ class TrainConfig:
     train_bn: bool = True  # BatchNorm layers of frozen groups still train (fastai's default)
     head_epochs: int = 0  # staged fit: epochs with only the head training before the main fit
     schedule: Literal["one_cycle", "cosine", "flat"] = "one_cycle"  # LR schedule
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop", "ranger", "lamb"] = "adam"
+    warmup_epochs: float = 0.0  # cosine/flat: linear warm-up from lr/100 over these epochs (timm's)
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "ranger", "lamb"] = "adamw"
+    # ^ adamw: decoupled weight decay (torch's AdamW); adam: L2 in the gradient (torch's Adam)
     weight_decay: float = 0.01  # weight decay of the optimizer
     label_smoothing: float = 0.1  # ε of label-smoothing cross entropy (0 = plain CE)
     monitor: str = "valid_loss"  # metric for early stopping, plateau and the best checkpoint
+    checkpoint: Literal["best", "last"] = "best"  # kept: best epoch by `monitor`, or the last
     early_stopping: int = 7  # patience in epochs (0 = off)
     plateau_patience: int = 3  # epochs without improvement before the LR drops (0 = off)
     plateau_factor: float = 10.0  # the LR is divided by this on a plateau
@@ -369,9 +378,10 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
         "name",
         f"must be a plain folder name (letters, digits, . _ -; no / or ..), got {cfg.name!r}",
     )
-    check_key(
-        0 < d.valid_pct < 1, file, "data.valid_pct", f"must be between 0 and 1, got {d.valid_pct}"
-    )
+    check_key(0 <= d.valid_pct < 1, file, "data.valid_pct", f"must be in [0, 1), got {d.valid_pct}")
+    if d.valid_pct == 0:  # nothing to monitor: no early stopping, plateau or best-epoch choice
+        for key in ("early_stopping", "plateau_patience"):
+            check_key(not getattr(t, key), file, f"train.{key}", "must be 0 with data.valid_pct: 0")
     check_key(d.img_size >= 16, file, "data.img_size", f"must be at least 16, got {d.img_size}")
     check_key(
         d.item_size >= d.img_size, file, "data.item_size", f"must be ≥ data.img_size ({d.img_size})"
@@ -401,6 +411,15 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     check_key(0 <= m.head_dropout < 1, file, "model.head_dropout", "must be in [0, 1)")
     check_key(t.epochs >= 1, file, "train.epochs", f"must be at least 1, got {t.epochs}")
     check_key(0 <= t.head_epochs, file, "train.head_epochs", "must be ≥ 0")
+    check_key(
+        0 <= t.warmup_epochs < t.epochs, file, "train.warmup_epochs", "must be in [0, epochs)"
+    )
+    check_key(
+        not (t.warmup_epochs and t.schedule == "one_cycle"),
+        file,
+        "train.warmup_epochs",
+        "is for schedule cosine or flat (one_cycle warms up by itself); set it to 0",
+    )
     lrs = t.lr if isinstance(t.lr, list) else [t.lr]
     check_key(
         len(lrs) >= 1 and all(math.isfinite(lr) and lr > 0 for lr in lrs),

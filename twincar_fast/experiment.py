@@ -138,8 +138,9 @@ def _save_outputs(
 ) -> dict[str, Path]:
     """Export the (best) model and its validation predictions; every output path by name."""
     paths = {"report_dir": folders.report_dir, "model_dir": folders.model_dir}
-    with step("exporting the best model"):
+    with step("exporting the model"):
         paths.update(export_model(learn, folders.model_dir, cfg))
+    if len(learn.dls.valid_ds):  # data.valid_pct: 0 has no validation split
         paths["valid_preds"] = save_valid_preds(learn, folders.report_dir / "valid_preds.npz")
     paths["metrics"], paths["best_checkpoint"] = folders.metrics_csv, saver.best_path
     return paths
@@ -249,13 +250,16 @@ def _report(
 
 def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) -> None:
     """The best epoch, the test result and the report to open, then the output paths."""
-    best = summary["best"]
-    console.print(
-        f"best epoch {summary['best_epoch']}: {cfg.train.monitor} {summary['best_value']:.4f}, "
-        f"valid_acc {best['valid_acc']:.4f} ({summary['epochs_run']} epochs, "
-        f"{summary['wall_time_s']:.0f}s)",
-        markup=False,
-    )
+    best, took = summary["best"], f"({summary['epochs_run']} epochs, {summary['wall_time_s']:.0f}s)"
+    if cfg.data.valid_pct == 0:
+        line = f"kept the last epoch, {summary['best_epoch']}: no validation split {took}"
+    else:
+        kept = "last" if cfg.train.checkpoint == "last" else "best"
+        line = (
+            f"{kept} epoch {summary['best_epoch']}: {cfg.train.monitor} "
+            f"{best[cfg.train.monitor]:.4f}, valid_acc {best['valid_acc']:.4f} {took}"
+        )
+    console.print(line, markup=False)
     if "eval_test" in paths:
         test = json.loads(Path(paths["eval_test"]).read_text())
         console.print(

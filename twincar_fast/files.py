@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -45,8 +46,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented JSON to `path` atomically."""
-    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    """Write `obj` as indented, strict JSON to `path` atomically (NaN/inf become null)."""
+    text = json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+    return write_text(path, text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """`obj` with every NaN/inf float replaced by None: strict JSON readers reject them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:

@@ -88,7 +88,8 @@ def headline_metrics(report_dir: str | os.PathLike) -> pd.DataFrame:
             value = data.get(f"{prefix}_{name}")
             row[col] = None if value is None or pd.isna(value) else float(value)
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    return df.loc[:, df.notna().any()]  # a split without any value (data.valid_pct: 0) is left out
 
 
 def _table(df: pd.DataFrame, digits: int = 4) -> str:

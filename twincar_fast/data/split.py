@@ -25,13 +25,17 @@ def split_train_valid(df: pd.DataFrame, valid_pct: float, seed: int) -> pd.DataF
     sklearn's `train_test_split(stratify=...)` allocates counts globally and can leave a small
     class with 0 or 1 validation images, hence the per-class draw.
 
+    `valid_pct` 0 keeps every image for training (`is_valid` all False).
+
     Raises:
         DataError: some class has fewer than 4 train images.
     """
-    if not 0 < valid_pct < 1:
-        raise DataError(f"valid_pct must be between 0 and 1, got {valid_pct}")
+    if not 0 <= valid_pct < 1:
+        raise DataError(f"valid_pct must be in [0, 1), got {valid_pct}")
     out = df[df["split"] == "train"] if "split" in df.columns else df
     out = out.reset_index(drop=True)
+    if valid_pct == 0:
+        return out.assign(is_valid=False)
     counts = out["label"].value_counts()
     small = counts[counts < 2 * MIN_PER_CLASS]
     if len(small):

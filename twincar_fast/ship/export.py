@@ -23,7 +23,7 @@ from fastai.vision.core import imagenet_stats
 from safetensors.torch import save_file
 from torch import nn
 
-from twincar_fast.config import ExperimentConfig, build_typed, check_key
+from twincar_fast.config import ExperimentConfig, HeadName, build_typed, check_key
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_json
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
@@ -59,7 +59,7 @@ class ModelCard:
     std: list[float]
     format: str = "twincar_fast/model-v1"
     twincar_fast: str = ""
-    head: Literal["mlp", "fastai"] = "mlp"
+    head: HeadName = "mlp"
     head_hidden: int = 512
     head_dropout: float = 0.3
     n_classes: int | None = None

@@ -227,7 +227,11 @@ def _now_best(cb: TrackerCallback) -> bool:
 
 
 class SaveRun(TrackerCallback):
-    """Commits each epoch: best weights (on improvement), last checkpoint, then the metrics.csv row."""
+    """Commits each epoch: best weights (on improvement), last checkpoint, then the metrics.csv row.
+
+    With `keep_last` every epoch counts as the best: the run keeps its last epoch (`train.checkpoint:
+    last`, and always without a validation split, where there is nothing to monitor).
+    """
 
     order = TrackerCallback.order + 1  # after the Recorder, before early stopping may end the fit
 
@@ -239,13 +243,16 @@ class SaveRun(TrackerCallback):
         metrics: EpochMetrics,
         rows: list[dict] | None = None,
         echo: Callable[[dict], None] | None = None,
+        keep_last: bool = False,
     ):
         super().__init__(monitor=monitor, comp=monitor_comp(monitor), reset_on_fit=False)
         self.ckpt_dir, self.metrics_csv, self.epoch_metrics = ckpt_dir, metrics_csv, metrics
         self.rows = list(rows or [])
-        self.echo = echo
+        self.echo, self.keep_last = echo, keep_last
         past = replay_tracker([r[monitor] for r in self.rows], self.comp)
         self.best, self.best_epoch = past.best, past.best_epoch
+        if keep_last and self.rows:
+            self.best, self.best_epoch = self.rows[-1][monitor], self.rows[-1]["epoch"]
         self.offset = 0  # epochs of earlier stages (staged fit): metrics.csv numbers continue
 
     @property
@@ -268,7 +275,7 @@ class SaveRun(TrackerCallback):
         if epoch_skipped(self.learn):
             return
         epoch = self.offset + self.epoch
-        if _now_best(self):
+        if self.keep_last or _now_best(self):
             self.best_epoch = epoch
             save_checkpoint(self.learn, self.best_path)
         save_checkpoint(self.learn, self.last_path(epoch), rng=True)
@@ -282,7 +289,7 @@ class SaveRun(TrackerCallback):
         """This epoch's metrics.csv row."""
         valid_loss = self.recorder.values[-1][self.recorder.metric_names.index("valid_loss") - 1]
         row = {c: self.epoch_metrics.value(c) for c in METRICS_COLUMNS}
-        row.update(epoch=epoch, valid_loss=float(valid_loss))
+        row.update(epoch=epoch, valid_loss=float("nan" if valid_loss is None else valid_loss))
         row.update(lr=float(self.opt.hypers[-1]["lr"]), time_s=time.perf_counter() - self._start)
         return row
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from fastai.callback.core import Callback
-from fastai.callback.schedule import ParamScheduler, SchedCos, SchedNo
+from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 
@@ -73,8 +73,12 @@ def fit_schedule(
     schedule: str,
     cbs: Sequence[Callback] = (),
     start_epoch: int = 0,
+    warmup_epochs: float = 0.0,
 ) -> None:
-    """Fit `n_epoch` epochs with fastai's one-cycle, a cosine decay or a flat LR, from `start_epoch`."""
+    """Fit `n_epoch` epochs with fastai's one-cycle, a cosine decay or a flat LR, from `start_epoch`.
+
+    Cosine and flat start with `warmup_epochs` of linear warm-up from lr/100 (timm's `--warmup-epochs`).
+    """
     if schedule == "one_cycle":
         learn.fit_one_cycle(n_epoch, lr, cbs=list(cbs), start_epoch=start_epoch)
         return
@@ -84,6 +88,9 @@ def fit_schedule(
     lr = np.array([h["lr"] for h in learn.opt.hypers])
     # a ParamScheduler even for the flat LR, so that `Plateau` scales every schedule the same way
     sched = SchedCos(lr, lr / 1e5) if schedule == "cosine" else SchedNo(lr, lr)
+    if warmup_epochs:
+        pct = warmup_epochs / n_epoch
+        sched = combine_scheds([pct, 1 - pct], [SchedLin(lr / 100, lr), sched])
     learn.fit(n_epoch, lr, cbs=[ParamScheduler({"lr": sched}), *cbs], start_epoch=start_epoch)
 
 
@@ -130,7 +137,8 @@ def _fit_stage(
     lr = lr_for(cfg, learn)
     if rng is not None:  # last: the next shuffle and augmentation draw as they would have
         set_rng_state(learn, rng)
-    fit_schedule(learn, n_epoch, lr, cfg.train.schedule, [saver, *trackers, *cbs], start)
+    warmup = cfg.train.warmup_epochs if stage == "main" else 0.0
+    fit_schedule(learn, n_epoch, lr, cfg.train.schedule, [saver, *trackers, *cbs], start, warmup)
     _check_diverged(learn, cfg, saver)
 
 
@@ -157,9 +165,15 @@ def fit_run(
     """The staged fit (head-only epochs, then the main fit) from epoch `done`; the run's SaveRun."""
     t = cfg.train
     total = t.head_epochs + t.epochs
-    echo = EpochPrinter(total, t.console_columns)
+    columns = t.console_columns
+    if cfg.data.valid_pct == 0:  # no validation split: its columns would be all blanks
+        columns = [c for c in columns if not c.startswith("valid_")]
+    echo = EpochPrinter(total, columns)
     metrics = attach_metrics(learn)
-    saver = SaveRun(t.monitor, folders.ckpt_dir, folders.metrics_csv, metrics, rows, echo)
+    keep_last = t.checkpoint == "last" or cfg.data.valid_pct == 0
+    saver = SaveRun(
+        t.monitor, folders.ckpt_dir, folders.metrics_csv, metrics, rows, echo, keep_last
+    )
     saver.prune()  # checkpoints of epochs that were never committed
     if t.grad_accum > 1:
         cbs = [GradientAccumulation(n_acc=cfg.data.batch_size * t.grad_accum), *cbs]

@@ -1,0 +1,76 @@
+"""benchmarks.peer_timm: our config mapped to timm train.py's flags, and the ImageFolder export."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import N_CLASSES, N_TEST, N_TRAIN
+from PIL import Image
+
+from benchmarks.peer_timm import export_imagefolder, mapping_notes, timm_flags
+from twincar_fast.config import load_config
+from twincar_fast.errors import ConfigError
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+
+
+def flag_values(flags: list[str]) -> dict[str, list[str]]:
+    """`--flag v1 v2` groups of a command line, by flag."""
+    out: dict[str, list[str]] = {}
+    for item in flags:
+        if item.startswith("-") and not item[1:2].isdigit():
+            key = item
+            out[key] = []
+        else:
+            out[key].append(item)
+    return out
+
+
+def test_demo_settings_map_to_train_py_flags(tmp_path):
+    cfg = load_config(DEMO, ["train.device=cpu", "train.mixed_precision=none"])
+    f = flag_values(timm_flags(cfg, tmp_path / "folder", 12, tmp_path))
+    t = cfg.train
+    assert f["--model"] == [cfg.model.arch] and f["--num-classes"] == ["12"]
+    assert f["--img-size"] == [str(cfg.data.img_size)] and f["--crop-pct"] == ["1.0"]
+    assert f["-b"] == [str(cfg.data.batch_size)] and f["--epochs"] == [str(t.epochs)]
+    assert f["--opt"] == [t.optimizer] and float(f["--lr"][0]) == t.lr
+    assert float(f["--weight-decay"][0]) == t.weight_decay
+    assert float(f["--smoothing"][0]) == t.label_smoothing and f["--seed"] == [str(t.seed)]
+    warmup = round(t.warmup_epochs) if t.schedule != "one_cycle" else round(0.25 * t.epochs)
+    assert f["--sched"] == ["cosine"] and f["--warmup-epochs"] == [str(warmup)]
+    assert f["--hflip"] == ["0.5"] and float(f["--color-jitter"][0]) == cfg.aug.max_lighting
+    assert f["--scale"] == ["1", "1"] and f["--ratio"] == ["1", "1"]  # demo: no random crop
+    assert f["--train-split"] == ["train"] and f["--val-split"] == ["test"]
+    assert "--no-prefetcher" in f and "--amp" not in f and "--pretrained" not in f
+    bf16 = flag_values(timm_flags(load_config(DEMO, ["train.mixed_precision=bf16",
+                       "train.device=cpu"]), tmp_path, 12, tmp_path))  # fmt: skip
+    assert bf16["--amp-dtype"] == ["bfloat16"]
+
+
+def test_settings_train_py_cannot_take_are_refused(tmp_path):
+    for override in ("train.freeze=[stem]", "train.lr=[0.001,0.01]", "train.optimizer=lamb"):
+        cfg = load_config(DEMO, [override])
+        with pytest.raises(ConfigError):
+            timm_flags(cfg, tmp_path, 12, tmp_path)
+    notes = mapping_notes(load_config(DEMO, ["data.valid_pct=0.1", "model.head=mlp"]))
+    assert any("valid_pct" in n for n in notes) and any("head" in n for n in notes)
+
+
+@pytest.mark.parametrize("bbox_crop", [True, False])
+def test_export_is_our_validation_geometry(tiny_cfg, tiny_data, tmp_path, bbox_crop):
+    cfg = tiny_cfg
+    cfg.data = dataclasses.replace(cfg.data, bbox_crop=bbox_crop, resize="squish", img_size=32)
+    counts = export_imagefolder(cfg, Path(tiny_data), tmp_path / "folder")
+    assert counts == {"train": N_CLASSES * N_TRAIN, "test": N_CLASSES * N_TEST}
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        folders = sorted((tmp_path / "folder" / split).iterdir())
+        assert [p.name for p in folders] == [str(c) for c in range(N_CLASSES)]
+        assert all(len(list(p.glob("*.png"))) == n for p in folders)
+    image = Image.open(next((tmp_path / "folder" / "test" / "0").glob("*.png")))
+    assert image.size == (32, 32)
+    square = (np.asarray(image)[..., 0] > 180).mean()  # class 0's square is (230, 200, 40)
+    # the box crop (+16% margin) leaves the car (the square) filling most of the frame
+    assert square > 0.4 if bbox_crop else square < 0.15
