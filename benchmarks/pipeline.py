@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 
 import pandas as pd
@@ -34,6 +35,7 @@ from benchmarks.measure import Timer, compare
 from benchmarks.settings import Settings, ours_config
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.data import build_dls, read_annotations, resolve_device, split_train_valid
+from twincar_fast.data.cache import build_cache, cache_size
 from twincar_fast.data.cpu_aug import CpuAugment
 from twincar_fast.data.loaders import FusedNormalize, open_region, presize
 
@@ -159,6 +161,21 @@ def _entry(best: dict[str, Pass], ours: str = "ours") -> dict:
         seconds={"ours": round(s_o, 3), "reference": round(s_r, 3)},
         first_batch_s={"ours": round(f_o, 3), "reference": round(f_r, 3)},
     )
+
+
+def bench_cache_build(s: Settings, data_dir: os.PathLike) -> dict:
+    """Seconds and MB to build the benchmark set's image cache once (in a fresh folder)."""
+    cfg = ours_config(s, data_dir, s.train_arch, s.pipe_img, s.pipe_item)
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+        cfg.data = dataclasses.replace(cfg.data, cache="on", cache_dir=tmp)
+        cache, seconds = build_cache(cfg, data_dir)
+        return {
+            "seconds": round(seconds, 3),
+            "mb": round(cache.nbytes / 2**20, 1),
+            "images": len(cache),
+            "cache_size": cache_size(cfg),
+            "what": "one-time: decode, box crop, area resize of the train split, checksum",
+        }
 
 
 def bench_pipeline(s: Settings, data_dir: os.PathLike, variants: dict | None = None) -> dict:

@@ -8,7 +8,9 @@ one-time costs: kernel set-up, first allocations) and the first is reported besi
 training image is listed `train_repeat` times (a longer epoch over the same files), so that the
 epoch's own work, not the start of its worker processes, is what is timed.
 Ours: `build_dls` + `create_learner` + `fit_one_cycle(2)`. Reference: TwinCar's plain loop
-(`reference.train_one_epoch`).
+(`reference.train_one_epoch`). Limit: the same learner (model, frozen groups, precision,
+channels_last, callbacks) fed batches of random tensors already on its device, as many training
+and validation images as ours: the most any loader can reach.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import time
 import fastai.callback.schedule  # noqa: F401 - patches Learner.fit_one_cycle
 import torch
 from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.torch_core import TensorCategory, TensorImage
 
 from benchmarks import reference
 from benchmarks.data import repeated_dataset
@@ -41,6 +46,9 @@ class EpochStats(Callback):
     def before_epoch(self) -> None:
         self.epochs.append({"n_train": 0, "n_valid": 0})
         self.start = time.perf_counter()
+
+    def before_validate(self) -> None:
+        self.epochs[-1]["train_seconds"] = time.perf_counter() - self.start
 
     def after_batch(self) -> None:
         self.epochs[-1]["n_train" if self.training else "n_valid"] += len(self.yb[0])
@@ -65,6 +73,31 @@ def ours_train_epoch(s: Settings, data_dir: str) -> dict:
     torch.manual_seed(42)
     cfg = train_config(s, data_dir)
     learn = create_learner(cfg, build_dls(cfg))
+    stats = EpochStats()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(2, learn.lr, cbs=stats)
+    first, second = stats.epochs
+    return {**second, "first_seconds": first["seconds"]}
+
+
+def memory_dl(n_images: int, bs: int, size: int, n_classes: int, device) -> DataLoader:
+    """A fastai loader of `n_images` random normalized images on `device`, in batches of `bs`."""
+    x = TensorImage(torch.randn(bs, 3, size, size, device=device))
+    y = TensorCategory(torch.randint(0, n_classes, (bs,), device=device))
+    sizes = [bs] * (n_images // bs) + ([n_images % bs] if n_images % bs else [])
+    batches = [(x[:k], y[:k]) for k in sizes]
+    return DataLoader(batches, bs=None, device=None)  # pre-batched: served as they are
+
+
+def limit_train_epoch(s: Settings, data_dir: str) -> dict:
+    """Our learner's two epochs on in-memory random batches; the second one (in the child)."""
+    torch.manual_seed(42)
+    cfg = train_config(s, data_dir)
+    dls = build_dls(cfg)
+    learn = create_learner(cfg, dls)
+    n_train, n_valid = len(dls.train) * dls.train.bs, len(dls.valid_ds)
+    args = (cfg.data.batch_size, cfg.data.img_size, len(dls.vocab), dls.device)
+    learn.dls = DataLoaders(memory_dl(n_train, *args), memory_dl(n_valid, *args), device=None)
     stats = EpochStats()
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(2, learn.lr, cbs=stats)
@@ -101,14 +134,18 @@ def reference_train_epoch(s: Settings, data_dir: str) -> dict:
 def bench_training(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
     """Benchmarks 2 (epoch wall time) and 4 (peak memory), each side in its own process."""
     data_dir = repeated_dataset(data_dir, s.train_repeat)
-    runs: dict[str, list[dict]] = {"ours": [], "reference": []}
-    sides = {"ours": ours_train_epoch, "reference": reference_train_epoch}
+    runs: dict[str, list[dict]] = {"ours": [], "reference": [], "limit": []}
+    sides = {
+        "ours": ours_train_epoch,
+        "reference": reference_train_epoch,
+        "limit": limit_train_epoch,
+    }
     for _ in range(max(1, s.repeats - 1)):  # each run is a whole process; alternate the sides
         for side, fn in sides.items():
             runs[side].append(run_in_child(fn, s=s, data_dir=str(data_dir)))
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
-    peak = {k: max(r["vm_hwm_mb"] for r in v) for k, v in runs.items()}
-    tree = {k: max(r["tree_peak_mb"] for r in v) for k, v in runs.items()}
+    peak = {k: max(r["vm_hwm_mb"] for r in v) for k, v in runs.items() if k != "limit"}
+    tree = {k: max(r["tree_peak_mb"] for r in v) for k, v in runs.items() if k != "limit"}
     n_images = {k: {"train": r["n_train"], "valid": r["n_valid"]} for k, r in best.items()}
     epoch = compare(
         round(best["ours"]["seconds"], 3),
@@ -118,6 +155,11 @@ def bench_training(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
         n_images=n_images,
         what="second epoch (training + validation); the first one pays one-time warm-up",
         first_epoch={k: round(r["first_seconds"], 3) for k, r in best.items()},
+        train_only={
+            k: round(r["train_seconds"], 3) for k, r in best.items() if "train_seconds" in r
+        },
+        limit=round(best["limit"]["seconds"], 3),
+        ratio_to_limit=round(best["limit"]["seconds"] / best["ours"]["seconds"], 3),
     )
     memory = compare(
         round(peak["ours"], 1),

@@ -76,3 +76,14 @@ def test_tree_memory_counts_children():
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_epoch_is_measured_against_its_limit_and_the_cache_build_apart(tiny_results):
+    epoch = tiny_results["train_epoch"]
+    assert epoch["n_images"]["limit"] == epoch["n_images"]["ours"]  # the same work, no loader
+    assert epoch["limit"] > 0
+    assert epoch["ratio_to_limit"] == pytest.approx(epoch["limit"] / epoch["ours"], rel=0.01)
+    assert tiny_results["goals"]["train_epoch_to_limit"]["ratio"] == epoch["ratio_to_limit"]
+    build = tiny_results["cache_build"]
+    assert build["seconds"] > 0 and build["mb"] >= 0 and build["images"] > 0
+    assert "ours_per_item" in tiny_results["data_pipeline"]["variants"]

@@ -130,7 +130,10 @@ def test_colour_jitter_of_one_or_more_is_a_config_error(tiny_cfg):
 def test_default_workers_and_device(tiny_cfg):
     tiny_cfg.data.num_workers = None
     dls = build_dls(tiny_cfg)
-    assert dls.train.fake_l.num_workers == min(os.cpu_count(), 8)
+    assert dls.train.threads == min(os.cpu_count(), 8)  # from the cache, in threads
+    assert dls.valid.fake_l.num_workers == min(os.cpu_count(), 8)
+    tiny_cfg.data.cache = "off"
+    assert build_dls(tiny_cfg).train.fake_l.num_workers == min(os.cpu_count(), 8)
     assert dls.device == torch.device("cpu") and not dls.valid.pin_memory
 
 

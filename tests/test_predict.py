@@ -25,6 +25,23 @@ from twincar_fast.ship.predict import Predictor, Preprocess
 TOL = 1e-4  # on probabilities
 
 
+def sensitive_export(cfg, model_dir):
+    """An untrained learner whose logits are rescaled to swing with the input, exported."""
+    dls = build_dls(cfg)
+    torch.manual_seed(0)
+    learn = create_learner(cfg, dls)
+    with learn.no_bar():
+        logits, _ = learn.get_preds(dl=dls.valid, act=noop)
+    with torch.no_grad():
+        last = learn.model[1][-1]
+        scale = 2.0 / logits.std(0).clamp_min(1e-6)
+        last.bias -= logits.mean(0)
+        last.weight *= scale[:, None]
+        last.bias *= scale
+    export_model(learn, model_dir, cfg)
+    return learn, model_dir
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     """A tiny learner with input-sensitive outputs, its dls and its export folder.
@@ -39,20 +56,8 @@ def trained(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("predict")
     cfg = make_tiny_cfg(tiny_data, out)
     cfg.train.mixed_precision = "none"  # fastai's side in fp32 too, as the Predictor
-    dls = build_dls(cfg)
-    torch.manual_seed(0)
-    learn = create_learner(cfg, dls)
-    with learn.no_bar():
-        logits, _ = learn.get_preds(dl=dls.valid, act=noop)
-    with torch.no_grad():
-        last = learn.model[1][-1]
-        scale = 2.0 / logits.std(0).clamp_min(1e-6)
-        last.bias -= logits.mean(0)
-        last.weight *= scale[:, None]
-        last.bias *= scale
-    model_dir = out / "models" / "tiny-run"
-    export_model(learn, model_dir, cfg)
-    return learn, dls, model_dir
+    learn, model_dir = sensitive_export(cfg, out / "models" / "tiny-run")
+    return learn, learn.dls, model_dir
 
 
 @pytest.fixture(scope="module")
@@ -232,19 +237,7 @@ def box_trained(tiny_data, tmp_path_factory):
     cfg = make_tiny_cfg(tiny_data, out)
     cfg.train.mixed_precision = "none"
     cfg.data = dataclasses.replace(cfg.data, bbox_crop=True, bbox_margin=0.16, resize="squish")
-    dls = build_dls(cfg)
-    torch.manual_seed(0)
-    learn = create_learner(cfg, dls)
-    with learn.no_bar():
-        logits, _ = learn.get_preds(dl=dls.valid, act=noop)
-    with torch.no_grad():
-        last = learn.model[1][-1]
-        scale = 2.0 / logits.std(0).clamp_min(1e-6)
-        last.bias -= logits.mean(0)
-        last.weight *= scale[:, None]
-        last.bias *= scale
-    model_dir = out / "models" / "box-run"
-    export_model(learn, model_dir, cfg)
+    learn, model_dir = sensitive_export(cfg, out / "models" / "box-run")
     return learn, cfg, model_dir
 
 

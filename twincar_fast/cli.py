@@ -106,6 +106,23 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_prepare)
 
 
+def _cache(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from twincar_fast.data.cache import cache_command
+
+    cache_command(cfg)
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    help = (
+        "decode the config's training images once into the image cache (data.cache) ahead of a run"
+    )
+    p = sub.add_parser("cache", help=help, description=help)
+    p.add_argument("config", type=_path, help="experiment YAML")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides")
+    p.set_defaults(func=_cache)
+
+
 def _size(text: str) -> tuple[int, int]:
     """Parse WxH."""
     try:
@@ -270,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub, "train", "same as run (train, evaluate, interpret, export); --resume continues")
     _add_lr_find(sub)
     _add_prepare(sub)
+    _add_cache(sub)
     _add_demo_data(sub)
     _add_evaluate(sub)
     _add_interpret(sub)

@@ -57,13 +57,19 @@ class DataConfig:
     item_size: int = 320  # aug.stage batch: items are presized to this before batch augmentation
     img_size: int = 224  # size of the training and evaluation crops
     batch_size: int = 32  # images per batch (TwinCar: 32)
-    num_workers: int | None = None  # DataLoader workers; null = one per CPU core, at most 8
+    num_workers: int | None = None  # DataLoader workers (threads from the cache); null: 1 per core
     bbox_crop: bool = False  # crop each image to its bounding box before resizing
     bbox_margin: float = 0.16  # margin around the box, as a share of its width/height
     balanced: bool = False  # class-balanced sampling of training batches (weighted sampler)
     resize: Literal["crop", "squish", "pad"] = "crop"  # presizing to item_size: square crop
     # (random place in training, centre in validation), squish the whole image, or pad it
     draft: bool = True  # decode big JPEGs at a reduced scale (PIL draft) still ≥ item_size
+    cache: Literal["auto", "on", "off"] = "auto"  # train from decoded uint8 pixels in one
+    # memory-mapped file (data/cache.py), batches gathered in threads; auto: on unless it would
+    # exceed cache_max_gb (or aug.stage is batch); off: decode every image every epoch
+    cache_size: int | None = None  # shorter side of cached images; null = img_size × 1.15
+    cache_max_gb: float = 8.0  # auto: largest cache to build, in GiB
+    cache_dir: str | None = None  # where the cache file lives; null = <root>/.cache
 
 
 @dataclass
@@ -270,7 +276,7 @@ def expand_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     cfg.reports_dir = os.path.expanduser(cfg.reports_dir)
     cfg.models_dir = os.path.expanduser(cfg.models_dir)
     cfg.data.root = os.path.expanduser(cfg.data.root)
-    for obj, key in ((cfg.data, "source"), (cfg.model, "weights")):
+    for obj, key in ((cfg.data, "source"), (cfg.data, "cache_dir"), (cfg.model, "weights")):
         if getattr(obj, key) is not None:
             setattr(obj, key, os.path.expanduser(getattr(obj, key)))
     return cfg
@@ -303,6 +309,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
         raise bad
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a bool
         if value in typing.get_args(tp):
             return value
         raise bad
@@ -391,6 +399,8 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
         d.num_workers is None or d.num_workers >= 0, file, "data.num_workers", "must be ≥ 0 or null"
     )
     check_key(d.bbox_margin >= 0, file, "data.bbox_margin", f"must be ≥ 0, got {d.bbox_margin}")
+    check_key(d.cache_size is None or d.cache_size >= 16, file, "data.cache_size", "must be ≥ 16")
+    check_key(d.cache_max_gb > 0, file, "data.cache_max_gb", f"must be > 0, got {d.cache_max_gb}")
     check_key(
         d.demo_classes >= 2, file, "data.demo_classes", f"must be at least 2, got {d.demo_classes}"
     )

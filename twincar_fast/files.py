@@ -1,7 +1,8 @@
-"""Atomic file writes and run-folder naming, so nothing is ever left half-written or overwritten."""
+"""Atomic file writes, build locks and run-folder naming: nothing left half-written or overwritten."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -67,6 +68,23 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return Path(path)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if missing) for the block.
+
+    One process builds a shared thing (a data set, a cache); the others wait, then reuse it. The
+    lock goes when its file descriptor does, so a killed holder never leaves it stuck.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager

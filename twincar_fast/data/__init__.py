@@ -1,5 +1,7 @@
-"""Stanford Cars on disk and in fastai: reading, checking, splitting and loading the prepared set."""
+"""Stanford Cars on disk and in fastai: reading, checking, splitting, caching and loading the prepared set."""
 
+from twincar_fast.data.batches import CachedDL
+from twincar_fast.data.cache import ImageCache, build_cache
 from twincar_fast.data.dataset import (
     check_split,
     ensure_dataset,
@@ -21,6 +23,9 @@ from twincar_fast.data.loaders import (
 from twincar_fast.data.split import split_train_valid
 
 __all__ = [
+    "CachedDL",
+    "ImageCache",
+    "build_cache",
     "build_dls",
     "build_eval_dls",
     "check_classes",

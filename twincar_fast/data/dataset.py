@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +12,7 @@ from twincar_fast.config import ExperimentConfig
 from twincar_fast.data.demo import make_demo_data
 from twincar_fast.data.prepare import prepare_dataset
 from twincar_fast.errors import DataError
+from twincar_fast.files import file_lock
 
 __all__ = [
     "BBOX_COLUMNS",
@@ -152,18 +150,6 @@ def read_rejected(data_dir: str | os.PathLike) -> pd.DataFrame:
     return _read_csv(path, "the rejected images")
 
 
-@contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    """Hold `root`/.build.lock: one process builds a shared data set, the others wait and reuse it."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released on close, or when a killed builder's fd goes
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _build_demo(cfg: ExperimentConfig, root: Path) -> Path:
     """Draw the demo set into `root`/raw (if needed) and prepare it into `root` (holding the lock)."""
     d, raw = cfg.data, root / "raw"
@@ -190,7 +176,7 @@ def ensure_dataset(cfg: ExperimentConfig) -> Path:
             f"data set missing: {root / 'annotations.csv'} not found and neither data.source nor "
             f"data.demo is set; " + _HOW_TO_GET.format(root=root)
         )
-    with _build_lock(root):
+    with file_lock(root / ".build.lock"):
         if (root / "annotations.csv").is_file():  # another process built it while we waited
             return root
         if cfg.data.demo:

@@ -32,6 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from twincar_fast.config import AugConfig, ExperimentConfig
+from twincar_fast.data.batches import CachedDL
+from twincar_fast.data.cache import ImageCache, open_cache
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
 from twincar_fast.data.geometry import crop_region
@@ -49,6 +51,7 @@ __all__ = [
     "batch_transforms",
     "build_dls",
     "build_eval_dls",
+    "cached_dls",
     "check_classes",
     "class_weights",
     "data_summary",
@@ -366,8 +369,13 @@ def make_datablock(cfg: ExperimentConfig, classes: list[str]) -> DataBlock:
     )
 
 
-def build_dls(cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None) -> DataLoaders:
-    """Train/valid DataLoaders of the prepared set at `data_dir` (default `cfg.data.root`)."""
+def build_dls(
+    cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None, cache: bool = True
+) -> DataLoaders:
+    """Train/valid DataLoaders of the prepared set at `data_dir` (default `cfg.data.root`).
+
+    From the decoded-image cache when `data.cache` allows it (`cache=False`: never).
+    """
     data_dir = Path(data_dir or cfg.data.root)
     classes = read_classes(data_dir)
     df = split_train_valid(read_annotations(data_dir), cfg.data.valid_pct, cfg.data.split_seed)
@@ -380,9 +388,39 @@ def build_dls(cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None) 
         pin_memory=device.type == "cuda",
     )
     dblock = make_datablock(cfg, classes)
+    image_cache = open_cache(cfg, data_dir) if cache else None
+    if image_cache is not None:
+        return cached_dls(cfg, dblock, df, image_cache, **kwargs)
     if cfg.data.balanced:
         return dblock.weighted_dataloaders(df, wgts=class_weights(df), **kwargs)
     return dblock.dataloaders(df, **kwargs)
+
+
+def cached_dls(
+    cfg: ExperimentConfig, dblock: DataBlock, df: pd.DataFrame, cache: ImageCache, **kwargs
+) -> DataLoaders:
+    """The DataBlock's Datasets over `df`: training batches from `cache` (`CachedDL`),
+    validation through the exact per-item path, the one `twincar evaluate` and the Predictor use,
+    so the checkpoint is chosen on the pixels the model will be judged on."""
+    dsets = dblock.datasets(df)
+    d, workers = cfg.data, kwargs.pop("num_workers")
+    train = CachedDL(
+        dsets.train,
+        cache=cache,
+        size=d.img_size,
+        resize=d.resize,
+        augment=CpuAugment(d.img_size, cfg.aug, d.resize) if cfg.aug.enabled else None,
+        threads=max(1, workers),
+        wgts=class_weights(df)[dsets.splits[0]] if d.balanced else None,  # as fastai's WeightedDL
+        shuffle=True,
+        drop_last=True,
+        after_item=dblock.item_tfms,
+        after_batch=dblock.batch_tfms,
+        **kwargs,
+    )
+    # a plain TfmdDL with the same transforms and batch types, as fastai's `dataloaders` makes it
+    valid = train.new(dsets.valid, shuffle=False, drop_last=False, num_workers=workers)
+    return DataLoaders(train, valid, device=kwargs["device"])
 
 
 def build_eval_dls(cfg: ExperimentConfig, data_dir: str | os.PathLike) -> DataLoaders:
