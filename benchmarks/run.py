@@ -64,6 +64,7 @@ def _variants(s: Settings, data_root: str | os.PathLike, ablations: bool) -> dic
     torch DataLoader, ours on a `prepare --presize` copy; with ablations, draft off too."""
     out: dict = {
         "ours_per_item": {"cache": "off"},
+        "ours_batched": {"cache_aug": "batched"},  # the GPU's batched augmentation, here too
         "ours_batch_stage": {"aug": {"stage": "batch"}},
         "plain_torch_items": {},
     }

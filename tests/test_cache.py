@@ -312,3 +312,58 @@ def test_yaml_on_and_off_are_the_cache_modes(tmp_path):
     assert load_config(path, ["data.cache=on"]).data.cache == "on"
     with pytest.raises(ConfigError, match="data.cache"):
         load_config(path, ["data.cache=sometimes"])
+
+
+# ---------------------------------------------------------------- batched (the GPU's path)
+
+
+def canvas_of(images: list[np.ndarray]) -> torch.Tensor:
+    """HWC uint8 images on one zero canvas, each in its top-left corner."""
+    h, w = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    canvas = torch.zeros((len(images), 3, h, w), dtype=torch.uint8)
+    for j, img in enumerate(images):
+        canvas[j, :, : img.shape[0], : img.shape[1]] = torch.from_numpy(img.transpose(2, 0, 1))
+    return canvas
+
+
+@pytest.mark.parametrize("resize", ["crop", "squish", "pad"])
+def test_batched_augmentation_matches_the_per_image_path(demo_style, tmp_path, resize):
+    from twincar_fast.data.device_aug import BatchAugment
+
+    cfg = make_tiny_cfg(demo_style, tmp_path)
+    cfg.data = dataclasses.replace(cfg.data, bbox_crop=True, img_size=64, cache="on")
+    cache, _ = build_cache(cfg, demo_style)
+    item = CpuAugment(64, AugConfig(), resize)  # every change on, the recipe's strengths
+    images = [cache.image(i).copy() for i in range(len(cache))]
+    seeds = list(range(100, 100 + len(images)))
+    per_image = np.stack(
+        [item.augment(img, random.Random(s)) for img, s in zip(images, seeds, strict=True)]
+    )
+    batch = BatchAugment(item)
+    draws = batch.draw([img.shape[:2] for img in images], seeds)
+    got = batch(canvas_of(images), draws).permute(0, 2, 3, 1).numpy()
+    diff = np.abs(got.astype(int) - per_image.astype(int))
+    assert diff.mean() < 0.5, diff.mean()  # same draws, same maps: rounding (and pad's edge)
+    if resize != "pad":
+        assert np.percentile(diff, 99.9) <= 2
+
+
+def test_batched_loader_gathers_on_the_device_or_from_host_memory(tiny_data, tmp_path):
+    cfg = make_tiny_cfg(tiny_data, tmp_path)
+    cfg.data.cache_aug = "batched"  # the GPU's path, here on the CPU
+    dls = build_dls(cfg)
+    assert dls.train.batched and dls.train.pixels is None  # no GPU: pixels stay in host memory
+
+    def first_batch(dl, seed):
+        dl.rng = random.Random(seed)
+        return dl.one_batch()
+
+    xb, yb = first_batch(dls.train, 3)
+    assert xb.shape == (8, 3, 32, 32) and xb.dtype == torch.float32  # normalized
+    on_device = dls.train.new(pixels=torch.from_numpy(np.array(dls.train.cache.pixels)))
+    xd, yd = first_batch(on_device, 3)
+    assert torch.equal(xb, xd) and torch.equal(yb, yd)  # the same pixels either way
+    assert not torch.equal(xb, first_batch(dls.train, 4)[0])
+    cfg.data.cache_device = "cuda"
+    with pytest.raises(ConfigError, match="cache_device=cuda needs train.device"):
+        build_dls(cfg)

@@ -70,6 +70,13 @@ class DataConfig:
     cache_size: int | None = None  # shorter side of cached images; null = img_size × 1.15
     cache_max_gb: float = 8.0  # auto: largest cache to build, in GiB
     cache_dir: str | None = None  # where the cache file lives; null = <root>/.cache
+    cache_aug: Literal["auto", "threads", "batched"] = "auto"  # training augmentation from the
+    # cache: per image in CPU threads (OpenCV), or batched on the training device (grid_sample);
+    # auto: batched on a CUDA device, threads elsewhere
+    cache_device: Literal["auto", "cpu", "cuda"] = "auto"  # batched: where the pixels live;
+    # cuda: in GPU memory; cpu: pinned host memory, copied per batch; auto: cuda if the cache
+    # fits in cache_gpu_share of the free GPU memory
+    cache_gpu_share: float = 0.5  # auto: largest share of free GPU memory the cache may take
 
 
 @dataclass
@@ -401,6 +408,13 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     check_key(d.bbox_margin >= 0, file, "data.bbox_margin", f"must be ≥ 0, got {d.bbox_margin}")
     check_key(d.cache_size is None or d.cache_size >= 16, file, "data.cache_size", "must be ≥ 16")
     check_key(d.cache_max_gb > 0, file, "data.cache_max_gb", f"must be > 0, got {d.cache_max_gb}")
+    check_key(0 < d.cache_gpu_share <= 1, file, "data.cache_gpu_share", "must be in (0, 1]")
+    check_key(
+        not (d.cache_aug == "threads" and d.cache_device == "cuda"),
+        file,
+        "data.cache_device",
+        "cuda keeps the cache on the GPU for data.cache_aug=batched; set that, or cache_device=auto",
+    )
     check_key(
         d.demo_classes >= 2, file, "data.demo_classes", f"must be at least 2, got {d.demo_classes}"
     )

@@ -4,8 +4,10 @@ The DataBlock still describes the data (items, labels, split, vocab, `show_batch
 path changes, as in fastai's tabular loaders: a batch of indices becomes a batch of pixels in one
 go. Each image is cut from the memory map and, in training, warped and recoloured by `CpuAugment`
 (the same draws and ranges as the item stage) in a thread pool (OpenCV and NumPy release the GIL),
-one batch ahead of the one the model is on, without worker processes. Validation batches get the
-validation geometry (centre crop, squish or pad to img_size). A new loader over another data set
+one batch ahead of the one the model is on, without worker processes; or (`batched`, the GPU's
+path) the batch is laid on one canvas and augmented in a few batched ops on the training device
+(`BatchAugment`), from a copy of the cache in GPU memory or from pinned host memory. Batches without
+augmentation get the validation geometry (centre crop, squish or pad to img_size). A new loader over another data set
 (`test_dl`, an exported learner's empty loaders) is a plain `TfmdDL`: the final test evaluation and
 the Predictor read the original files through the exact validation path.
 """
@@ -24,9 +26,13 @@ from fastai.torch_core import TensorCategory, TensorImage
 
 from twincar_fast.data.cache import ImageCache
 from twincar_fast.data.cpu_aug import CpuAugment
+from twincar_fast.data.device_aug import BatchAugment
 from twincar_fast.data.geometry import resize_window
+from twincar_fast.errors import ConfigError
 
-__all__ = ["CachedDL", "valid_view"]
+__all__ = ["CachedDL", "device_pixels", "valid_view"]
+
+_COPY_CHUNK = 1 << 26  # host → GPU copies of the cache in 64 MiB pieces: no second host copy
 
 
 def valid_view(img: np.ndarray, size: int, method: str) -> np.ndarray:
@@ -46,6 +52,29 @@ def valid_view(img: np.ndarray, size: int, method: str) -> np.ndarray:
     )
 
 
+def device_pixels(
+    cache: ImageCache, device: torch.device, mode: str = "auto", share: float = 0.5
+) -> torch.Tensor | None:
+    """The cache's payload copied to `device` for batched augmentation, or None (host memory).
+
+    `mode` is `data.cache_device`: cuda (always), cpu (never), auto (when it takes at most
+    `share` of the GPU's free memory).
+    """
+    if device.type != "cuda":
+        if mode == "cuda":
+            raise ConfigError("data.cache_device=cuda needs train.device to be a CUDA GPU")
+        return None
+    n = len(cache.pixels)
+    if mode == "cpu" or (mode == "auto" and n > share * torch.cuda.mem_get_info(device)[0]):
+        return None
+    out = torch.empty(n, dtype=torch.uint8, device=device)
+    for start in range(0, n, _COPY_CHUNK):
+        piece = np.array(cache.pixels[start : start + _COPY_CHUNK])  # writable, for torch
+        out[start : start + len(piece)].copy_(torch.from_numpy(piece))
+    cache.release()
+    return out
+
+
 class CachedDL(TfmdDL):
     """Batches of a fastai `Datasets` subset gathered from an `ImageCache` in a thread pool."""
 
@@ -58,10 +87,15 @@ class CachedDL(TfmdDL):
         augment: CpuAugment | None = None,
         threads: int = 2,
         wgts: Sequence[float] | None = None,
+        batched: bool = False,
+        pixels: torch.Tensor | None = None,
         **kwargs,
     ):
         self.cache, self.size, self.resize, self.augment = cache, size, resize, augment
         self.threads, self.wgts, self._pool = threads, wgts, None
+        # batched: augment on the device; `pixels`: the cache's payload already there (or None)
+        self.batched, self.pixels = batched and augment is not None, pixels
+        self.batch_aug = BatchAugment(augment) if self.batched else None
         kwargs["num_workers"] = 0  # threads, not worker processes
         super().__init__(dataset, **kwargs)
         items = dataset.items
@@ -72,7 +106,8 @@ class CachedDL(TfmdDL):
         """The same cached loader (other bs, shuffle, ...), or a plain `TfmdDL` over new data."""
         if dataset is None or dataset is self.dataset:
             keep = dict(cache=self.cache, size=self.size, resize=self.resize, augment=self.augment)
-            keep.update(threads=self.threads, wgts=self.wgts)
+            keep.update(threads=self.threads, wgts=self.wgts, batched=self.batched)
+            keep.update(pixels=self.pixels)
             return super().new(self.dataset, cls, **{**keep, **kwargs})
         kwargs.setdefault("num_workers", self.threads)  # the per-item path's worker processes
         return super().new(dataset, cls or TfmdDL, **kwargs)
@@ -101,27 +136,55 @@ class CachedDL(TfmdDL):
         out[...] = img.transpose(2, 0, 1)
 
     def _submit(self, idxs: list) -> tuple:
-        """Start a batch: a uint8 tensor the pool fills, its futures and labels."""
+        """Start a batch: a uint8 tensor the pool fills (or a canvas), its futures, labels and
+        (batched) the draws."""
         idxs = [0 if i is None else int(i) for i in idxs]  # fastai's one pass asks for None
-        xb = torch.empty((len(idxs), 3, self.size, self.size), dtype=torch.uint8)
-        out = xb.numpy()
         train = self.augment is not None and getattr(self.dataset, "split_idx", 1) == 0
         # drawn here, in order, so the pixels don't depend on which thread runs first
         seeds = [self.rng.getrandbits(64) if train else None for _ in idxs]
         # an empty split (valid_pct 0) still makes fastai's one typing pass: any image will do
         slots = self.slots[idxs] if len(self.slots) else np.zeros(len(idxs), dtype=np.int64)
         labels = self.labels[idxs] if len(self.labels) else torch.zeros(len(idxs), dtype=torch.long)
+        if train and self.batched:
+            return self._submit_canvas(slots, seeds, labels)
+        xb = torch.empty((len(idxs), 3, self.size, self.size), dtype=torch.uint8)
+        out = xb.numpy()
         jobs = [
             self.pool.submit(self._image, out[j], int(slot), seed)
             for j, (slot, seed) in enumerate(zip(slots, seeds, strict=True))
         ]
-        return xb, jobs, labels
+        return xb, jobs, labels, None
 
-    @staticmethod
-    def _collect(xb: torch.Tensor, jobs: list[Future], yb: torch.Tensor) -> tuple:
-        """Wait for a batch's images; (TensorImage uint8, TensorCategory)."""
+    def _submit_canvas(self, slots: np.ndarray, seeds: list, labels: torch.Tensor) -> tuple:
+        """Start a batched batch: its draws, and its images on one zero canvas (top-left each),
+        filled on the device from `pixels` or in the pool into pinned host memory."""
+        index = self.cache.index[slots]  # offset, height, width
+        draws = self.batch_aug.draw([(int(h), int(w)) for _, h, w in index], seeds)
+        shape = (len(slots), 3, int(index[:, 1].max()), int(index[:, 2].max()))
+        if self.pixels is not None:
+            canvas = torch.zeros(shape, dtype=torch.uint8, device=self.pixels.device)
+            for j, (off, h, w) in enumerate(index.tolist()):
+                img = self.pixels[off : off + h * w * 3].view(h, w, 3).permute(2, 0, 1)
+                canvas[j, :, :h, :w] = img
+            return canvas, [], labels, draws
+        pin = self.device is not None and self.device.type == "cuda"
+        canvas = torch.zeros(shape, dtype=torch.uint8, pin_memory=pin)
+        out = canvas.numpy()
+
+        def place(j: int, slot: int) -> None:
+            img = self.cache.image(slot)
+            out[j, :, : img.shape[0], : img.shape[1]] = img.transpose(2, 0, 1)
+
+        jobs = [self.pool.submit(place, j, int(slot)) for j, slot in enumerate(slots)]
+        return canvas, jobs, labels, draws
+
+    def _collect(self, xb: torch.Tensor, jobs: list[Future], yb: torch.Tensor, draws) -> tuple:
+        """Wait for a batch's images; (TensorImage uint8, TensorCategory), augmented on the
+        device when batched."""
         for job in jobs:
             job.result()  # re-raises a worker's error here
+        if draws is not None:
+            xb = self.batch_aug(xb.to(self.device or "cpu", non_blocking=True), draws)
         return TensorImage(xb), TensorCategory(yb)
 
     def _done(self, batch: tuple) -> tuple:

@@ -164,15 +164,26 @@ class CpuAugment(RandTransform):
         border = cv2.BORDER_CONSTANT if self.resize == "pad" else cv2.BORDER_REFLECT_101
         return cv2.warpPerspective(img, m, (size, size), flags=flags, borderMode=border)
 
-    def colour(self, img: np.ndarray, rng=random) -> np.ndarray:
-        """Random brightness, contrast, saturation and hue in one saturating 3×4 colour map."""
+    def draw_colour(self, rng=random) -> tuple[float, float, float, float]:
+        """One draw of the brightness, contrast, saturation and hue changes (0: unchanged)."""
         a = self.aug
 
         def draw(strength: float) -> float:
             on = strength and rng.random() < a.p_lighting
             return rng.uniform(-strength, strength) if on else 0.0
 
-        b, c, s, h = draw(a.max_lighting), draw(a.max_lighting), draw(a.saturation), draw(a.hue)
+        return draw(a.max_lighting), draw(a.max_lighting), draw(a.saturation), draw(a.hue)
+
+    def draw_blur(self, rng=random) -> float:
+        """One draw of the blur: sigma uniform in [0.1, blur_sigma] with `blur_p`, else 0."""
+        a = self.aug
+        if not (a.blur_p and a.blur_sigma) or rng.random() >= a.blur_p:
+            return 0.0
+        return rng.uniform(min(0.1, a.blur_sigma), a.blur_sigma)
+
+    def colour(self, img: np.ndarray, rng=random) -> np.ndarray:
+        """Random brightness, contrast, saturation and hue in one saturating 3×4 colour map."""
+        b, c, s, h = self.draw_colour(rng)
         if not (b or c or s or h):
             return img
         mean_gray = float(np.dot(cv2.mean(img)[:3], _GRAY))
@@ -181,10 +192,9 @@ class CpuAugment(RandTransform):
 
     def blur(self, img: np.ndarray, rng=random) -> np.ndarray:
         """A Gaussian blur with probability `blur_p`, sigma uniform in [0.1, blur_sigma]."""
-        a = self.aug
-        if not (a.blur_p and a.blur_sigma) or rng.random() >= a.blur_p:
+        sigma = self.draw_blur(rng)
+        if not sigma:
             return img
-        sigma = rng.uniform(min(0.1, a.blur_sigma), a.blur_sigma)
         return cv2.GaussianBlur(img, (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
 
     def augment(self, img: np.ndarray, rng=random) -> np.ndarray:

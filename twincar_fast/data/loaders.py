@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from twincar_fast.config import AugConfig, ExperimentConfig
-from twincar_fast.data.batches import CachedDL
+from twincar_fast.data.batches import CachedDL, device_pixels
 from twincar_fast.data.cache import ImageCache, open_cache
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
@@ -403,7 +403,10 @@ def cached_dls(
     validation through the exact per-item path, the one `twincar evaluate` and the Predictor use,
     so the checkpoint is chosen on the pixels the model will be judged on."""
     dsets = dblock.datasets(df)
-    d, workers = cfg.data, kwargs.pop("num_workers")
+    d, workers, device = cfg.data, kwargs.pop("num_workers"), kwargs["device"]
+    batched = d.cache_aug == "batched" or (d.cache_aug == "auto" and device.type == "cuda")
+    on_gpu = batched or d.cache_device == "cuda"  # device_pixels refuses cuda without a GPU
+    pixels = device_pixels(cache, device, d.cache_device, d.cache_gpu_share) if on_gpu else None
     train = CachedDL(
         dsets.train,
         cache=cache,
@@ -412,6 +415,8 @@ def cached_dls(
         augment=CpuAugment(d.img_size, cfg.aug, d.resize) if cfg.aug.enabled else None,
         threads=max(1, workers),
         wgts=class_weights(df)[dsets.splits[0]] if d.balanced else None,  # as fastai's WeightedDL
+        batched=batched,
+        pixels=pixels,
         shuffle=True,
         drop_last=True,
         after_item=dblock.item_tfms,
