@@ -22,7 +22,7 @@ from PIL import Image
 from twincar_fast.cli import main as cli_main
 from twincar_fast.config import AugConfig
 from twincar_fast.data import build_dls
-from twincar_fast.data.batches import CachedDL, valid_view
+from twincar_fast.data.batches import CachedDL, ThreadedDL, valid_view
 from twincar_fast.data.cache import build_cache, cache_rows, cache_size
 from twincar_fast.data.cpu_aug import CpuAugment
 from twincar_fast.data.demo import make_demo_data
@@ -228,7 +228,7 @@ def test_augmentation_draws_stay_in_their_ranges():
 def test_cached_loaders_train_show_and_predict(tiny_data, tmp_path):
     cfg = make_tiny_cfg(tiny_data, tmp_path)  # cache: auto, on for a set this small
     dls = build_dls(cfg)
-    assert isinstance(dls.train, CachedDL) and not isinstance(dls.valid, CachedDL)
+    assert isinstance(dls.train, CachedDL) and isinstance(dls.valid, ThreadedDL)  # exact path
     xb, yb = dls.one_batch()
     assert xb.shape == (8, 3, 32, 32) and xb.dtype == torch.float32 and yb.shape == (8,)
     learn = create_learner(cfg, dls)
@@ -238,7 +238,7 @@ def test_cached_loaders_train_show_and_predict(tiny_data, tmp_path):
     assert preds.shape == (len(dls.train_ds), N_CLASSES)
     assert torch.equal(targs, dls.train.labels)
     test = dls.test_dl(dls.valid_ds.items, with_labels=True)  # new data: the exact path
-    assert type(test).__name__ == "TfmdDL"
+    assert isinstance(test, ThreadedDL) and not isinstance(test, CachedDL)
     p, t = learn.get_preds(dl=test)
     assert p.shape == (len(dls.valid_ds), N_CLASSES)
 
@@ -367,3 +367,16 @@ def test_batched_loader_gathers_on_the_device_or_from_host_memory(tiny_data, tmp
     cfg.data.cache_device = "cuda"
     with pytest.raises(ConfigError, match="cache_device=cuda needs train.device"):
         build_dls(cfg)
+
+
+def test_validation_beside_the_cache_is_the_exact_path_in_threads(tiny_data, tmp_path):
+    cfg = make_tiny_cfg(tiny_data, tmp_path)
+    cfg.data = dataclasses.replace(cfg.data, bbox_crop=True, num_workers=2)
+    threaded = build_dls(cfg).valid
+    cfg.data.cache = "off"
+    plain = build_dls(cfg).valid  # fastai's own per-item loader, worker processes
+    assert isinstance(threaded, ThreadedDL) and threaded.fake_l.num_workers == 0
+    assert plain.fake_l.num_workers == 2
+    a = torch.cat([xb for xb, _ in threaded])
+    b = torch.cat([xb for xb, _ in plain])
+    assert torch.equal(a, b)  # the same pixels, in the same order

@@ -131,7 +131,7 @@ def test_default_workers_and_device(tiny_cfg):
     tiny_cfg.data.num_workers = None
     dls = build_dls(tiny_cfg)
     assert dls.train.threads == min(os.cpu_count(), 8)  # from the cache, in threads
-    assert dls.valid.fake_l.num_workers == min(os.cpu_count(), 8)
+    assert dls.valid.threads == min(os.cpu_count(), 8)  # the exact path, in threads too
     tiny_cfg.data.cache = "off"
     assert build_dls(tiny_cfg).train.fake_l.num_workers == min(os.cpu_count(), 8)
     assert dls.device == torch.device("cpu") and not dls.valid.pin_memory

@@ -30,7 +30,7 @@ from twincar_fast.data.device_aug import BatchAugment
 from twincar_fast.data.geometry import resize_window
 from twincar_fast.errors import ConfigError
 
-__all__ = ["CachedDL", "device_pixels", "valid_view"]
+__all__ = ["CachedDL", "ThreadedDL", "device_pixels", "valid_view"]
 
 _COPY_CHUNK = 1 << 26  # host → GPU copies of the cache in 64 MiB pieces: no second host copy
 
@@ -212,4 +212,48 @@ class CachedDL(TfmdDL):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_pool"] = None  # threads don't pickle; a copy starts its own
+        return state
+
+
+class ThreadedDL(TfmdDL):
+    """fastai's per-item `TfmdDL`, its items made in a thread pool instead of worker processes.
+
+    For validation beside a cached training loader: the exact path (decode, crop, resize) with
+    no worker processes to start each epoch; PIL's decoding releases the GIL.
+    """
+
+    def __init__(self, dataset=None, threads: int = 2, **kwargs):
+        self.threads, self._pool = max(1, threads), None
+        kwargs["num_workers"] = 0
+        super().__init__(dataset, **kwargs)
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The thread pool, started on first use."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="twincar-items")
+        return self._pool
+
+    def new(self, dataset=None, cls=None, **kwargs):
+        kwargs.setdefault("threads", self.threads)
+        kwargs.pop("num_workers", None)
+        return super().new(dataset, cls, **kwargs)
+
+    def create_batches(self, samps) -> Iterator[tuple]:
+        pending = None
+        for idxs in self.chunkify(samps):
+            jobs = [self.pool.submit(self.do_item, i) for i in idxs]  # the next batch starts
+            if pending is not None:
+                yield self._batch(pending)
+            pending = jobs
+        if pending is not None:
+            yield self._batch(pending)
+
+    def _batch(self, jobs: list[Future]):
+        """The batch of finished items (skipped ones dropped)."""
+        return self.do_batch([x for x in (j.result() for j in jobs) if x is not None])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pool"] = None
         return state

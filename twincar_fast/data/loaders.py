@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from twincar_fast.config import AugConfig, ExperimentConfig
-from twincar_fast.data.batches import CachedDL, device_pixels
+from twincar_fast.data.batches import CachedDL, ThreadedDL, device_pixels
 from twincar_fast.data.cache import ImageCache, open_cache
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
@@ -424,7 +424,7 @@ def cached_dls(
         **kwargs,
     )
     # a plain TfmdDL with the same transforms and batch types, as fastai's `dataloaders` makes it
-    valid = train.new(dsets.valid, shuffle=False, drop_last=False, num_workers=workers)
+    valid = train.new(dsets.valid, ThreadedDL, shuffle=False, drop_last=False, threads=workers)
     return DataLoaders(train, valid, device=kwargs["device"])
 
 
