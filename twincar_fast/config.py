@@ -67,7 +67,7 @@ class DataConfig:
     cache: Literal["auto", "on", "off"] = "auto"  # train from decoded uint8 pixels in one
     # memory-mapped file (data/cache.py), batches gathered in threads; auto: on unless it would
     # exceed cache_max_gb (or aug.stage is batch); off: decode every image every epoch
-    cache_size: int | None = None  # shorter side of cached images; null = img_size × 1.15
+    cache_size: int | None = None  # cached images' shorter side; null: img_size × max(1.15, zoom)
     cache_max_gb: float = 8.0  # auto: largest cache to build, in GiB
     cache_dir: str | None = None  # where the cache file lives; null = <root>/.cache
     cache_aug: Literal["auto", "threads", "batched"] = "auto"  # training augmentation from the

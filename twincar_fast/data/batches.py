@@ -6,10 +6,12 @@ go. Each image is cut from the memory map and, in training, warped and recoloure
 (the same draws and ranges as the item stage) in a thread pool (OpenCV and NumPy release the GIL),
 one batch ahead of the one the model is on, without worker processes; or (`batched`, the GPU's
 path) the batch is laid on one canvas and augmented in a few batched ops on the training device
-(`BatchAugment`), from a copy of the cache in GPU memory or from pinned host memory. Batches without
-augmentation get the validation geometry (centre crop, squish or pad to img_size). A new loader over another data set
-(`test_dl`, an exported learner's empty loaders) is a plain `TfmdDL`: the final test evaluation and
-the Predictor read the original files through the exact validation path.
+(`BatchAugment`), from a copy of the cache in GPU memory or from pinned host memory. Batches
+without augmentation get the validation geometry (centre crop, squish or pad to img_size).
+
+Validation, and any loader over other data (`test_dl`, an exported learner's empty loaders), is a
+`ThreadedDL`: fastai's own per-item path from the original files, its items made in threads, so
+the checkpoint choice, the test evaluation and the Predictor see the exact validation pixels.
 """
 
 from __future__ import annotations
@@ -103,14 +105,16 @@ class CachedDL(TfmdDL):
         self.labels = torch.tensor([int(y) for y in dataset.tls[1]], dtype=torch.long)
 
     def new(self, dataset=None, cls=None, **kwargs):
-        """The same cached loader (other bs, shuffle, ...), or a plain `TfmdDL` over new data."""
+        """The same cached loader (other bs, shuffle, ...), or the exact per-item path over new
+        data (`ThreadedDL` unless `cls` says otherwise)."""
         if dataset is None or dataset is self.dataset:
             keep = dict(cache=self.cache, size=self.size, resize=self.resize, augment=self.augment)
             keep.update(threads=self.threads, wgts=self.wgts, batched=self.batched)
             keep.update(pixels=self.pixels)
             return super().new(self.dataset, cls, **{**keep, **kwargs})
-        kwargs.setdefault("num_workers", self.threads)  # the per-item path's worker processes
-        return super().new(dataset, cls or TfmdDL, **kwargs)
+        cls = cls or ThreadedDL
+        kwargs.setdefault("threads" if issubclass(cls, ThreadedDL) else "num_workers", self.threads)
+        return super().new(dataset, cls, **kwargs)
 
     def get_idxs(self) -> list[int]:
         """fastai's order, or (training with `wgts`) draws weighted as fastai's `WeightedDL`."""

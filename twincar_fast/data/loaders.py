@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from twincar_fast.config import AugConfig, ExperimentConfig
-from twincar_fast.data.batches import CachedDL, ThreadedDL, device_pixels
+from twincar_fast.data.batches import CachedDL, device_pixels
 from twincar_fast.data.cache import ImageCache, open_cache
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
@@ -369,12 +369,10 @@ def make_datablock(cfg: ExperimentConfig, classes: list[str]) -> DataBlock:
     )
 
 
-def build_dls(
-    cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None, cache: bool = True
-) -> DataLoaders:
+def build_dls(cfg: ExperimentConfig, data_dir: str | os.PathLike | None = None) -> DataLoaders:
     """Train/valid DataLoaders of the prepared set at `data_dir` (default `cfg.data.root`).
 
-    From the decoded-image cache when `data.cache` allows it (`cache=False`: never).
+    Training batches come from the decoded-image cache when `data.cache` allows it.
     """
     data_dir = Path(data_dir or cfg.data.root)
     classes = read_classes(data_dir)
@@ -388,7 +386,7 @@ def build_dls(
         pin_memory=device.type == "cuda",
     )
     dblock = make_datablock(cfg, classes)
-    image_cache = open_cache(cfg, data_dir) if cache else None
+    image_cache = open_cache(cfg, data_dir)
     if image_cache is not None:
         return cached_dls(cfg, dblock, df, image_cache, **kwargs)
     if cfg.data.balanced:
@@ -423,8 +421,9 @@ def cached_dls(
         after_batch=dblock.batch_tfms,
         **kwargs,
     )
-    # a plain TfmdDL with the same transforms and batch types, as fastai's `dataloaders` makes it
-    valid = train.new(dsets.valid, ThreadedDL, shuffle=False, drop_last=False, threads=workers)
+    # fastai's per-item loader (in threads) with the same transforms and batch types, made as
+    # fastai's `dataloaders` makes its validation loader
+    valid = train.new(dsets.valid, shuffle=False, drop_last=False)  # a ThreadedDL
     return DataLoaders(train, valid, device=kwargs["device"])
 
 
