@@ -37,7 +37,8 @@ from twincar_fast.config import ExperimentConfig
 from twincar_fast.data import build_dls, read_annotations, resolve_device, split_train_valid
 from twincar_fast.data.cache import build_cache, cache_size
 from twincar_fast.data.cpu_aug import CpuAugment
-from twincar_fast.data.loaders import FusedNormalize, open_region, presize
+from twincar_fast.data.images import open_region
+from twincar_fast.data.loaders import FusedNormalize, presize
 
 
 def split_rows(cfg: ExperimentConfig) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from fastai.vision.learner import vision_learner
 from PIL import Image
 from scipy.stats import chisquare
 
-import twincar_fast.data.loaders as loaders
+import twincar_fast.data.images as images
 from twincar_fast.data import (
     build_dls,
     eval_dl,
@@ -272,7 +272,7 @@ def test_loader_passes_draft_size(big_jpeg, monkeypatch):
         calls.append(draft)
         return open_rgb(path, draft=draft)
 
-    monkeypatch.setattr(loaders, "open_rgb", spy)
+    monkeypatch.setattr(images, "open_rgb", spy)  # what open_region decodes with
     row = pd.Series({"path": str(big_jpeg), "bbox_x1": 401, "bbox_y1": 301})
     row["bbox_x2"], row["bbox_y2"] = 1200, 900
 

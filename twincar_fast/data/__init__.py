@@ -9,6 +9,7 @@ from twincar_fast.data.dataset import (
     read_classes,
     read_rejected,
 )
+from twincar_fast.data.images import open_region
 from twincar_fast.data.loaders import (
     build_dls,
     build_eval_dls,
@@ -16,7 +17,6 @@ from twincar_fast.data.loaders import (
     check_vocab,
     data_summary,
     eval_dl,
-    open_region,
     print_data_summary,
     resolve_device,
 )

@@ -77,7 +77,47 @@ def device_pixels(
     return out
 
 
-class CachedDL(TfmdDL):
+class _PooledDL(TfmdDL):
+    """A `TfmdDL` whose batches are made in a thread pool (no worker processes), each one started
+    before the previous one is handed out."""
+
+    def __init__(self, dataset=None, threads: int = 2, **kwargs):
+        self.threads, self._pool = max(1, threads), None
+        kwargs["num_workers"] = 0  # threads, not worker processes
+        super().__init__(dataset, **kwargs)
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The thread pool, started on first use."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="twincar-batch")
+        return self._pool
+
+    def _start(self, idxs: list):
+        """Start making the batch of `idxs` in the pool; what `_finish` needs to complete it."""
+        raise NotImplementedError
+
+    def _finish(self, job) -> tuple:
+        """Wait for a started batch; the batch."""
+        raise NotImplementedError
+
+    def create_batches(self, samps) -> Iterator[tuple]:
+        pending = None
+        for idxs in self.chunkify(samps):
+            job = self._start(list(idxs))  # the next batch starts before this one is used
+            if pending is not None:
+                yield self._finish(pending)
+            pending = job
+        if pending is not None:
+            yield self._finish(pending)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pool"] = None  # threads don't pickle; a copy starts its own
+        return state
+
+
+class CachedDL(_PooledDL):
     """Batches of a fastai `Datasets` subset gathered from an `ImageCache` in a thread pool."""
 
     def __init__(
@@ -94,12 +134,11 @@ class CachedDL(TfmdDL):
         **kwargs,
     ):
         self.cache, self.size, self.resize, self.augment = cache, size, resize, augment
-        self.threads, self.wgts, self._pool = threads, wgts, None
+        self.wgts = wgts
         # batched: augment on the device; `pixels`: the cache's payload already there (or None)
         self.batched, self.pixels = batched and augment is not None, pixels
         self.batch_aug = BatchAugment(augment) if self.batched else None
-        kwargs["num_workers"] = 0  # threads, not worker processes
-        super().__init__(dataset, **kwargs)
+        super().__init__(dataset, threads, **kwargs)
         items = dataset.items
         self.slots = cache.slots(items["path"]) if len(items) else np.zeros(0, dtype=np.int64)
         self.labels = torch.tensor([int(y) for y in dataset.tls[1]], dtype=torch.long)
@@ -123,13 +162,6 @@ class CachedDL(TfmdDL):
         p = np.asarray(self.wgts, dtype=float)
         return list(np.random.choice(self.n, self.n, p=p / p.sum()))
 
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        """The thread pool, started on first use."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="twincar-batch")
-        return self._pool
-
     def _image(self, out: np.ndarray, slot: int, seed: int | None) -> None:
         """Write cache image `slot`, augmented with `seed` (None: validation view), into `out`."""
         img = self.cache.image(slot)
@@ -139,7 +171,7 @@ class CachedDL(TfmdDL):
             img = self.augment.augment(img, random.Random(seed))
         out[...] = img.transpose(2, 0, 1)
 
-    def _submit(self, idxs: list) -> tuple:
+    def _start(self, idxs: list) -> tuple:
         """Start a batch: a uint8 tensor the pool fills (or a canvas), its futures, labels and
         (batched) the draws."""
         idxs = [0 if i is None else int(i) for i in idxs]  # fastai's one pass asks for None
@@ -150,7 +182,7 @@ class CachedDL(TfmdDL):
         slots = self.slots[idxs] if len(self.slots) else np.zeros(len(idxs), dtype=np.int64)
         labels = self.labels[idxs] if len(self.labels) else torch.zeros(len(idxs), dtype=torch.long)
         if train and self.batched:
-            return self._submit_canvas(slots, seeds, labels)
+            return self._start_canvas(slots, seeds, labels)
         xb = torch.empty((len(idxs), 3, self.size, self.size), dtype=torch.uint8)
         out = xb.numpy()
         jobs = [
@@ -159,7 +191,7 @@ class CachedDL(TfmdDL):
         ]
         return xb, jobs, labels, None
 
-    def _submit_canvas(self, slots: np.ndarray, seeds: list, labels: torch.Tensor) -> tuple:
+    def _start_canvas(self, slots: np.ndarray, seeds: list, labels: torch.Tensor) -> tuple:
         """Start a batched batch: its draws, and its images on one zero canvas (top-left each),
         filled on the device from `pixels` or in the pool into pinned host memory."""
         index = self.cache.index[slots]  # offset, height, width
@@ -191,9 +223,9 @@ class CachedDL(TfmdDL):
             xb = self.batch_aug(xb.to(self.device or "cpu", non_blocking=True), draws)
         return TensorImage(xb), TensorCategory(yb)
 
-    def _done(self, batch: tuple) -> tuple:
+    def _finish(self, job: tuple) -> tuple:
         """A finished batch; the cache's pages read so far leave this process's RSS."""
-        out = self._collect(*batch)
+        out = self._collect(*job)
         self.cache.release()
         return out
 
@@ -201,63 +233,24 @@ class CachedDL(TfmdDL):
         return s
 
     def do_batch(self, b):
-        return self._collect(*self._submit(list(b)))
-
-    def create_batches(self, samps) -> Iterator[tuple]:
-        pending = None
-        for idxs in self.chunkify(samps):
-            job = self._submit(list(idxs))  # the next batch starts before this one is used
-            if pending is not None:
-                yield self._done(pending)
-            pending = job
-        if pending is not None:
-            yield self._done(pending)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_pool"] = None  # threads don't pickle; a copy starts its own
-        return state
+        return self._collect(*self._start(list(b)))
 
 
-class ThreadedDL(TfmdDL):
+class ThreadedDL(_PooledDL):
     """fastai's per-item `TfmdDL`, its items made in a thread pool instead of worker processes.
 
     For validation beside a cached training loader: the exact path (decode, crop, resize) with
     no worker processes to start each epoch; PIL's decoding releases the GIL.
     """
 
-    def __init__(self, dataset=None, threads: int = 2, **kwargs):
-        self.threads, self._pool = max(1, threads), None
-        kwargs["num_workers"] = 0
-        super().__init__(dataset, **kwargs)
-
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        """The thread pool, started on first use."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="twincar-items")
-        return self._pool
-
     def new(self, dataset=None, cls=None, **kwargs):
         kwargs.setdefault("threads", self.threads)
         kwargs.pop("num_workers", None)
         return super().new(dataset, cls, **kwargs)
 
-    def create_batches(self, samps) -> Iterator[tuple]:
-        pending = None
-        for idxs in self.chunkify(samps):
-            jobs = [self.pool.submit(self.do_item, i) for i in idxs]  # the next batch starts
-            if pending is not None:
-                yield self._batch(pending)
-            pending = jobs
-        if pending is not None:
-            yield self._batch(pending)
+    def _start(self, idxs: list) -> list[Future]:
+        return [self.pool.submit(self.do_item, i) for i in idxs]
 
-    def _batch(self, jobs: list[Future]):
+    def _finish(self, job: list[Future]) -> tuple:
         """The batch of finished items (skipped ones dropped)."""
-        return self.do_batch([x for x in (j.result() for j in jobs) if x is not None])
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_pool"] = None
-        return state
+        return self.do_batch([x for x in (f.result() for f in job) if x is not None])

@@ -39,7 +39,7 @@ from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations
 from twincar_fast.data.geometry import crop_region
-from twincar_fast.data.images import open_rgb
+from twincar_fast.data.images import open_region
 from twincar_fast.errors import ConfigError, DataError
 from twincar_fast.files import atomic_path, file_lock
 
@@ -52,7 +52,7 @@ __all__ = [
     "cache_rows",
     "cache_size",
     "decode",
-    "estimate_bytes",
+    "file_bytes",
     "open_cache",
 ]
 
@@ -118,9 +118,9 @@ def cache_path(cfg: ExperimentConfig, data_dir: Path, key: str) -> Path:
     return cache_dir(cfg, data_dir) / f"images-{cache_size(cfg)}px-{key[:16]}.u8"
 
 
-def estimate_bytes(cfg: ExperimentConfig, rows: pd.DataFrame) -> int:
-    """Bytes the cache of `rows` would take, from the image headers (nothing decoded)."""
-    return int(_layout(rows, cfg)[:, 0].sum()) + _header_bytes(len(rows))
+def file_bytes(layout: np.ndarray) -> int:
+    """Bytes of the cache file of a `_layout` (header, index and pixels)."""
+    return int(layout[:, 0].sum()) + _header_bytes(len(layout))
 
 
 def _boxes(rows: pd.DataFrame, cfg: ExperimentConfig) -> list:
@@ -142,12 +142,7 @@ def _layout(rows: pd.DataFrame, cfg: ExperimentConfig) -> np.ndarray:
 
 def decode(path: str, box, margin: float, hw: tuple[int, int]) -> np.ndarray:
     """The region of `path` as an h × w × 3 uint8 array: full decode, crop, area resize."""
-    img = open_rgb(path)
-    region = crop_region(box, margin, img.size)
-    if region is not None:
-        left, top, right, bottom = region
-        img = img.crop((math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)))
-    arr = np.asarray(img)
+    arr = np.asarray(open_region(path, box, margin))  # the loader's own cut, at full scale
     h, w = hw
     if arr.shape[:2] == (h, w):
         return arr
@@ -210,27 +205,28 @@ def _crc(path: Path, start: int) -> int:
     return crc
 
 
-def _read(path: Path, key: str, paths: list[str]) -> ImageCache | None:
-    """The cache at `path` if it is whole and of `key`; None if it's missing, stale or broken."""
+def _read(path: Path, key: str, paths: list[str], verify: bool = True) -> ImageCache | None:
+    """The cache at `path` if it is whole and of `key`; None if it's missing, stale or broken.
+
+    `verify` reads the whole file for its CRC-32 (about 0.5 s a GB from the page cache).
+    """
     if not path.is_file():
         return None
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(_HEAD.size)
-    if len(head) < _HEAD.size:
-        return _broken(path, "its header is cut short")
-    magic, k, n, payload, crc = _HEAD.unpack(head)
-    if magic != _MAGIC or k != bytes.fromhex(key) or n != len(paths):
-        return _broken(path, "its header doesn't match this data set")
-    start = _header_bytes(n)
-    if size != start + payload:
-        return _broken(path, f"it is {size} bytes, its header says {start + payload}")
-    with open(path, "rb") as f:
+        head, size = f.read(_HEAD.size), os.fstat(f.fileno()).st_size
+        if len(head) < _HEAD.size:
+            return _broken(path, "its header is cut short")
+        magic, k, n, payload, crc = _HEAD.unpack(head)
+        if magic != _MAGIC or k != bytes.fromhex(key) or n != len(paths):
+            return _broken(path, "its header doesn't match this data set")
+        start = _header_bytes(n)
+        if size != start + payload:
+            return _broken(path, f"it is {size} bytes, its header says {start + payload}")
+        if verify and _crc(path, _HEAD.size) != crc:
+            return _broken(path, "its checksum doesn't match")
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     mm = np.frombuffer(mapping, dtype=np.uint8)
     index = np.frombuffer(mm[_HEAD.size : _HEAD.size + n * 24], dtype=np.int64).reshape(n, 3)
-    if _crc(path, _HEAD.size) != crc:
-        return _broken(path, "its checksum doesn't match")
     return ImageCache(path, mm[start:], index.copy(), paths, mapping)
 
 
@@ -240,13 +236,14 @@ def _broken(path: Path, why: str) -> None:
     return None
 
 
-def _write(tmp: Path, key: str, rows: pd.DataFrame, cfg: ExperimentConfig, workers: int) -> None:
+def _write(
+    tmp: Path, key: str, rows: pd.DataFrame, cfg: ExperimentConfig, layout: np.ndarray, workers: int
+) -> None:
     """Decode every row into a new cache file at `tmp` (header written last, with the CRC).
 
     Written with `pwrite`, not through a memory map, so the pages go to the page cache without
     ever counting in this process's RSS.
     """
-    layout = _layout(rows, cfg)
     n, payload = len(rows), int(layout[:, 0].sum())
     offsets = np.concatenate([[0], np.cumsum(layout[:, 0])[:-1]]).astype(np.int64)
     index = np.stack([offsets, layout[:, 1], layout[:, 2]], axis=1)
@@ -308,7 +305,8 @@ def build_cache(
     cache = _read(path, key, paths)
     if cache is not None:
         return cache, 0.0
-    if max_bytes is not None and estimate_bytes(cfg, rows) > max_bytes:
+    layout = _layout(rows, cfg)  # from the image headers: nothing decoded yet
+    if max_bytes is not None and file_bytes(layout) > max_bytes:
         return None, 0.0
     _make_dir(path.parent)
     with file_lock(path.parent / ".lock"):
@@ -320,14 +318,14 @@ def build_cache(
         start = time.perf_counter()
         try:
             with atomic_path(path) as tmp:
-                _write(tmp, key, rows, cfg, workers or os.cpu_count() or 1)
+                _write(tmp, key, rows, cfg, layout, workers or os.cpu_count() or 1)
         except OSError as e:
             raise ConfigError(
                 f"can't write the image cache in {path.parent} ({e.strerror or e}); free space "
                 "there, set data.cache_dir to another folder or data.cache=off"
             ) from None
         seconds = time.perf_counter() - start
-    cache = _read(path, key, paths)
+    cache = _read(path, key, paths, verify=False)  # _write has just read it for its CRC
     if cache is None:
         raise DataError(f"the image cache {path} was damaged right after it was written")
     return cache, seconds

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from twincar_fast.data.cpu_aug import CpuAugment, colour_matrix, warp_matrix
 
-__all__ = ["BatchAugment"]
+__all__ = ["BatchAugment", "blur_batch"]
 
 _GRAY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as the CPU path's colour map
 
@@ -96,17 +96,24 @@ class BatchAugment:
         """A separable Gaussian per image (sigma 0: none), mirrored at the edges."""
         if not sigmas.any():
             return x
-        b, c, h, w = x.shape
-        r = max(1, min(math.ceil(3 * float(sigmas.max())), h - 1, w - 1))
-        t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-        sigma = torch.as_tensor(sigmas, device=x.device, dtype=x.dtype)[:, None]
-        k = torch.exp(-0.5 * (t / sigma.clamp_min(1e-3)) ** 2)
-        k = torch.where(sigma > 0, k / k.sum(1, keepdim=True), (t == 0).to(x.dtype))
-        k = k.repeat_interleave(c, 0)
-        y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
-        y = F.conv2d(y, k[:, None, None, :], groups=b * c)
-        y = F.conv2d(y, k[:, None, :, None], groups=b * c)
-        return y.reshape(b, c, h, w)
+        sigma = torch.as_tensor(sigmas, device=x.device, dtype=x.dtype)
+        return blur_batch(x, sigma, math.ceil(3 * float(sigmas.max())))
+
+
+def blur_batch(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Blur each image of a B × C × H × W float batch with a separable Gaussian of its own
+    `sigma` (0: left as it is), taps out to `radius`, edges mirrored (BORDER_REFLECT_101)."""
+    b, c, h, w = x.shape
+    r = max(1, min(radius, h - 1, w - 1))  # reflect padding needs r < size
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    sigma = sigma.to(x.dtype)[:, None]
+    k = torch.exp(-0.5 * (t / sigma.clamp_min(1e-3)) ** 2)
+    k = torch.where(sigma > 0, k / k.sum(1, keepdim=True), (t == 0).to(x.dtype))
+    k = k.repeat_interleave(c, 0)  # one kernel per image channel
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
 
 
 def _reflect101(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

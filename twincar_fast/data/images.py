@@ -1,7 +1,9 @@
-"""Safe image opening: any file PIL reads becomes RGB; unusable files get a one-line reason."""
+"""Safe image opening: any file PIL reads becomes RGB (cut to a region, draft-decoded); unusable
+files get a one-line reason."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -9,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from twincar_fast.data.geometry import crop_region
 from twincar_fast.errors import DataError
 
-__all__ = ["open_rgb", "image_problem"]
+__all__ = ["image_problem", "open_region", "open_rgb"]
 
 _JPEG_FORMATS = ("JPEG", "MPO")
 _WHITE = (255, 255, 255, 255)
@@ -56,6 +59,42 @@ def open_rgb(path: str | os.PathLike, draft: Draft = None) -> Image.Image:
         raise DataError(
             f"can't read image {path}: {_one_line(e)}; replace or remove the file"
         ) from None
+
+
+def open_region(
+    path: str | os.PathLike, box=None, margin: float = 0.0, min_side: int | None = None
+) -> Image.Image:
+    """The RGB image at `path`, cropped to `box` grown by `margin`, decoded at a reduced scale.
+
+    Args:
+        box: (x1, y1, x2, y2), 1-based inclusive pixels of the original image (NaN/None = whole).
+        min_side: JPEGs are decoded with PIL's draft mode at the smallest scale (1/2, 1/4, 1/8)
+            that still leaves the region's shorter side ≥ `min_side`; None decodes in full.
+    """
+    if box is None and min_side is None:
+        return open_rgb(path)
+    full: list[tuple[int, int]] = []
+
+    def draft(size: tuple[int, int]) -> tuple[int, int] | None:
+        """The draft size that keeps the region's shorter side ≥ min_side (None: full scale)."""
+        full.append(size)
+        left, top, right, bottom = crop_region(box, margin, size) or (0, 0, *size)
+        scale = min_side / min(right - left, bottom - top) if min_side else 1.0
+        return (math.ceil(size[0] * scale), math.ceil(size[1] * scale)) if scale < 1 else None
+
+    im = open_rgb(path, draft=draft)  # one open: the header's size sets the draft scale
+    region = crop_region(box, margin, full[0])
+    if region is None:
+        return im
+    left, top, right, bottom = region
+    sx, sy = im.width / full[0][0], im.height / full[0][1]  # the draft scale actually used
+    crop = (
+        math.floor(left * sx),
+        math.floor(top * sy),
+        math.ceil(right * sx),
+        math.ceil(bottom * sy),
+    )
+    return im.crop(crop)
 
 
 def image_problem(path: str | os.PathLike) -> str | None:

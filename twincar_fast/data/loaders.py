@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F  # noqa: N812
 from fastai.callback.data import WeightedDL  # noqa: F401 - patches DataBlock.weighted_dataloaders
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders, TfmdDL
@@ -36,8 +35,8 @@ from twincar_fast.data.batches import CachedDL, device_pixels
 from twincar_fast.data.cache import ImageCache, open_cache
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
-from twincar_fast.data.geometry import crop_region
-from twincar_fast.data.images import open_rgb
+from twincar_fast.data.device_aug import blur_batch
+from twincar_fast.data.images import open_region
 from twincar_fast.data.split import split_train_valid
 from twincar_fast.errors import ConfigError, DataError
 
@@ -57,7 +56,6 @@ __all__ = [
     "data_summary",
     "eval_dl",
     "item_transforms",
-    "open_region",
     "presize",
     "print_data_summary",
     "resolve_device",
@@ -67,42 +65,6 @@ _RESIZE = {"crop": ResizeMethod.Crop, "squish": ResizeMethod.Squish, "pad": Resi
 
 
 # ---------------------------------------------------------------- items
-
-
-def open_region(
-    path: str | os.PathLike, box=None, margin: float = 0.0, min_side: int | None = None
-) -> Image.Image:
-    """The RGB image at `path`, cropped to `box` grown by `margin`, decoded at a reduced scale.
-
-    Args:
-        box: (x1, y1, x2, y2), 1-based inclusive pixels of the original image (NaN/None = whole).
-        min_side: JPEGs are decoded with PIL's draft mode at the smallest scale (1/2, 1/4, 1/8)
-            that still leaves the region's shorter side ≥ `min_side`; None decodes in full.
-    """
-    if box is None and min_side is None:
-        return open_rgb(path)
-    full: list[tuple[int, int]] = []
-
-    def draft(size: tuple[int, int]) -> tuple[int, int] | None:
-        """The draft size that keeps the region's shorter side ≥ min_side (None: full scale)."""
-        full.append(size)
-        left, top, right, bottom = crop_region(box, margin, size) or (0, 0, *size)
-        scale = min_side / min(right - left, bottom - top) if min_side else 1.0
-        return (math.ceil(size[0] * scale), math.ceil(size[1] * scale)) if scale < 1 else None
-
-    im = open_rgb(path, draft=draft)  # one open: the header's size sets the draft scale
-    region = crop_region(box, margin, full[0])
-    if region is None:
-        return im
-    left, top, right, bottom = region
-    sx, sy = im.width / full[0][0], im.height / full[0][1]  # the draft scale actually used
-    crop = (
-        math.floor(left * sx),
-        math.floor(top * sy),
-        math.ceil(right * sx),
-        math.ceil(bottom * sy),
-    )
-    return im.crop(crop)
 
 
 class ImageLoader(Transform):
@@ -177,21 +139,14 @@ class RandomGaussianBlur(RandTransform):
         self.p_image, self.max_sigma = p, max_sigma
 
     def encodes(self, x: TensorImage) -> TensorImage:
-        b, c, h, w = x.shape
+        b = x.shape[0]
         on = torch.rand(b, device=x.device) < self.p_image
         if not on.any():
             return x
-        r = max(1, min(math.ceil(3 * self.max_sigma), h - 1, w - 1))  # reflect pad needs r < size
-        t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
         lo = min(0.1, self.max_sigma)
-        sigma = torch.empty(b, 1, device=x.device, dtype=x.dtype).uniform_(lo, self.max_sigma)
-        k = torch.exp(-0.5 * (t / sigma) ** 2)
-        k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).to(x.dtype))
-        k = k.repeat_interleave(c, 0)  # one separable kernel per image channel
-        y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
-        y = F.conv2d(y, k[:, None, None, :], groups=b * c)
-        y = F.conv2d(y, k[:, None, :, None], groups=b * c)
-        return TensorImage(y.reshape(b, c, h, w))
+        sigma = torch.empty(b, device=x.device, dtype=x.dtype).uniform_(lo, self.max_sigma)
+        radius = math.ceil(3 * self.max_sigma)
+        return TensorImage(blur_batch(x, sigma * on, radius))
 
 
 # RGB → YIQ: a hue shift is a rotation of the (I, Q) chroma plane, so one 3×3 matrix per image.

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from twincar_fast.data.geometry import InputGeometry, resize_image
-from twincar_fast.data.loaders import open_region
+from twincar_fast.data.images import open_region
 from twincar_fast.errors import TwincarError
 
 __all__ = ["Predictor", "Preprocess", "box_warning", "require_trust"]
