@@ -274,6 +274,59 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- entry point
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from twincar_fast.lab.cli import sweep_command
+
+    failed = sweep_command(args)
+    if failed:
+        raise SystemExit(1)  # the sweep ran; some trials failed (their errors are in the table)
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    help = "sweep an experiment on Optuna: grid, random or TPE points, seeds, workers, resumable"
+    p = sub.add_parser(
+        "sweep",
+        help=help,
+        description=help + ". Fixed overrides (key=value) go right after CONFIG.",
+        epilog="example: twincar sweep experiments/demo.yaml data.valid_pct=0.1 "
+        "--grid train.lr=3e-3,1e-2 model.arch=test_resnet,resnet18 --seeds 2",
+    )
+    p.add_argument("config", type=_path, help="experiment YAML, e.g. experiments/demo.yaml")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value for every trial")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--grid", nargs="+", action="extend", metavar="KEY=V1,V2", help="a grid")
+    mode.add_argument("--random", type=int, metavar="N", help="N random points of --space")
+    mode.add_argument("--optuna", type=int, metavar="N", help="N points of --space from TPE")
+    p.add_argument(
+        "--space",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=LOW:HIGH[:log]",
+        help="a range (or KEY=V1,V2 choices) for --random/--optuna",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="runs of each point (train.seed + 0..K-1)")
+    p.add_argument("--name", help="the sweep's name (default: <config name>-sweep)")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study (default: SQLite in the sweep)")
+    p.add_argument("--workers", type=int, default=1, help="trial processes on this machine")
+    p.add_argument("--prune", action="store_true", help="Optuna's median pruner, per epoch")
+    p.set_defaults(func=_sweep)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from twincar_fast.lab.compare import compare_runs
+
+    compare_runs(args.dirs, args.out)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    help = "compare runs and sweeps side by side: table, compare.csv, compare.html with curves"
+    p = sub.add_parser("compare", help=help, description=help)
+    p.add_argument("dirs", nargs="+", type=_path, help="reports/<run> or reports/<sweep> folders")
+    p.add_argument("--out", type=_path, help="folder for compare.csv/.html (default: see README)")
+    p.set_defaults(func=_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `twincar` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -292,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_interpret(sub)
     _add_predict(sub)
+    _add_sweep(sub)
+    _add_compare(sub)
     return parser
 
 

@@ -177,6 +177,8 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    # ^ experiment trackers fed every metrics.csv row (extras: pip install -e ".[mlflow]" ...)
 
 
 # ---------------------------------------------------------------- loading
@@ -262,9 +264,13 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
 
 
 def load_config(
-    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), check: bool = True
 ) -> ExperimentConfig:
-    """Load an experiment YAML (following `extends:`), apply `key=value` overrides and validate."""
+    """Load an experiment YAML (following `extends:`), apply `key=value` overrides and validate.
+
+    With `check=False` only keys and types are checked, not value ranges (a sweep checks a
+    search space's types up front; a trial outside the ranges fails on its own).
+    """
     path = Path(path)
     data = _resolve_extends(path)
     _build(ExperimentConfig, data, str(path), "")  # the file's own mistakes name the file ...
@@ -274,7 +280,8 @@ def load_config(
     if cfg.name is None:
         cfg.name = path.stem
     expand_paths(cfg)
-    validate(cfg, where)
+    if check:
+        validate(cfg, where)
     return cfg
 
 
@@ -461,6 +468,7 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     check_key(t.grad_accum >= 1, file, "train.grad_accum", "must be at least 1")
     for key in ("top_losses", "gradcam", "confusion_zoom", "most_confused"):
         check_key(getattr(e, key) >= 0, file, f"eval.{key}", "must be ≥ 0")
+    check_key(len(set(cfg.log)) == len(cfg.log), file, "log", f"names a tracker twice: {cfg.log}")
 
 
 # ---------------------------------------------------------------- saving

@@ -1,0 +1,250 @@
+"""Sweeps on a real Optuna study (SQLite, and a private PostgreSQL), trials as real tiny runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from conftest import make_tiny_cfg
+from postgres import start_cluster
+from twincar_fast.cli import main
+from twincar_fast.config import save_config
+from twincar_fast.lab.compare import compare_runs, compare_table, find_runs
+
+GRID = ["--grid", "train.lr=1e-2,3e-3", "data.batch_size=4,8"]
+
+
+@pytest.fixture
+def sweep_yaml(tiny_data, tmp_path) -> Path:
+    """A one-epoch tiny experiment with its test evaluation, as a YAML file."""
+    cfg = make_tiny_cfg(tiny_data, tmp_path)
+    cfg.train = dataclasses.replace(cfg.train, epochs=1)
+    cfg.eval = dataclasses.replace(cfg.eval, test=True)
+    return save_config(cfg, tmp_path / "tiny.yaml")
+
+
+def _cmd(yaml: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "twincar_fast.cli", "sweep", str(yaml), *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _study(tmp_path: Path, name: str = "tiny-sweep", storage: str | None = None) -> optuna.Study:
+    url = storage or f"sqlite:///{tmp_path / 'reports' / name / 'study.db'}"
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _trials(study: optuna.Study, state: TrialState) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(state,))
+
+
+def _points(trials) -> list[tuple]:
+    return sorted(tuple(sorted(t.params.items())) for t in trials)
+
+
+def _wait_for(cond, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _running_trial(tmp_path: Path, number: int) -> bool:
+    """Whether trial `number` is training (its run folder recorded)."""
+    db = tmp_path / "reports" / "tiny-sweep" / "study.db"
+    if not db.is_file():
+        return False
+    try:
+        trials = _study(tmp_path).get_trials(deepcopy=False)
+    except (KeyError, optuna.exceptions.StorageInternalError):
+        return False
+    return any(
+        t.number == number and t.state == TrialState.RUNNING and "run_dir" in t.user_attrs
+        for t in trials
+    )
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_grid_sweep_killed_in_trial_3_continues_to_4_trials_and_compares(sweep_yaml, tmp_path):
+    proc = subprocess.Popen(
+        _cmd(sweep_yaml, *GRID), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL
+    )
+    try:
+        _wait_for(lambda: _running_trial(tmp_path, 2), 240, "trial 3 to start training")
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the sweep process itself; its worker dies with it
+        proc.wait()
+    study = _study(tmp_path)
+    killed = next(t for t in study.get_trials() if t.number == 2)
+    _wait_for(lambda: _gone(killed.user_attrs["pid"]), 30, "the worker to die with the sweep")
+    first_two = {
+        t.number: (t.datetime_complete, t.user_attrs["run_dir"])
+        for t in study.get_trials()
+        if t.number < 2
+    }
+    assert len(first_two) == 2
+
+    r = subprocess.run(
+        _cmd(sweep_yaml, *GRID), env=_env(), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "trial 2 was interrupted" in r.stdout
+
+    study = _study(tmp_path)
+    done = _trials(study, TrialState.COMPLETE)
+    assert len(done) == 4
+    assert _points(done) == sorted(
+        ((("data.batch_size", b), ("train.lr", lr))) for lr in ("1e-2", "3e-3") for b in ("4", "8")
+    )
+    for t in done:  # the first two were kept as they were, not run again
+        if t.number in first_two:
+            assert (t.datetime_complete, t.user_attrs["run_dir"]) == first_two[t.number]
+    (failed,) = _trials(study, TrialState.FAIL)
+    assert failed.number == 2 and "interrupted" in failed.user_attrs["error"]
+    retry = next(t for t in done if t.user_attrs.get("retry_of") == 2)
+    assert retry.user_attrs["run_dir"] == killed.user_attrs["run_dir"]  # continued in its folder
+
+    sweep_dir = tmp_path / "reports" / "tiny-sweep"
+    runs = find_runs([sweep_dir])
+    assert len(runs) == 4
+    df, differ = compare_table(runs)
+    assert differ == ["data.batch_size", "train.lr"]
+    for run, row in zip(runs, df.itertuples(index=False), strict=True):
+        s = json.loads((run / "summary.json").read_text())
+        test = json.loads((run / "eval_test.json").read_text())
+        assert row.best_valid_loss == s["best"]["valid_loss"]
+        assert row.final_valid_acc == s["final"]["valid_acc"]
+        assert row.test_acc == test["test_acc"]
+        assert (row.epochs, row.wall_time_s) == (s["epochs_run"], s["wall_time_s"])
+    out = compare_runs([sweep_dir])
+    assert out == sweep_dir / "compare"
+    pd.testing.assert_frame_equal(pd.read_csv(out / "compare.csv"), df, check_dtype=False)
+    page = (out / "compare.html").read_text()
+    for part in ("validation curves", "tiny-sweep: importance", "tiny-sweep: parallel"):
+        assert part in page
+    assert page.count("data:image/png;base64,") == 3
+
+
+def test_invalid_trial_fails_with_its_message_others_finish_and_seeds_give_mean_std(
+    sweep_yaml, tmp_path
+):
+    args = ["--grid", "train.epochs=1,0", "--seeds", "2", "--name", "seeds"]
+    r = subprocess.run(
+        _cmd(sweep_yaml, *args), env=_env(), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 1, r.stderr[-2000:]  # the sweep ran; two trials failed
+    study = _study(tmp_path, "seeds")
+    done, failed = _trials(study, TrialState.COMPLETE), _trials(study, TrialState.FAIL)
+    assert [t.params["train.epochs"] for t in done] == ["1", "1"]
+    assert sorted(t.user_attrs["seed_index"] for t in done) == [0, 1]
+    assert len(failed) == 2
+    for t in failed:
+        assert "train.epochs" in t.user_attrs["error"] and "at least 1" in t.user_attrs["error"]
+        assert t.user_attrs["error"] in r.stdout  # the table shows the one-line reason
+
+    out = compare_runs([tmp_path / "reports" / "seeds"], tmp_path / "cmp")
+    df = pd.read_csv(out / "compare.csv")
+    seeds = sorted(df["train.seed"])
+    assert seeds == [42, 43]
+    page = (out / "compare.html").read_text()
+    assert "mean ± std over seeds" in page
+    accs = df["best_valid_acc"]
+    assert f"{accs.mean():.4f} ± {accs.std():.4f}" in page
+
+
+def test_two_workers_on_one_sqlite_study_run_every_point_once(sweep_yaml, tmp_path):
+    args = ["--grid", "train.lr=1e-2,5e-3,3e-3", "--workers", "2", "--name", "two"]
+    r = subprocess.run(
+        _cmd(sweep_yaml, *args), env=_env(), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    study = _study(tmp_path, "two")
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.params["train.lr"] for t in trials) == ["1e-2", "3e-3", "5e-3"]
+    assert len(find_runs([tmp_path / "reports" / "two"])) == 3
+    logs = sorted((tmp_path / "reports" / "two" / "workers").glob("worker-*.log"))
+    assert [p.name for p in logs] == ["worker-0.log", "worker-1.log"]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    url, why, stop = start_cluster()
+    if url is None:
+        pytest.skip(f"PostgreSQL test skipped: {why}")
+    yield url
+    stop()
+
+
+def test_two_workers_share_one_study_through_postgresql(sweep_yaml, tmp_path, postgres_url):
+    args = [
+        "--grid",
+        "train.lr=1e-2,3e-3",
+        "--workers",
+        "2",
+        "--name",
+        "pg",
+        "--storage",
+        postgres_url,
+    ]
+    r = subprocess.run(
+        _cmd(sweep_yaml, *args), env=_env(), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    study = _study(tmp_path, "pg", postgres_url)
+    trials = study.get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.params["train.lr"] for t in trials) == ["1e-2", "3e-3"]
+    assert len({t.user_attrs["pid"] for t in trials}) >= 1
+    assert not (tmp_path / "reports" / "pg" / "study.db").exists()  # the study lives on the server
+    assert "postgresql+psycopg2://twincar@127.0.0.1" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid", "train.lrr=1e-2,3e-3"], "did you mean 'train.lr'?"),
+        (["--grid", "train.epochs=1,two"], "train.epochs=two: key 'train.epochs': expected int, got 'two'"),
+        (["--grid", "train.lr="], "an empty space"),
+        (["--random", "3"], "an empty search space"),
+        (["--random", "3", "--space", "train.lr=1e-2:1e-3"], "an empty range"),
+        (["--optuna", "3", "--space", "train.epochs=1:2.5"], "train.epochs=2.5: key 'train.epochs': expected int"),
+        (
+            [
+                "--grid",
+                "train.lr=1e-2",
+                "--storage",
+                "postgresql+psycopg2://u:secret@127.0.0.1:9/x",
+            ],
+            "can't reach the database",
+        ),
+    ],
+)
+def test_bad_sweep_input_is_one_line_before_any_trial(sweep_yaml, tmp_path, capsys, args, message):
+    assert main(["sweep", str(sweep_yaml), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("twincar: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert "secret" not in err
+    assert not list((tmp_path / "reports").glob("*/trial-*"))  # no trial started
