@@ -14,10 +14,10 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from optuna.trial import TrialState
-
 from conftest import make_tiny_cfg
+from optuna.trial import TrialState
 from postgres import start_cluster
+
 from twincar_fast.cli import main
 from twincar_fast.config import save_config
 from twincar_fast.lab.compare import compare_runs, compare_table, find_runs
@@ -225,11 +225,17 @@ def test_two_workers_share_one_study_through_postgresql(sweep_yaml, tmp_path, po
     ("args", "message"),
     [
         (["--grid", "train.lrr=1e-2,3e-3"], "did you mean 'train.lr'?"),
-        (["--grid", "train.epochs=1,two"], "train.epochs=two: key 'train.epochs': expected int, got 'two'"),
+        (
+            ["--grid", "train.epochs=1,two"],
+            "train.epochs=two: key 'train.epochs': expected int, got 'two'",
+        ),
         (["--grid", "train.lr="], "an empty space"),
         (["--random", "3"], "an empty search space"),
         (["--random", "3", "--space", "train.lr=1e-2:1e-3"], "an empty range"),
-        (["--optuna", "3", "--space", "train.epochs=1:2.5"], "train.epochs=2.5: key 'train.epochs': expected int"),
+        (
+            ["--optuna", "3", "--space", "train.epochs=1:2.5"],
+            "train.epochs=2.5: key 'train.epochs': expected int",
+        ),
         (
             [
                 "--grid",
@@ -248,3 +254,51 @@ def test_bad_sweep_input_is_one_line_before_any_trial(sweep_yaml, tmp_path, caps
     assert message in err
     assert "secret" not in err
     assert not list((tmp_path / "reports").glob("*/trial-*"))  # no trial started
+
+
+def test_prune_stops_a_trial_worse_than_the_median_after_its_epoch(tiny_cfg):
+    from twincar_fast.experiment import run_experiment
+    from twincar_fast.lab.callbacks import OptunaPrune
+
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    first = study.ask()
+    first.report(0.0, 0)  # a trial that reached a loss of 0 after its first epoch
+    study.tell(first, 0.0)
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        run_experiment(tiny_cfg, cbs=[OptunaPrune(trial, "valid_loss")])
+    (run,) = (Path(tiny_cfg.reports_dir)).iterdir()
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert len(metrics) == 1  # stopped after epoch 0 of 2
+    assert study.trials[1].intermediate_values == {0: metrics["valid_loss"][0]}
+
+
+@pytest.mark.parametrize("mode", ["optuna", "random"])
+def test_sampled_points_run_each_seed_once_and_stop_at_n(tmp_path, mode):
+    from twincar_fast.lab.space import SearchSpec, parse_dims
+    from twincar_fast.lab.study import claim_trial, open_storage, open_study
+
+    dims = parse_dims(
+        "--space", ["train.lr=1e-4:1e-2:log", "model.arch=test_resnet,resnet18"], True
+    )
+    spec = SearchSpec(mode, dims, n=3, seeds=2)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = open_study(storage, "s", spec, "minimize", 42, tmp_path)
+    claimed = []
+    while (c := claim_trial(study, storage, spec, tmp_path)) is not None:
+        trial, overrides = c
+        claimed.append(
+            (trial.user_attrs["point"], trial.user_attrs["seed_index"], tuple(overrides))
+        )
+        study.tell(trial, float(len(claimed)))  # the queue is under test here, not the objective
+    assert len(claimed) == 6
+    assert sorted((p, s) for p, s, _ in claimed) == sorted(
+        (p, s) for p in {c[0] for c in claimed} for s in (0, 1)
+    )
+    by_point = {}
+    for p, _, overrides in claimed:
+        by_point.setdefault(p, set()).add(overrides)
+    assert len(by_point) == 3 and all(len(v) == 1 for v in by_point.values())  # seeds share a point
+    for lr, arch in (next(iter(v)) for v in by_point.values()):
+        assert 1e-4 <= float(lr.split("=")[1]) <= 1e-2
+        assert arch in ("model.arch=test_resnet", "model.arch=resnet18")

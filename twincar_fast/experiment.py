@@ -55,6 +55,7 @@ from twincar_fast.train.runs import (
     resume_point,
     write_snapshot,
 )
+from twincar_fast.train.trackers import check_trackers, make_trackers
 
 __all__ = [
     "RunResult",
@@ -173,6 +174,7 @@ def run_experiment(
     validate(cfg)
     check_monitor(cfg)
     check_console_columns(cfg)
+    check_trackers(cfg)
     with ExitStack() as held:
         folders = open_resume(resume, cfg) if resume is not None else None
         if folders is not None:  # before the data and model: a busy run is refused at once
@@ -189,17 +191,27 @@ def run_experiment(
         machine = device_info(cfg.train, learn.dls.device)
         print_config(cfg, folders.name, machine)
         print_data_summary(cfg, data_dir, dls)
+        trackers, ended = make_trackers(cfg, folders), {}
+        held.callback(_finish_trackers, trackers, ended)  # also when the run fails
         if folders.finished:
             summary = json.loads((folders.report_dir / "summary.json").read_text())
             load_checkpoint(learn, Path(summary["paths"]["best_checkpoint"]), with_opt=False)
             paths = {k: Path(v) for k, v in summary["paths"].items()}
         else:
             summary, paths = _train(
-                learn, cfg, folders, data_dir, resume is not None, cbs, start, machine
+                learn, cfg, folders, data_dir, resume is not None, [*cbs, *trackers], start, machine
             )
         _report(learn, cfg, folders, data_dir, paths)
         _print_result(cfg, summary, paths)
+        ended["paths"] = paths  # the trackers get the outputs of a run that ended well
         return RunResult(folders.name, folders.report_dir, folders.model_dir, summary, learn)
+
+
+def _finish_trackers(trackers: Sequence, ended: dict) -> None:
+    """End every tracker's run: with the outputs after a whole run, as failed otherwise."""
+    paths = ended.get("paths")
+    for t in trackers:
+        t.finish(paths or {}, ok=paths is not None)
 
 
 def _train(
