@@ -274,12 +274,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- entry point
 
 
-def _sweep(args: argparse.Namespace) -> None:
+def _sweep(args: argparse.Namespace) -> int:
     from twincar_fast.lab.cli import sweep_command
 
-    failed = sweep_command(args)
-    if failed:
-        raise SystemExit(1)  # the sweep ran; some trials failed (their errors are in the table)
+    return 1 if sweep_command(args) else 0  # 1: the sweep ran, some trials failed (see the table)
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
@@ -353,9 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `twincar` command line; return the exit code."""
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        code = func(args)
     except TwincarError as e:
         print(f"twincar: error: {e}", file=sys.stderr)
         return 2
@@ -367,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"twincar: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

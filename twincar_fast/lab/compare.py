@@ -208,7 +208,7 @@ def _html(title: str, df: pd.DataFrame, seeds: pd.DataFrame | None, images: dict
             f"<h2>{html.escape(name)}</h2>",
             f'<img alt="{html.escape(name)}" src="data:image/png;base64,{png}">',
         ]
-    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
+    style = "body{font-family:sans-serif;margin:2em;font-size:13px}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
     return f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>{''.join(parts)}"
 
 

@@ -125,12 +125,19 @@ def _trial_config(sweep: Sweep, trial: optuna.Trial, overrides: list[str]) -> Ex
     return cfg
 
 
-def _resumable(trial: optuna.Trial) -> str | None:
+def _resumable(trial: optuna.Trial, cfg: ExperimentConfig) -> str | None:
     """The folder of the interrupted run this retried trial continues, if it can be continued."""
+    from twincar_fast.train.folders import open_resume
+
     run_dir = trial.user_attrs.get("run_dir")
-    if run_dir and (Path(run_dir) / "config.yaml").is_file():
-        return run_dir
-    return None
+    if not run_dir:
+        return None
+    try:
+        open_resume(run_dir, cfg)
+    except TwincarError as e:  # e.g. killed before its first epoch landed: start afresh
+        console.print(f"not continuing {run_dir} ({e}); the trial starts afresh", markup=False)
+        return None
+    return run_dir
 
 
 def _one_line(e: BaseException) -> str:
@@ -149,7 +156,7 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, overrides:
         cbs = [RecordRun(trial, sweep.reports_dir)]
         if sweep.prune:
             cbs.append(OptunaPrune(trial, cfg.train.monitor))
-        result = run_experiment(cfg, resume=_resumable(trial), cbs=cbs)
+        result = run_experiment(cfg, resume=_resumable(trial, cfg), cbs=cbs)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return
