@@ -65,9 +65,8 @@ def _wait_for(cond, timeout: float, what: str) -> None:
 
 def _running_trial(tmp_path: Path, number: int) -> bool:
     """Whether trial `number` is training (its run folder recorded)."""
-    db = tmp_path / "reports" / "tiny-sweep" / "study.db"
-    if not db.is_file():
-        return False
+    if not (tmp_path / "reports" / "tiny-sweep" / "sweep.json").is_file():
+        return False  # written once the study exists
     try:
         trials = _study(tmp_path).get_trials(deepcopy=False)
     except (KeyError, optuna.exceptions.StorageInternalError):

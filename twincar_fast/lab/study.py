@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,19 @@ def hidden_url(url: str) -> str:
         return url
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at `url`, or a one-line error when it can't be reached."""
+def open_storage(url: str, folder: Path | None = None) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at `url`, or a one-line error when it can't be reached.
+
+    Optuna creates its tables on first use and two processes doing so at once collide, so an
+    SQLite file is opened under the sweep's file lock (in `folder`).
+    """
     sqlite = url.startswith("sqlite")
     kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True}
     )
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        with file_lock(folder / ".study.lock") if sqlite and folder else nullcontext():
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except ModuleNotFoundError as e:
         extra = "postgres" if "psycopg" in str(e) else "the database driver"
         raise TwincarError(

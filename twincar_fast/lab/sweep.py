@@ -74,8 +74,10 @@ def plan_sweep(
 ) -> Sweep:
     """Check the experiment and its search space, and say where the sweep lives (no trial runs)."""
     from twincar_fast.train.callbacks import monitor_comp  # torch: after the cheap checks
+    from twincar_fast.train.trackers import check_trackers
 
     base = check_space(config, spec)
+    check_trackers(base)
     if base.data.valid_pct == 0:
         raise TwincarError(
             f"{config}: data.valid_pct is 0, so there is no validation split to choose trials "
@@ -104,8 +106,8 @@ def plan_sweep(
 
 def _open(sweep: Sweep) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     """The sweep's storage and study (created with its queue on first use)."""
-    storage = open_storage(sweep.storage)
     folder = Path(sweep.reports_dir)
+    storage = open_storage(sweep.storage, folder)
     study = open_study(
         storage, sweep.name, sweep.spec, sweep.direction, sweep.seed, folder, sweep.prune
     )
