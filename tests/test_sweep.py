@@ -301,3 +301,14 @@ def test_sampled_points_run_each_seed_once_and_stop_at_n(tmp_path, mode):
     for lr, arch in (next(iter(v)) for v in by_point.values()):
         assert 1e-4 <= float(lr.split("=")[1]) <= 1e-2
         assert arch in ("model.arch=test_resnet", "model.arch=resnet18")
+
+
+def test_workers_get_one_gpu_each_and_a_share_of_the_cpu_threads(monkeypatch):
+    from twincar_fast.lab.sweep import STORAGE_ENV, _worker_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    envs = [_worker_env(i, 3, "sqlite:///x.db") for i in range(3)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["3", "5", "3"]
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, os.cpu_count() // 3))}
+    assert all(e[STORAGE_ENV] == "sqlite:///x.db" for e in envs)
