@@ -217,12 +217,13 @@ def test_mismatched_weights_are_one_line(trained, tmp_path):
     _, _, model_dir = trained
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
-    meta = json.loads((bad / "model.json").read_text())
-    meta["classes"] = meta["classes"][:2]  # a head of 2 outputs can't take the 4-class weights
-    (bad / "model.json").write_text(json.dumps(meta))
+    meta = json.loads((bad / "config.json").read_text())
+    meta["label_names"] = meta["label_names"][:2]  # 2 outputs can't take the 4-class weights
+    meta["num_classes"] = 2
+    (bad / "config.json").write_text(json.dumps(meta))
     with pytest.raises(TwincarError) as e:
         Predictor.from_path(bad / "model.safetensors")
-    assert "model.json" in one_line(e)
+    assert "config.json" in one_line(e)
 
 
 # ---------------------------------------------------------------- car boxes

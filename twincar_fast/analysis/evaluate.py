@@ -48,7 +48,7 @@ __all__ = [
 
 SPLITS = ("test", "valid")
 LEARNER_FILE = "learner.pkl"
-SAFE_FILE = "model.safetensors"  # with model.json: the weights-only export
+SAFE_FILE = "model.safetensors"  # with config.json: the weights-only export
 CONFIG_FILE = "config.yaml"
 
 
@@ -126,7 +126,7 @@ def require_learner(run: RunPaths) -> Path:
     """The run's learner.pkl, or a one-line error saying the run has no saved model."""
     if run.learner is None and run.model_dir is not None:
         raise TwincarError(
-            f"{run.model_dir}: no {LEARNER_FILE} and no {SAFE_FILE} + model.json pair; "
+            f"{run.model_dir}: no {LEARNER_FILE} and no {SAFE_FILE} + config.json pair; "
             "export the model again with `twincar run`"
         )
     if run.learner is None:

@@ -1,6 +1,6 @@
 """Fast inference from an exported model: the validation preprocessing, batched, no Learner.
 
-`Predictor.from_path` loads `model.safetensors` + `model.json` (weights only, no pickle), a
+`Predictor.from_path` loads `model.safetensors` + `config.json` (weights only, no pickle), a
 fastai `learner.pkl`, or a `models/<run>` folder (preferring the safetensors pair). Images are
 preprocessed exactly as the validation set is during training: opened with `open_region` (JPEG
 draft decoding, as the training loader; cut to the car box grown by its margin for models trained
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from twincar_fast.data.geometry import InputGeometry, resize_image
+from twincar_fast.data.geometry import InputGeometry, resize_image, resize_short_crop
 from twincar_fast.data.images import open_region
 from twincar_fast.errors import TwincarError
 
@@ -44,7 +44,8 @@ class Preprocess:
     img_size: int  # side of the crop the model sees
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    resize: str = "crop"  # crop: centre square; squish: whole image; pad: pad to a square
+    resize: str = "crop"  # crop: centre square; squish: whole image; pad: pad to a square;
+    # short: shorter side to item_size, then the centre img_size square (torchvision's way)
     pad_mode: str = "zeros"  # padding of `pad` (fastai PadMode: zeros, border, reflection)
     draft: bool = True  # JPEG draft decoding at a reduced scale still ≥ item_size
     bbox_crop: bool = False  # the model was trained on car-box crops: give each image its box
@@ -67,7 +68,11 @@ class Preprocess:
 
     def item(self, image: ImageInput, box=None) -> torch.Tensor:
         """One presized uint8 CHW tensor, as fastai's validation `Resize(item_size)` makes it."""
-        img = resize_image(self.open(image, box), self.item_size, self.resize, self.pad_mode)
+        img = self.open(image, box)
+        if self.resize == "short":
+            img = resize_short_crop(img, self.item_size, self.img_size)
+        else:
+            img = resize_image(img, self.item_size, self.resize, self.pad_mode)
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
     @property
@@ -158,7 +163,7 @@ class Predictor:
         device: str | torch.device | None = None,
         trust_pickle: bool = False,
     ) -> Predictor:
-        """Load `model.safetensors` (+ model.json), `learner.pkl` or a `models/<run>` folder.
+        """Load `model.safetensors` (+ config.json), `learner.pkl` or a `models/<run>` folder.
 
         Args:
             path: the model file or folder (a folder's safetensors pair is preferred).
@@ -245,7 +250,7 @@ def require_trust(path: Path, trust_pickle: bool) -> None:
         raise TwincarError(
             f"{path}: a pickle can run any code, so it is loaded only when you trust it "
             "(--trust-pickle, or trust_pickle=True); the safe files are model.safetensors + "
-            "model.json in the same folder"
+            "config.json in the same folder"
         )
 
 
@@ -297,15 +302,15 @@ def _model_file(path: Path) -> Path:
 
 
 def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
-    """Rebuild the model from model.json, load the weights-only safetensors, no pickle involved."""
+    """Rebuild the model from config.json (or model.json), load the weights-only safetensors, no pickle involved."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from twincar_fast.config import ModelConfig
     from twincar_fast.model.learner import create_model
-    from twincar_fast.ship.export import read_model_card
+    from twincar_fast.ship.card import read_model_card
+    from twincar_fast.ship.export import load_safetensors
 
-    card = read_model_card(path.with_name("model.json"))
+    card = read_model_card(path.parent)
     model_cfg = ModelConfig(
         arch=card.arch,
         pretrained=False,
@@ -315,12 +320,12 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
     )
     model = create_model(model_cfg, len(card.classes), pretrained=False)
     try:
-        model.load_state_dict(load_file(path))
+        load_safetensors(model, path, card.weights_layout)
     except (SafetensorError, OSError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:200]
         raise TwincarError(
             f"{path}: can't load these weights into {card.arch} ({reason}); "
-            "the file and model.json must come from the same export"
+            "the file and config.json must come from the same export"
         ) from None
     pre = Preprocess(
         card.item_size,

@@ -1,4 +1,4 @@
-"""A saved model evaluated again: from the safe files (model.safetensors + model.json), a pickle
+"""A saved model evaluated again: from the safe files (model.safetensors + config.json), a pickle
 only when trusted, into a folder that never replaces a finished run's own results."""
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ def load_safe_learner(
 ) -> Learner:
     """A Learner over `data_dir` with the weights of a model.safetensors (no pickle involved)."""
     path = Path(safetensors)
-    card = read_model_card(path.with_name(MODEL_FILES["model_json"]))
+    card = read_model_card(path.parent)
     check_classes(card.classes, data_dir)
     cfg = copy.deepcopy(cfg) if cfg is not None else _card_config(card)
     cfg.model = dataclasses.replace(cfg.model, pretrained=False, weights=None)
     learn = create_learner(cfg, build_eval_dls(cfg, data_dir))
     try:
-        load_safetensors(learn.model, path)
+        load_safetensors(learn.model, path, card.weights_layout)
     except (OSError, RuntimeError, ValueError) as e:
         reason = " ".join(str(e).split())[:160]
         raise TwincarError(f"{path}: can't load these weights ({reason}); re-export") from None
