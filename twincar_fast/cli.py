@@ -271,6 +271,26 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_predict)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from twincar_fast.ship.onnx import export_onnx
+
+    print(f"checked, ONNX → {export_onnx(args.model, opset=args.opset, force=args.force)}")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    help = "export a model folder to another format (ONNX), checked against PyTorch"
+    p = sub.add_parser("export", help=help, description=help)
+    p.add_argument(
+        "model", type=_path, help="a models/<run> folder (model.safetensors + config.json)"
+    )
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="default: onnx")
+    p.add_argument(
+        "--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing model.onnx")
+    p.set_defaults(func=_export)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -292,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_interpret(sub)
     _add_predict(sub)
+    _add_export(sub)
     return parser
 
 

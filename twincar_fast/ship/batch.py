@@ -22,7 +22,8 @@ from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations
 from twincar_fast.data.images import image_problem
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
-from twincar_fast.ship.predict import Predictor, box_warning
+from twincar_fast.ship.inputs import box_warning
+from twincar_fast.ship.predict import Predictor
 
 __all__ = ["predict_files", "read_boxes", "results_table", "shorten_left"]
 
