@@ -252,7 +252,7 @@ def test_predict_files_boxes_from_data_and_csv(box_trained, tiny_data, tmp_path,
     assert "warning" not in capsys.readouterr().err
     np.testing.assert_allclose([r["prob"] for r in rows], expected.max(1), atol=TOL)
     written = pd.read_csv(out)
-    assert list(written.columns[:4]) == ["image", "label", "prob", "class_id"]
+    assert list(written.columns[:5]) == ["image", "label", "prob", "top1", "top1_prob"]
     assert written["box"].str.split().map(len).eq(4).all()
     # the same boxes from a CSV, one image left without a box
     csv = tmp_path / "boxes.csv"

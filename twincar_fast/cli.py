@@ -22,8 +22,10 @@ EPILOG = """common commands:
       the whole pipeline on the synthetic demo set (no downloads): train, test, report, export
   twincar evaluate models/<run> --data data/stanford_cars
       the full metric table of a saved model on the official test split
-  twincar predict models/<run> my_car.jpg --boxes boxes.csv
-      classify photos (a model trained on car-box crops needs each photo's box)
+  twincar predict models/<run> photos/ --out preds.csv
+      classify photos: files, folders, globs (a model trained on car-box crops needs boxes)
+  twincar export models/<run> --format onnx
+      add a checked model.onnx to the folder (then `predict --backend onnx`)
 
 `twincar COMMAND --help` lists a command's options."""
 
@@ -219,10 +221,10 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_interpret)
 
 
-def _predict(args: argparse.Namespace) -> None:
+def _predict(args: argparse.Namespace) -> int:
     from twincar_fast.ship.batch import predict_files
 
-    predict_files(
+    rows = predict_files(
         args.model,
         args.images,
         top_k=args.top_k,
@@ -230,7 +232,13 @@ def _predict(args: argparse.Namespace) -> None:
         data=args.data,
         out=args.out,
         trust_pickle=args.trust_pickle,
+        tta=args.tta,
+        cam=args.cam,
+        batch_size=args.batch_size,
+        device=args.device,
+        backend=args.backend,
     )
+    return 1 if any("error" in r for r in rows) else 0  # 1: some images could not be read
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -244,8 +252,29 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "model", type=_path, help="learner.pkl, model.safetensors or a models/<run> folder"
     )
-    p.add_argument("images", type=_path, nargs="+", help="image files")
-    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (searched recursively) or quoted glob patterns ('cars/*.jpg')",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument(
+        "--cam",
+        type=_path,
+        default=None,
+        metavar="DIR",
+        help="write a Grad-CAM++ overlay of the top class per image into DIR (torch backend)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="default 32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if any)")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch (default) or onnx (the folder's model.onnx, see `twincar export`)",
+    )
     _add_trust(p)
     p.add_argument(
         "--boxes",
@@ -266,7 +295,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         type=_path,
         default=None,
         metavar="FILE",
-        help="also write the results to FILE.csv (image,label,prob,...,box) or FILE.json",
+        help="also write the results to FILE.csv (image,label,prob,top1,top1_prob,...) or FILE.json",
     )
     p.set_defaults(func=_predict)
 
@@ -319,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `twincar` command line; return the exit code."""
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        code = func(args)
     except TwincarError as e:
         print(f"twincar: error: {e}", file=sys.stderr)
         return 2
@@ -333,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"twincar: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
