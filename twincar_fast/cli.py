@@ -320,6 +320,25 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
+def _import_torchvision(args: argparse.Namespace) -> None:
+    from twincar_fast.ship.checkpoint import import_torchvision
+
+    out = import_torchvision(args.checkpoint, args.classes, args.out, arch=args.arch)
+    print(f"model folder → {out}")
+
+
+def _add_import_torchvision(sub: argparse._SubParsersAction) -> None:
+    help = "make a model folder from a torchvision ResNet state dict (TwinCar's checkpoint)"
+    p = sub.add_parser("import-torchvision", help=help, description=help)
+    p.add_argument("checkpoint", type=_path, help="the .pth state dict (fc: Linear or MLP)")
+    p.add_argument(
+        "--classes", type=_path, required=True, help="classes.csv (class_id,label) in output order"
+    )
+    p.add_argument("--out", type=_path, required=True, help="the new model folder")
+    p.add_argument("--arch", default="resnet50", help="the ResNet's name (default resnet50)")
+    p.set_defaults(func=_import_torchvision)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -342,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interpret(sub)
     _add_predict(sub)
     _add_export(sub)
+    _add_import_torchvision(sub)
     return parser
 
 

@@ -33,6 +33,11 @@ __all__ = ["evaluate", "load_safe_learner"]
 
 def _card_config(card: ModelCard) -> ExperimentConfig:
     """An experiment config with the model and validation preprocessing a model card describes."""
+    if card.resize == "short":
+        raise TwincarError(
+            "this model resizes the shorter side then centre-crops (an imported torchvision "
+            "model), which fastai's evaluation loader can't do yet; use `twincar predict` on it"
+        )
     cfg = ExperimentConfig()
     cfg.model = ModelConfig(
         arch=card.arch, head=card.head, head_hidden=card.head_hidden, head_dropout=card.head_dropout
