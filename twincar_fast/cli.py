@@ -339,6 +339,31 @@ def _add_import_torchvision(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_import_torchvision)
 
 
+def _app(args: argparse.Namespace) -> None:
+    from twincar_fast.ship.app import launch_app
+
+    launch_app(
+        args.model,
+        host=args.host,
+        port=args.port,
+        trust_pickle=args.trust_pickle,
+        max_file_size=args.max_file_size,
+        device=args.device,
+    )
+
+
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    help = "serve the Gradio demo of a model: photo in, top 5 and Grad-CAM++ out"
+    p = sub.add_parser("app", help=help, description=help + " (needs the [app] extra)")
+    p.add_argument("model", type=_path, help="a models/<run> folder")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="default 7860")
+    p.add_argument("--max-file-size", default="10mb", help="largest upload (default 10mb)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if any)")
+    _add_trust(p)
+    p.set_defaults(func=_app)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -362,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_export(sub)
     _add_import_torchvision(sub)
+    _add_app(sub)
     return parser
 
 
