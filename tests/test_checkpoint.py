@@ -91,6 +91,31 @@ def test_imported_checkpoint_gives_torchvisions_logits(head, classes_csv, photo,
     assert main(argv) == 2  # the folder holds a model now: never replaced
 
 
+def test_evaluate_puts_the_imported_model_on_the_test_split(classes_csv, tiny_data, tmp_path):
+    """TwinCar's model and ours side by side: `twincar evaluate` on the imported folder."""
+    net = twincar_net("mlp")
+    torch.save(net.state_dict(), tmp_path / "ckpt.pth")
+    out = tmp_path / "twincar-v2"
+    import_torchvision(tmp_path / "ckpt.pth", tiny_data / "classes.csv", out)
+    argv = ["evaluate", str(out), "--data", str(tiny_data), "--split", "test"]
+    assert main([*argv, "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval_test.json").read_text())
+    table = pd.read_csv(tmp_path / "eval" / "predictions_test.csv")
+    assert result["n_images"] == len(table) == 24
+    tf = transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])  # fmt: skip
+    images = [tiny_data / p for p in table["image"]]
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in images])
+    with torch.no_grad():
+        expected = net(x).softmax(1).numpy()
+    np.testing.assert_allclose(table["probability"], expected.max(1), atol=1e-4)
+    acc = float((expected.argmax(1) == table["true_id"]).mean())
+    assert result["test_acc"] == pytest.approx(acc)
+    assert main([*argv[:-1], "valid"]) == 2  # no run config: the valid split can't be rebuilt
+
+
 def test_wrong_checkpoints_are_one_line_errors(classes_csv, tmp_path):
     net = twincar_net("linear")
     sd = net.state_dict()
