@@ -157,6 +157,7 @@ class PredictMixin:
     preprocess: ItemPrep
 
     def _proba(self, images: list, boxes: list, tta: bool) -> np.ndarray:
+        """Probabilities of checked inputs (each predictor's own)."""
         raise NotImplementedError
 
     def predict_proba(

@@ -39,6 +39,7 @@ class OnnxGraph(nn.Module):
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a uint8 NCHW batch of items."""
         x = resample(x.float() / 255.0, self.img_size)
         return self.model((x - self.mean) / self.std)
 
