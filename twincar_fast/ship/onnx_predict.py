@@ -48,6 +48,10 @@ class OnnxPredictor(PredictMixin):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        # no busy-waiting between runs: the threads that decode the next images (and a torch
+        # model in the same process) need those cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if num_threads:
             opts.intra_op_num_threads = num_threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
