@@ -1,10 +1,13 @@
-"""Benchmark 3, prediction: single-image latency and batch throughput of our `Predictor` vs. the
-reference snippet (TwinCar's README) and fastai's `learn.predict`, on the same exported weights.
+"""Benchmark 3, prediction: single-image latency and batch throughput of our `Predictor` (torch
+and ONNX backends) vs. the reference snippet (TwinCar's README) and fastai's `learn.predict`, on
+the same exported weights.
 
-The model's forward pass alone on one preprocessed image is timed too: no single-image predictor
-of the same fp32 model can be faster, so `learn.predict / forward` is the ceiling of the
-vs-learn.predict ratio on the machine (`ratio_vs_fastai_ceiling`). Single images are timed with
-the four sides taking turns on each image.
+The limit row (`limit_ms`) decodes one image (JPEG draft, as ours), resizes it straight to the
+model's size and runs the bare model's forward on the same device: the most any single-image
+predictor of this fp32 model can reach; `ratio_to_limit` = limit / ours (1: ours costs nothing
+over it). The model's forward pass alone on a preprocessed image is timed too (`forward_ms`, the
+ceiling of the vs-learn.predict ratio). Single images are timed with the sides taking turns on
+each image.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from benchmarks.settings import Settings, ours_config
 from twincar_fast.data import build_dls, read_annotations
 from twincar_fast.model.learner import create_learner, create_model
 from twincar_fast.ship.export import export_model
+from twincar_fast.ship.onnx import export_onnx
 from twincar_fast.ship.predict import Predictor
 
 
@@ -64,6 +68,32 @@ def forward_only(predictor: Predictor, paths: Sequence[str]) -> Callable[[str], 
     return forward
 
 
+def decode_and_forward(predictor: Predictor) -> Callable[[str], None]:
+    """The limit of single-image prediction: decode (JPEG draft), one resize to the model's size,
+    scale and normalize, the bare model's forward on the predictor's device."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    pre, dev = predictor.preprocess, predictor.device
+    size = pre.img_size
+    mean = torch.tensor(pre.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=dev).view(1, 3, 1, 1)
+
+    def limit(p: str) -> None:
+        with Image.open(p) as im:
+            im.draft("RGB", (size, size))
+            arr = np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None].to(dev).float().div_(255)
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            predictor.model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    return limit
+
+
 def _test_images(data_dir: os.PathLike, n: int) -> list[str]:
     """`n` test-split image paths (repeating the split if it is smaller)."""
     paths = read_annotations(data_dir).query("split == 'test'")["path"].tolist()
@@ -77,8 +107,10 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
     learn = create_learner(cfg, build_dls(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         export_model(learn, Path(tmp) / "model", cfg)
+        export_onnx(Path(tmp) / "model")  # checked against PyTorch on the data's test images
         predictor = Predictor.from_path(Path(tmp) / "model")
-    predictor.batch_size = s.batch_size
+        onnx = Predictor.from_path(Path(tmp) / "model", backend="onnx")
+    predictor.batch_size = onnx.batch_size = s.batch_size
     ref_model = create_model(cfg.model, len(predictor.classes), pretrained=False)
     ref_model.load_state_dict(predictor.model.state_dict())
     ref_model.eval().to(predictor.device)
@@ -90,11 +122,13 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
         "reference": lambda p: reference.predict_one(ref_model, p, size, dev),
         "fastai": learn.predict,
         "forward": forward_only(predictor, singles),
+        "limit": decode_and_forward(predictor),
+        "onnx": lambda p: onnx.predict([p]),
     }
     counts = {name: len(singles) for name in sides} | {"fastai": s.fastai_n}
     with learn.no_bar():
         ms = interleaved_median_ms(sides, singles, counts)
-    ours_ms, ref_ms, fastai_ms, forward_ms = (ms[k] for k in sides)
+    ours_ms, ref_ms, fastai_ms, forward_ms, limit_ms, onnx_ms = (ms[k] for k in sides)
     single = compare(
         ours_ms,
         ref_ms,
@@ -104,6 +138,10 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
         ratio_vs_fastai=round(fastai_ms / ours_ms, 3),
         forward_ms=forward_ms,
         ratio_vs_fastai_ceiling=round(fastai_ms / forward_ms, 3),
+        limit_ms=limit_ms,
+        ratio_to_limit=round(limit_ms / ours_ms, 3),
+        onnx=onnx_ms,
+        onnx_vs_torch=round(ours_ms / onnx_ms, 3),
         n_images={"ours": len(singles), "reference": len(singles), "fastai": s.fastai_n},
     )
 
@@ -119,14 +157,22 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
             n = len(reference.predict_batch(ref_model, batch, size, s.batch_size, dev))
         return n, t.seconds
 
-    best = race({"ours": ours_batch, "reference": ref_batch}, s.repeats)
-    (n_o, s_o), (n_r, s_r) = best["ours"], best["reference"]
+    def onnx_batch() -> tuple[int, float]:
+        with Timer() as t:
+            n = len(onnx.predict_proba(batch))
+        return n, t.seconds
+
+    best = race({"ours": ours_batch, "reference": ref_batch, "onnx": onnx_batch}, s.repeats)
+    (n_o, s_o), (n_r, s_r), (n_x, s_x) = best["ours"], best["reference"], best["onnx"]
+    ours_rate, onnx_rate = round(n_o / s_o, 1), round(n_x / s_x, 1)
     throughput = compare(
-        round(n_o / s_o, 1),
+        ours_rate,
         round(n_r / s_r, 1),
         "img/s",
         higher_is_better=True,
-        n_images={"ours": n_o, "reference": n_r},
+        onnx=onnx_rate,
+        onnx_vs_torch=round(onnx_rate / ours_rate, 3),  # from the rounded figures shown
+        n_images={"ours": n_o, "reference": n_r, "onnx": n_x},
         batch_size=s.batch_size,
     )
     return single, throughput

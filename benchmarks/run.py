@@ -6,7 +6,9 @@ Runs every benchmark on both sides in this one run, prints a table and writes
 "predict_single", "predict_batch", "peak_rss_mb", "goals"}`; each comparison holds `ours`,
 `reference`, `unit`, `ratio` (> 1: ours is better) and the images each side processed;
 `train_epoch` also holds `limit` (the same learner on in-memory random batches) and
-`ratio_to_limit` (limit / ours: 1 = the loader costs nothing).
+`ratio_to_limit` (limit / ours: 1 = the loader costs nothing); `predict_single` holds `limit_ms`
+(decode + resize + the bare forward) and `ratio_to_limit`, and both predict entries the ONNX
+backend's figure (`onnx`) and `onnx_vs_torch` (> 1: ONNX is faster).
 """
 
 from __future__ import annotations
@@ -41,16 +43,19 @@ GOALS = {
     "train_epoch": (1.5, "≥ 1.5×"),
     "train_epoch_to_limit": (0.9, "≥ 0.9 of the limit"),
     "predict_single": (1 / 1.2, "≤ 1.2× slower"),
-    "predict_single_vs_fastai": (5.0, "≥ 5×"),
+    "predict_single_to_limit": (1 / 1.1, "≤ 1.1× the limit"),
     "predict_batch": (1.0, "≥ 1×"),
-}
+    "predict_batch_onnx_vs_torch": (1.5, "≥ 1.5×"),
+}  # learn.predict's ratio stays in the JSON and the table as information (its 5× goal is retired)
 
 
 def goals(results: dict) -> dict:
     """Each goal's ratio, target and whether it is met."""
     ratios = {k: results[k]["ratio"] for k in GOALS if k in results}
     if "predict_single" in results:
-        ratios["predict_single_vs_fastai"] = results["predict_single"]["ratio_vs_fastai"]
+        ratios["predict_single_to_limit"] = results["predict_single"]["ratio_to_limit"]
+    if "predict_batch" in results:
+        ratios["predict_batch_onnx_vs_torch"] = results["predict_batch"]["onnx_vs_torch"]
     if "train_epoch" in results:
         ratios["train_epoch_to_limit"] = results["train_epoch"]["ratio_to_limit"]
     return {
@@ -133,10 +138,17 @@ def print_table(results: dict) -> None:
             lim = r["limit"]
             _row(table, "  vs the limit", r["ours"], lim, "s", f["ratio"], f)
         if key == "predict_single":
-            f = g["predict_single_vs_fastai"]
-            _row(table, "  vs learn.predict", r["ours"], r["fastai"], "ms", f["ratio"], f)
+            f = g["predict_single_to_limit"]
+            _row(table, "  vs the limit", r["ours"], r["limit_ms"], "ms", f["ratio"], f)
+            _row(table, "  onnx vs ours", r["onnx"], r["ours"], "ms", r["onnx_vs_torch"], {})
+            _row(
+                table, "  vs learn.predict", r["ours"], r["fastai"], "ms", r["ratio_vs_fastai"], {}
+            )
             ceiling = r["ratio_vs_fastai_ceiling"]
             _row(table, "    ceiling: model alone", r["forward_ms"], r["fastai"], "ms", ceiling, {})
+        if key == "predict_batch":
+            f = g["predict_batch_onnx_vs_torch"]
+            _row(table, "  onnx vs ours", r["onnx"], r["ours"], "img/s", f["ratio"], f)
     ref = results["data_pipeline"]["reference"]
     for name, v in results["data_pipeline"].get("variants", {}).items():
         if name not in ("ours", "reference"):

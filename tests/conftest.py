@@ -102,6 +102,53 @@ def make_tiny_cfg(data_root: Path, out: Path) -> ExperimentConfig:
     return cfg
 
 
+def sensitive_export(cfg: ExperimentConfig, model_dir: Path):
+    """An untrained learner whose logits are rescaled to swing with the input, exported."""
+    from fastcore.basics import noop
+
+    from twincar_fast.data import build_dls
+    from twincar_fast.model.learner import create_learner
+    from twincar_fast.ship.export import export_model
+
+    dls = build_dls(cfg)
+    torch.manual_seed(0)
+    learn = create_learner(cfg, dls)
+    with learn.no_bar():
+        logits, _ = learn.get_preds(dl=dls.valid, act=noop)
+    with torch.no_grad():
+        last = learn.model[1][-1]
+        scale = 2.0 / logits.std(0).clamp_min(1e-6)
+        last.bias -= logits.mean(0)
+        last.weight *= scale[:, None]
+        last.bias *= scale
+    export_model(learn, model_dir, cfg)
+    return learn, model_dir
+
+
+@pytest.fixture(scope="session")
+def shipped(tiny_data, tmp_path_factory):
+    """(learner, model folder) of a tiny input-sensitive model, shared by the ship tests.
+
+    Untrained nets give nearly the same logits for every image; the last layer is standardized
+    on the validation logits so that probabilities swing with the input (see test_predict).
+    The folder is read-only for tests: copy it before changing it.
+    """
+    out = tmp_path_factory.mktemp("shipped")
+    cfg = make_tiny_cfg(tiny_data, out)
+    cfg.train.mixed_precision = "none"
+    return sensitive_export(cfg, out / "models" / "tiny-ship")
+
+
+@pytest.fixture(scope="session")
+def shipped_onnx(shipped):
+    """The shared tiny model folder with its model.onnx exported and checked."""
+    from twincar_fast.ship.onnx import export_onnx
+
+    learn, folder = shipped
+    export_onnx(folder)
+    return learn, folder
+
+
 @pytest.fixture
 def tiny_cfg(tiny_data, tmp_path) -> ExperimentConfig:
     """A fresh tiny config per test, writing its runs under the test's tmp_path."""

@@ -53,6 +53,14 @@ def test_ratios_point_the_right_way(tiny_results):
     assert single["ratio_vs_fastai_ceiling"] == pytest.approx(
         single["fastai"] / single["forward_ms"], rel=0.01
     )
+    # the limit of single-image prediction and the ONNX backend (issue 16.7)
+    assert 0 < single["limit_ms"] and single["onnx"] > 0
+    assert single["ratio_to_limit"] == pytest.approx(single["limit_ms"] / single["ours"], rel=0.01)
+    batch = tiny_results["predict_batch"]
+    assert batch["n_images"]["onnx"] == batch["n_images"]["ours"]
+    assert batch["onnx_vs_torch"] == pytest.approx(batch["onnx"] / batch["ours"], rel=0.01)
+    assert tiny_results["goals"]["predict_batch_onnx_vs_torch"]["ratio"] == batch["onnx_vs_torch"]
+    assert "predict_single_vs_fastai" not in tiny_results["goals"]  # information only now
     assert compare(2.0, 1.0, "img/s", higher_is_better=True)["ratio"] == 2.0
     assert compare(2.0, 1.0, "s", higher_is_better=False)["ratio"] == 0.5
 

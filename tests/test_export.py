@@ -19,6 +19,7 @@ from twincar_fast.config import ModelConfig
 from twincar_fast.data.loaders import presize
 from twincar_fast.experiment import run_experiment
 from twincar_fast.model.learner import create_model
+from twincar_fast.ship.card import read_model_card
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
 
 LOAD_AND_PREDICT = """
@@ -44,15 +45,21 @@ def exported(tiny_data, tmp_path_factory):
     return res, cfg, data
 
 
-def test_export_writes_the_three_model_files(exported):
+def test_export_writes_the_model_folder(exported):
     res, cfg, _ = exported
-    card = json.loads((res.model_dir / "model.json").read_text())
-    assert card["arch"] == "test_resnet" and card["head"] == cfg.model.head
-    assert card["head_hidden"] == cfg.model.head_hidden and card["n_classes"] == 4
-    assert card["classes"] == CLASS_NAMES
+    config = json.loads((res.model_dir / "config.json").read_text())
+    card, pre = config["twincar"], config["pretrained_cfg"]
+    assert config["architecture"] == "test_resnet" and card["head"] == cfg.model.head
+    assert card["head_hidden"] == cfg.model.head_hidden and config["num_classes"] == 4
+    assert config["label_names"] == CLASS_NAMES and config["num_features"] > 0
     # item-stage augmentation: validation images are resized straight to img_size
     assert (card["img_size"], card["item_size"]) == (cfg.data.img_size, presize(cfg))
-    assert len(card["mean"]) == len(card["std"]) == 3 and card["resize"] == cfg.data.resize
+    assert pre["input_size"] == [3, cfg.data.img_size, cfg.data.img_size]
+    assert len(pre["mean"]) == len(pre["std"]) == 3 and card["resize"] == cfg.data.resize
+    assert card["metrics"]["valid_acc"] == pytest.approx(res.summary["best"]["valid_acc"])
+    assert len(card["data_hash"]) == 64 and card["versions"]["timm"]
+    readme = (res.model_dir / "README.md").read_text()
+    assert "## Metrics" in readme and "valid_acc" in readme and CLASS_NAMES[3] in readme
     # the learner keeps training after export: its run callbacks and metrics are back
     assert any(isinstance(cb, EpochMetrics) for cb in res.learn.cbs)
     assert len(res.learn.metrics) == 14
@@ -80,10 +87,10 @@ def test_learner_pkl_predicts_the_same_in_a_fresh_process_without_data(exported,
 
 def test_safetensors_rebuild_gives_the_same_logits(exported):
     res, _, _ = exported
-    card = json.loads((res.model_dir / "model.json").read_text())
+    card = dataclasses.asdict(read_model_card(res.model_dir))
     keys = ("arch", "head", "head_hidden", "head_dropout")
     model = create_model(
-        ModelConfig(**{k: card[k] for k in keys}, pretrained=False), card["n_classes"], False
+        ModelConfig(**{k: card[k] for k in keys}, pretrained=False), len(card["classes"]), False
     )
     model.load_state_dict(load_file(res.model_dir / "model.safetensors"))
     x = torch.rand(5, 3, card["img_size"], card["img_size"])

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fastcore.basics import noop
+from conftest import sensitive_export
 from PIL import Image
 
 from twincar_fast.cli import main
@@ -25,38 +25,10 @@ from twincar_fast.ship.predict import Predictor, Preprocess
 TOL = 1e-4  # on probabilities
 
 
-def sensitive_export(cfg, model_dir):
-    """An untrained learner whose logits are rescaled to swing with the input, exported."""
-    dls = build_dls(cfg)
-    torch.manual_seed(0)
-    learn = create_learner(cfg, dls)
-    with learn.no_bar():
-        logits, _ = learn.get_preds(dl=dls.valid, act=noop)
-    with torch.no_grad():
-        last = learn.model[1][-1]
-        scale = 2.0 / logits.std(0).clamp_min(1e-6)
-        last.bias -= logits.mean(0)
-        last.weight *= scale[:, None]
-        last.bias *= scale
-    export_model(learn, model_dir, cfg)
-    return learn, model_dir
-
-
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    """A tiny learner with input-sensitive outputs, its dls and its export folder.
-
-    An untrained net gives nearly the same logits for every image, which would let a
-    preprocessing slip hide under the tolerance; so the last layer is standardized on the
-    validation logits (each class logit: mean 0, std 2 over the images) and the probabilities
-    then swing with the input. A few CPU epochs on the tiny set would not get there.
-    """
-    from conftest import make_tiny_cfg
-
-    out = tmp_path_factory.mktemp("predict")
-    cfg = make_tiny_cfg(tiny_data, out)
-    cfg.train.mixed_precision = "none"  # fastai's side in fp32 too, as the Predictor
-    learn, model_dir = sensitive_export(cfg, out / "models" / "tiny-run")
+def trained(shipped):
+    """A tiny learner with input-sensitive outputs (conftest `shipped`), its dls and folder."""
+    learn, model_dir = shipped
     return learn, learn.dls, model_dir
 
 
@@ -217,12 +189,13 @@ def test_mismatched_weights_are_one_line(trained, tmp_path):
     _, _, model_dir = trained
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
-    meta = json.loads((bad / "model.json").read_text())
-    meta["classes"] = meta["classes"][:2]  # a head of 2 outputs can't take the 4-class weights
-    (bad / "model.json").write_text(json.dumps(meta))
+    meta = json.loads((bad / "config.json").read_text())
+    meta["label_names"] = meta["label_names"][:2]  # 2 outputs can't take the 4-class weights
+    meta["num_classes"] = 2
+    (bad / "config.json").write_text(json.dumps(meta))
     with pytest.raises(TwincarError) as e:
         Predictor.from_path(bad / "model.safetensors")
-    assert "model.json" in one_line(e)
+    assert "config.json" in one_line(e)
 
 
 # ---------------------------------------------------------------- car boxes
@@ -279,7 +252,7 @@ def test_predict_files_boxes_from_data_and_csv(box_trained, tiny_data, tmp_path,
     assert "warning" not in capsys.readouterr().err
     np.testing.assert_allclose([r["prob"] for r in rows], expected.max(1), atol=TOL)
     written = pd.read_csv(out)
-    assert list(written.columns[:4]) == ["image", "label", "prob", "class_id"]
+    assert list(written.columns[:5]) == ["image", "label", "prob", "top1", "top1_prob"]
     assert written["box"].str.split().map(len).eq(4).all()
     # the same boxes from a CSV, one image left without a box
     csv = tmp_path / "boxes.csv"

@@ -82,10 +82,10 @@ def test_pickles_load_only_with_trust(run, tiny_data, tmp_path, capsys):
 
 
 def test_evaluate_works_from_the_safe_files(run, tiny_data, tmp_path):
-    """Issue 12.2: evaluate read only pickles; now model.safetensors + model.json suffice."""
+    """Issue 12.2: evaluate read only pickles; now model.safetensors + config.json suffice."""
     safe = tmp_path / "safe"
     safe.mkdir()
-    for name in ("model.safetensors", "model.json"):
+    for name in ("model.safetensors", "config.json"):
         shutil.copy(run.model_dir / name, safe / name)
     assert (
         main(["evaluate", str(safe), "--data", str(tiny_data), "--out", str(tmp_path / "a")]) == 0
@@ -119,9 +119,32 @@ def test_tampered_model_json_is_one_line(run, tmp_path, edit, needle):
     folder = tmp_path / "m"
     folder.mkdir()
     shutil.copy(run.model_dir / "model.safetensors", folder)
-    card = json.loads((run.model_dir / "model.json").read_text())
-    card = None if edit is None else {**card, **edit}
-    (folder / "model.json").write_text(json.dumps(card))
+    config = json.loads((run.model_dir / "config.json").read_text())
+    for key, value in (edit or {}).items():  # each fact where config.json keeps it
+        if key in ("mean", "std"):
+            config["pretrained_cfg"][key] = value
+        elif key == "classes":
+            config["label_names"] = value
+        else:
+            config["twincar"][key] = value
+    (folder / "config.json").write_text(json.dumps(None if edit is None else config))
     with pytest.raises(TwincarError) as e:
         Predictor.from_path(folder, device="cpu")
-    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert needle in str(e.value) and "config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_folders_exported_before_config_json_still_load(run, tmp_path):
+    """Issue 16.1: model.json gave way to config.json; older folders keep loading."""
+    from twincar_fast.ship.card import read_model_card
+
+    card = dataclasses.asdict(read_model_card(run.model_dir))
+    del card["weights_layout"]  # model.json never had it
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(run.model_dir / "model.safetensors", old)
+    (old / "model.json").write_text(json.dumps({**card, "format": "twincar_fast/model-v1"}))
+    image = sorted(p for p in run.learn.dls.valid.items["path"])[:3]
+    expected = Predictor.from_path(run.model_dir, device="cpu").predict_proba(image)
+    got = Predictor.from_path(old, device="cpu").predict_proba(image)
+    assert got.shape == (3, 4)
+    assert abs(got - expected).max() == 0

@@ -44,7 +44,7 @@ COLUMNS = (
     "valid_top3, valid_top5, lr, time_s"
 ).split(", ")
 REPORT_FILES = ["config.yaml", "env.json", "classes.csv", "metrics.csv", "summary.json"]
-MODEL_FILES = ["learner.pkl", "model.safetensors", "model.json"]
+MODEL_FILES = ["learner.pkl", "model.safetensors", "config.json", "README.md"]
 
 
 def _only_dir(parent: Path) -> Path:

@@ -22,8 +22,10 @@ EPILOG = """common commands:
       the whole pipeline on the synthetic demo set (no downloads): train, test, report, export
   twincar evaluate models/<run> --data data/stanford_cars
       the full metric table of a saved model on the official test split
-  twincar predict models/<run> my_car.jpg --boxes boxes.csv
-      classify photos (a model trained on car-box crops needs each photo's box)
+  twincar predict models/<run> photos/ --out preds.csv
+      classify photos: files, folders, globs (a model trained on car-box crops needs boxes)
+  twincar export models/<run> --format onnx
+      add a checked model.onnx to the folder (then `predict --backend onnx`)
 
 `twincar COMMAND --help` lists a command's options."""
 
@@ -219,10 +221,10 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_interpret)
 
 
-def _predict(args: argparse.Namespace) -> None:
+def _predict(args: argparse.Namespace) -> int:
     from twincar_fast.ship.batch import predict_files
 
-    predict_files(
+    rows = predict_files(
         args.model,
         args.images,
         top_k=args.top_k,
@@ -230,7 +232,13 @@ def _predict(args: argparse.Namespace) -> None:
         data=args.data,
         out=args.out,
         trust_pickle=args.trust_pickle,
+        tta=args.tta,
+        cam=args.cam,
+        batch_size=args.batch_size,
+        device=args.device,
+        backend=args.backend,
     )
+    return 1 if any("error" in r for r in rows) else 0  # 1: some images could not be read
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -244,8 +252,29 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "model", type=_path, help="learner.pkl, model.safetensors or a models/<run> folder"
     )
-    p.add_argument("images", type=_path, nargs="+", help="image files")
-    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (searched recursively) or quoted glob patterns ('cars/*.jpg')",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument(
+        "--cam",
+        type=_path,
+        default=None,
+        metavar="DIR",
+        help="write a Grad-CAM++ overlay of the top class per image into DIR (torch backend)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="default 32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if any)")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch (default) or onnx (the folder's model.onnx, see `twincar export`)",
+    )
     _add_trust(p)
     p.add_argument(
         "--boxes",
@@ -266,9 +295,73 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         type=_path,
         default=None,
         metavar="FILE",
-        help="also write the results to FILE.csv (image,label,prob,...,box) or FILE.json",
+        help="also write the results to FILE.csv (image,label,prob,top1,top1_prob,...) or FILE.json",
     )
     p.set_defaults(func=_predict)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from twincar_fast.ship.onnx import export_onnx
+
+    print(f"checked, ONNX → {export_onnx(args.model, opset=args.opset, force=args.force)}")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    help = "export a model folder to another format (ONNX), checked against PyTorch"
+    p = sub.add_parser("export", help=help, description=help)
+    p.add_argument(
+        "model", type=_path, help="a models/<run> folder (model.safetensors + config.json)"
+    )
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="default: onnx")
+    p.add_argument(
+        "--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing model.onnx")
+    p.set_defaults(func=_export)
+
+
+def _import_torchvision(args: argparse.Namespace) -> None:
+    from twincar_fast.ship.checkpoint import import_torchvision
+
+    out = import_torchvision(args.checkpoint, args.classes, args.out, arch=args.arch)
+    print(f"model folder → {out}")
+
+
+def _add_import_torchvision(sub: argparse._SubParsersAction) -> None:
+    help = "make a model folder from a torchvision ResNet state dict (TwinCar's checkpoint)"
+    p = sub.add_parser("import-torchvision", help=help, description=help)
+    p.add_argument("checkpoint", type=_path, help="the .pth state dict (fc: Linear or MLP)")
+    p.add_argument(
+        "--classes", type=_path, required=True, help="classes.csv (class_id,label) in output order"
+    )
+    p.add_argument("--out", type=_path, required=True, help="the new model folder")
+    p.add_argument("--arch", default="resnet50", help="the ResNet's name (default resnet50)")
+    p.set_defaults(func=_import_torchvision)
+
+
+def _app(args: argparse.Namespace) -> None:
+    from twincar_fast.ship.app import launch_app
+
+    launch_app(
+        args.model,
+        host=args.host,
+        port=args.port,
+        trust_pickle=args.trust_pickle,
+        max_file_size=args.max_file_size,
+        device=args.device,
+    )
+
+
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    help = "serve the Gradio demo of a model: photo in, top 5 and Grad-CAM++ out"
+    p = sub.add_parser("app", help=help, description=help + " (needs the [app] extra)")
+    p.add_argument("model", type=_path, help="a models/<run> folder")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="default 7860")
+    p.add_argument("--max-file-size", default="10mb", help="largest upload (default 10mb)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if any)")
+    _add_trust(p)
+    p.set_defaults(func=_app)
 
 
 # ---------------------------------------------------------------- entry point
@@ -343,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_interpret(sub)
     _add_predict(sub)
+    _add_export(sub)
+    _add_import_torchvision(sub)
+    _add_app(sub)
     _add_sweep(sub)
     _add_compare(sub)
     return parser

@@ -2,7 +2,7 @@
 
 A run writes `reports/<run>/` (config.yaml, env.json, classes.csv, metrics.csv, valid_preds.npz,
 summary.json, the test evaluation and the report) and `models/<run>/` (learner.pkl,
-model.safetensors, model.json, checkpoints/). The fit itself is `train.fit.fit_run`: every epoch is
+model.safetensors, config.json, README.md, checkpoints/). The fit itself is `train.fit.fit_run`: every epoch is
 committed by `train.callbacks.SaveRun`, so `run_experiment(cfg, resume=run_dir)` continues an
 interrupted run in the same folders from its last finished epoch, optimizer state included.
 """
@@ -139,8 +139,11 @@ def _save_outputs(
 ) -> dict[str, Path]:
     """Export the (best) model and its validation predictions; every output path by name."""
     paths = {"report_dir": folders.report_dir, "model_dir": folders.model_dir}
+    rows = saver.rows
+    best = rows[saver.best_epoch] if rows and saver.best_epoch is not None else {}
+    metrics = {k: v for k, v in best.items() if k.startswith("valid_") or k == "epoch"}
     with step("exporting the model"):
-        paths.update(export_model(learn, folders.model_dir, cfg))
+        paths.update(export_model(learn, folders.model_dir, cfg, metrics))
     if len(learn.dls.valid_ds):  # data.valid_pct: 0 has no validation split
         paths["valid_preds"] = save_valid_preds(learn, folders.report_dir / "valid_preds.npz")
     paths["metrics"], paths["best_checkpoint"] = folders.metrics_csv, saver.best_path

@@ -37,6 +37,7 @@ __all__ = [
     "SPLITS",
     "RunPaths",
     "evaluate_learner",
+    "evaluation_result",
     "load_run_config",
     "load_run_learner",
     "predictions_table",
@@ -48,7 +49,7 @@ __all__ = [
 
 SPLITS = ("test", "valid")
 LEARNER_FILE = "learner.pkl"
-SAFE_FILE = "model.safetensors"  # with model.json: the weights-only export
+SAFE_FILE = "model.safetensors"  # with config.json: the weights-only export
 CONFIG_FILE = "config.yaml"
 
 
@@ -126,7 +127,7 @@ def require_learner(run: RunPaths) -> Path:
     """The run's learner.pkl, or a one-line error saying the run has no saved model."""
     if run.learner is None and run.model_dir is not None:
         raise TwincarError(
-            f"{run.model_dir}: no {LEARNER_FILE} and no {SAFE_FILE} + model.json pair; "
+            f"{run.model_dir}: no {LEARNER_FILE} and no {SAFE_FILE} + config.json pair; "
             "export the model again with `twincar run`"
         )
     if run.learner is None:
@@ -256,20 +257,48 @@ def evaluate_learner(
     with eval_bars(learn):
         probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
     probs, losses = probs.float().cpu().numpy(), losses.float().cpu().numpy()
-    targets = targets.cpu().numpy().astype(int)
+    images = relative_images(dl.items, data_dir)
+    return evaluation_result(
+        probs,
+        targets.cpu().numpy().astype(int),
+        losses,
+        images,
+        classes,
+        split,
+        data_dir,
+        out_dir,
+        device=str(dl.device or "cpu"),
+        run=_run_name(model_path, out_dir, cfg),
+        model_path=model_path,
+    )
+
+
+def evaluation_result(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    losses: np.ndarray,
+    images: list[str],
+    classes: list[str],
+    split: str,
+    data_dir: Path,
+    out_dir: str | os.PathLike | None,
+    device: str,
+    run: str | None,
+    model_path: str | os.PathLike | None = None,
+) -> dict:
+    """eval_<split>.json's contents from a model's probabilities; the three files into `out_dir`."""
     result = {
         "split": split,
-        "run": _run_name(model_path, out_dir, cfg),
+        "run": run,
         "model": str(model_path) if model_path else None,
-        "data_dir": str(data_dir.resolve()),
+        "data_dir": str(Path(data_dir).resolve()),
         "n_images": len(targets),
         "n_classes": len(classes),
-        "device": str(dl.device or "cpu"),
+        "device": device,
         f"{split}_loss": float(losses.mean()),
         **{f"{split}_{k}": v for k, v in classification_metrics(targets, probs).items()},
     }
     if out_dir is not None:
-        images = relative_images(dl.items, data_dir)
         table = predictions_table(images, targets, probs, losses, classes)
         _write_eval(Path(out_dir), split, result, table, classes)
     return result

@@ -34,6 +34,7 @@ __all__ = [
     "denormalize",
     "find_target_layer",
     "gradcam_maps",
+    "model_cams",
     "overlay",
 ]
 
@@ -128,8 +129,18 @@ def gradcam_maps(
         layer: the hooked layer; None = `find_target_layer(learn.model)`.
         bs: images per forward/backward pass.
     """
-    x = batch_tensor(learn, images)
-    model = getattr(learn.model, "_orig_mod", learn.model)
+    return model_cams(learn.model, batch_tensor(learn, images), targets, layer, bs)
+
+
+def model_cams(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: Sequence[int] | None = None,
+    layer: nn.Module | None = None,
+    bs: int = 32,
+) -> np.ndarray:
+    """Grad-CAM++ maps (N, H, W) of a model on a normalized input batch (as `gradcam_maps`)."""
+    model = getattr(model, "_orig_mod", model)
     layer = layer or find_target_layer(model)
     device = next(model.parameters()).device
     out = []

@@ -53,8 +53,10 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
 
 
 def read_classes(data_dir: str | os.PathLike) -> list[str]:
-    """The class names of a prepared set in vocab order (row i of classes.csv is class_id i)."""
-    path = Path(data_dir) / "classes.csv"
+    """The class names of a prepared set in vocab order (row i of classes.csv is class_id i);
+    `data_dir` may also be the classes .csv file itself."""
+    path = Path(data_dir)
+    path = path if path.suffix.lower() == ".csv" else path / "classes.csv"
     df = _read_csv(path, "the class list")
     if list(df.columns[:2]) != ["class_id", "label"]:
         raise DataError(f"{path}: columns must be class_id,label, got {','.join(df.columns)}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-__all__ = ["InputGeometry", "crop_region", "resize_image", "resize_window"]
+__all__ = ["InputGeometry", "crop_region", "resize_image", "resize_short_crop", "resize_window"]
 
 Box = tuple[float, float, float, float]
 # fastai's PadMode → torchvision's padding_mode
@@ -65,6 +65,16 @@ def resize_image(img: Image.Image, size: int, method: str, pad_mode: str = "zero
 
         img = pad(img, pads, padding_mode=_PAD_MODES[pad_mode])
     return img.resize((size, size), Image.BILINEAR)
+
+
+def resize_short_crop(img: Image.Image, short: int, crop: int) -> Image.Image:
+    """torchvision's `Resize(short)` then `CenterCrop(crop)` of a PIL image, to the pixel."""
+    w, h = img.size
+    # torchvision's sizes: the shorter side becomes `short`, the longer one truncated
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize(size, Image.BILINEAR)
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return img.crop((left, top, left + crop, top + crop))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`twincar predict`: image files → predictions, with their car boxes, on the console and in a file.
+"""`twincar predict`: image files, folders and globs → predictions (torch or ONNX backend, flip TTA,
+Grad-CAM++ overlays), with their car boxes, on the console and in a file.
 
 Boxes come from a CSV (`image, x1, y1, x2, y2`) or from a prepared data set's annotations.csv
 (for the images it lists); a model trained on car-box crops that gets an image without a box says
@@ -9,6 +10,7 @@ tab-separated line per image otherwise; `--out` writes CSV or JSON.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import warnings
@@ -20,11 +22,13 @@ import pandas as pd
 from twincar_fast.console import console, plain_output
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations
 from twincar_fast.data.images import image_problem
+from twincar_fast.data.layouts import IMAGE_SUFFIXES
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
-from twincar_fast.ship.predict import Predictor, box_warning
+from twincar_fast.ship.inputs import box_warning
+from twincar_fast.ship.predict import Predictor
 
-__all__ = ["predict_files", "read_boxes", "results_table", "shorten_left"]
+__all__ = ["collect_images", "predict_files", "read_boxes", "results_table", "shorten_left"]
 
 _BOX_CSV = ["image", "x1", "y1", "x2", "y2"]
 
@@ -65,15 +69,18 @@ def shorten_left(text: str, width: int) -> str:
 
 
 def results_table(rows: list[dict], top_k: int) -> pd.DataFrame:
-    """One row per image: image, label, prob, class_id, box, the top-k pairs and any error."""
+    """One row per image: image, label, prob, the top-k pairs, class_id, box, cam and any error."""
     out = []
     for r in rows:
         row = {"image": r["image"], "label": r.get("label"), "prob": r.get("prob")}
+        for i in range(1, top_k + 1):  # the same columns on every row, errors too
+            t = r["topk"][i - 1] if len(r.get("topk", [])) >= i else {}
+            row[f"top{i}"], row[f"top{i}_prob"] = t.get("label"), t.get("prob")
         row["class_id"] = r.get("class_id")
         box = r.get("box")
         row["box"] = "none" if box is None else " ".join(f"{v:g}" for v in box)
-        for i, t in enumerate(r.get("topk", [])[:top_k], 1):
-            row[f"top{i}"], row[f"top{i}_prob"] = t["label"], t["prob"]
+        if "cam" in r or any("cam" in x for x in rows):
+            row["cam"] = r.get("cam", "")
         row["error"] = r.get("error", "")
         out.append(row)
     return pd.DataFrame(out)
@@ -117,8 +124,51 @@ def _write(path: Path, rows: list[dict], top_k: int) -> Path:
     return write_csv(path, results_table(rows, top_k))
 
 
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def collect_images(args: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files from files, folders (recursive, image extensions) and glob patterns, in order;
+    each path as given (a folder's images joined to it); one-line errors for what matches none."""
+    paths: list[Path] = []
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise TwincarError(f"{p}: no image files in this folder (or below it)")
+        elif not p.exists() and _has_glob(str(arg)):
+            found = sorted(
+                Path(f) for f in glob.glob(str(arg), recursive=True) if Path(f).is_file()
+            )
+            if not found:
+                raise TwincarError(f"{arg}: no file matches this pattern")
+        elif p.is_file():
+            found = [p]
+        else:
+            raise TwincarError(f"image not found: {p} (check the path)")
+        paths += found
+    return list(dict.fromkeys(paths))  # a file named twice is predicted once
+
+
+def _batches(predictor, good: list[Path], wanted: list, top_k: int, tta: bool) -> list[dict]:
+    """Predictions batch by batch, with a progress bar on a terminal's stderr for many images."""
+    from rich.console import Console
+    from rich.progress import track
+
+    n, bs = len(good), predictor.batch_size
+    starts = range(0, n, bs)
+    if n > bs and sys.stderr.isatty():
+        starts = track(starts, "predicting", console=Console(stderr=True), transient=True)
+    out: list[dict] = []
+    for i in starts:
+        out += predictor.predict(good[i : i + bs], top_k=top_k, boxes=wanted[i : i + bs], tta=tta)
+    return out
+
+
 def _predict_rows(
-    predictor: Predictor, paths: list[Path], problems: dict, known: dict, top_k: int
+    predictor, paths: list[Path], problems: dict, known: dict, top_k: int, tta: bool = False
 ) -> list[dict]:
     """Result rows in the order of `paths`: predictions of the readable ones, errors of the rest."""
     good = [p for p in paths if problems[str(p)] is None]
@@ -128,7 +178,7 @@ def _predict_rows(
         print(f"warning: {box_warning(no_box, len(good))}", file=sys.stderr)  # stdout: the data
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # said above, once
-        results = iter(predictor.predict(good, top_k=top_k, boxes=wanted))
+        results = iter(_batches(predictor, good, wanted, top_k, tta))
     return [
         {"image": str(p), **next(results)}
         if problems[str(p)] is None
@@ -140,39 +190,68 @@ def _predict_rows(
 def predict_files(
     model: str | os.PathLike,
     images: Sequence[str | os.PathLike],
-    top_k: int = 3,
+    top_k: int = 5,
     boxes: str | os.PathLike | None = None,
     data: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     trust_pickle: bool = False,
+    tta: bool = False,
+    cam: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    backend: str = "torch",
 ) -> list[dict]:
     """Classify image files with an exported model, print them, optionally write `out`.
 
     Args:
         model: learner.pkl, model.safetensors or a models/<run> folder.
-        images: the image files.
+        images: image files, folders (searched recursively) and glob patterns.
         top_k: classes listed per image.
         boxes: a CSV of car boxes (image, x1, y1, x2, y2).
         data: a prepared data set whose annotations.csv holds boxes for the images it lists.
         out: a .csv or .json file for the results.
         trust_pickle: allow loading a learner.pkl (a pickle can run any code).
+        tta: average each image's probabilities with its horizontal flip's.
+        cam: a folder for a Grad-CAM++ overlay of the top class per image (torch backend).
+        batch_size: images per forward pass.
+        device: where the torch backend runs (default: CUDA when available).
+        backend: "torch" or "onnx" (the folder's model.onnx, onnxruntime on the CPU).
     """
-    if top_k < 1:
-        raise TwincarError(f"--top-k must be at least 1, got {top_k}")
-    if out is not None and Path(out).suffix.lower() not in (".csv", ".json"):
-        raise TwincarError(f"--out {out}: give a .csv or .json file name")
-    paths = [Path(p) for p in images]
-    for p in paths:  # before loading the model: a typo shouldn't cost a model load
-        if not p.is_file():
-            raise TwincarError(f"image not found: {p} (check the path)")
+    _check_args(top_k, out, cam, batch_size, backend)
+    paths = collect_images(images)  # before loading the model: a typo shouldn't cost a load
     problems = {str(p): image_problem(p) for p in paths}
     if paths and all(problems.values()):
         first = paths[0]
         raise TwincarError(f"can't read image {first}: {problems[str(first)]}; nothing to predict")
     known = read_boxes(boxes, data) if boxes is not None or data is not None else {}
-    predictor = Predictor.from_path(model, trust_pickle=trust_pickle)
-    rows = _predict_rows(predictor, paths, problems, known, top_k)
-    _print(rows, Path(model), min(top_k, len(predictor.classes)))
+    predictor = Predictor.from_path(
+        model, device=device, trust_pickle=trust_pickle, backend=backend
+    )
+    predictor.batch_size = batch_size
+    rows = _predict_rows(predictor, paths, problems, known, top_k, tta)
+    if cam is not None:
+        from twincar_fast.ship.cam import write_cams
+
+        write_cams(predictor, rows, cam)
+    top_k = min(top_k, len(predictor.classes))
+    _print(rows, Path(model), top_k)
     if out is not None:
         print(f"predictions → {_write(Path(out), rows, top_k)}", file=sys.stderr)
+    failed = sum("error" in r for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} image(s) could not be read (listed above)", file=sys.stderr)
     return rows
+
+
+def _check_args(top_k: int, out, cam, batch_size: int, backend: str) -> None:
+    """One-line errors for option values, before any file is read."""
+    if top_k < 1:
+        raise TwincarError(f"--top-k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise TwincarError(f"--batch-size must be at least 1, got {batch_size}")
+    if out is not None and Path(out).suffix.lower() not in (".csv", ".json"):
+        raise TwincarError(f"--out {out}: give a .csv or .json file name")
+    if backend not in ("torch", "onnx"):
+        raise TwincarError(f"--backend must be torch or onnx, got {backend!r}")
+    if cam is not None and backend != "torch":
+        raise TwincarError("--cam needs --backend torch (Grad-CAM++ needs PyTorch's gradients)")

@@ -1,19 +1,17 @@
-"""Ship a trained model: fastai's `learner.pkl` plus a weights-only `model.safetensors` + `model.json`.
+"""Ship a trained model: `model.safetensors` + `config.json` + `README.md`, and fastai's `learner.pkl`.
 
-`learner.pkl` (`learn.export`) keeps the whole inference pipeline (transforms, vocab) and loads with
-`fastai.learner.load_learner` without the training data, but it is a pickle: load only files you
-trust. `model.safetensors` holds only tensors (safe to load from anywhere); `model.json` says how to
-rebuild the network (`model.learner.create_model`) and feed it (sizes, normalization, classes).
+`model.safetensors` holds only tensors (safe to load from anywhere); `config.json` (timm's Hub
+schema + a `twincar` section, `ship.card`) says how to rebuild the network and feed it; with
+`model.head: timm` the weights carry timm's own key names, so `timm.create_model("local-dir:...")`
+loads the folder without twincar. `learner.pkl` (`learn.export`) keeps fastai's whole inference
+pipeline for `load_learner`, but it is a pickle: load only files you trust.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import hashlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from fastai.data.transforms import Normalize
@@ -23,94 +21,39 @@ from fastai.vision.core import imagenet_stats
 from safetensors.torch import save_file
 from torch import nn
 
-from twincar_fast.config import ExperimentConfig, HeadName, build_typed, check_key
-from twincar_fast.errors import TwincarError
-from twincar_fast.files import atomic_path, write_json
+from twincar_fast.config import ExperimentConfig, config_to_dict
+from twincar_fast.files import atomic_path, write_json, write_text
+from twincar_fast.ship.card import (
+    ModelCard,
+    from_timm_keys,
+    hub_config,
+    model_readme,
+    read_model_card,
+    to_timm_keys,
+)
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
 
 __all__ = [
     "MODEL_FILES",
     "ModelCard",
+    "classifier_name",
+    "data_hash",
     "read_model_card",
     "export_learner",
     "export_model",
     "load_safetensors",
     "model_card",
     "save_safetensors",
+    "write_model_config",
 ]
 
 MODEL_FILES = {
     "learner": "learner.pkl",
     "safetensors": "model.safetensors",
-    "model_json": "model.json",
+    "config": "config.json",
+    "readme": "README.md",
 }
 _RUN_ONLY = (EpochMetrics, SaveRun)  # callbacks tied to one training run: never exported
-
-
-@dataclass
-class ModelCard:
-    """model.json, typed: how to rebuild the network and prepare its input (see `model_card`)."""
-
-    arch: str
-    classes: list[str]
-    img_size: int
-    item_size: int
-    mean: list[float]
-    std: list[float]
-    format: str = "twincar_fast/model-v1"
-    twincar_fast: str = ""
-    head: HeadName = "mlp"
-    head_hidden: int = 512
-    head_dropout: float = 0.3
-    n_classes: int | None = None
-    bbox_crop: bool = False
-    bbox_margin: float = 0.0
-    resize: Literal["crop", "squish", "pad"] = "crop"
-    pad_mode: Literal["zeros", "border", "reflection"] = "reflection"
-    draft: bool = True
-    input: str = field(default="")
-
-
-def _check_card(c: ModelCard, where: str) -> None:
-    """Value ranges of a model card (ConfigError naming the file and key)."""
-    check_key(len(c.classes) >= 2, where, "classes", "must list at least 2 classes")
-    n = c.n_classes
-    check_key(n is None or n == len(c.classes), where, "n_classes", "must be len(classes)")
-    check_key(c.img_size >= 16, where, "img_size", f"must be at least 16, got {c.img_size}")
-    check_key(c.item_size >= c.img_size, where, "item_size", "must be ≥ img_size")
-    for key in ("mean", "std"):
-        v = getattr(c, key)
-        ok = len(v) == 3 and all(math.isfinite(x) for x in v)
-        check_key(ok, where, key, f"must be 3 finite numbers (R, G, B), got {v}")
-    check_key(min(c.std) > 0, where, "std", f"must be positive, got {c.std}")
-    check_key(c.head_hidden >= 1, where, "head_hidden", "must be at least 1")
-    check_key(0 <= c.head_dropout < 1, where, "head_dropout", "must be in [0, 1)")
-    ok = math.isfinite(c.bbox_margin) and c.bbox_margin >= 0
-    check_key(ok, where, "bbox_margin", f"must be a finite number ≥ 0, got {c.bbox_margin}")
-
-
-def read_model_card(path: str | os.PathLike) -> ModelCard:
-    """Read and check a model.json (typed like an experiment config); one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise TwincarError(
-            f"{path} not found: model.safetensors needs the model.json written beside it "
-            "by `twincar run`; copy both files"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TwincarError(f"{path}: not valid JSON ({e}); re-export the model") from None
-    if not isinstance(data, dict):
-        raise TwincarError(f"{path}: must be a JSON object, got {type(data).__name__}")
-    missing = [
-        k for k in ("arch", "classes", "img_size", "item_size", "mean", "std") if k not in data
-    ]
-    if missing:
-        raise TwincarError(f"{path}: missing key(s) {', '.join(missing)}; re-export the model")
-    card = build_typed(ModelCard, data, str(path))
-    _check_card(card, str(path))
-    return card
 
 
 def _plain_model(learn: Learner) -> nn.Module:
@@ -137,9 +80,18 @@ def export_learner(learn: Learner, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_safetensors(model: nn.Module, path: str | os.PathLike) -> Path:
-    """The model's state dict as contiguous CPU tensors in a safetensors file, atomically."""
+def classifier_name(model: nn.Module) -> str:
+    """timm's name of the classifier of our `Sequential(TimmBody, head)` (`fc` for ResNets)."""
+    name = model[0].model.pretrained_cfg.get("classifier") or "fc"
+    return name if isinstance(name, str) else name[0]
+
+
+def save_safetensors(model: nn.Module, path: str | os.PathLike, layout: str = "twincar") -> Path:
+    """The model's state dict as contiguous CPU tensors in a safetensors file, atomically;
+    `layout="timm"` names them as timm's own model (a `head: timm` model only)."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if layout == "timm":
+        state = to_timm_keys(state, classifier_name(model))
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     return Path(path)
@@ -165,7 +117,7 @@ def _preprocessing(learn: Learner, cfg: ExperimentConfig) -> dict:
 
 
 def model_card(learn: Learner, cfg: ExperimentConfig) -> dict:
-    """What `model.json` says: how to rebuild the network and prepare its input."""
+    """The flat facts of the ModelCard: how to rebuild the network and prepare its input."""
     from twincar_fast import __version__
 
     classes = [str(c) for c in learn.dls.vocab]
@@ -185,25 +137,86 @@ def model_card(learn: Learner, cfg: ExperimentConfig) -> dict:
         "bbox_margin": d.bbox_margin,
         **_preprocessing(learn, cfg),
         "input": "RGB scaled to [0, 1], normalized with mean/std, NCHW float32",
+        "weights_layout": "timm" if m.head == "timm" else "twincar",
     }
 
 
-def export_model(
-    learn: Learner, model_dir: str | os.PathLike, cfg: ExperimentConfig
+def data_hash(data_dir: str | os.PathLike) -> str | None:
+    """sha256 of a prepared set's annotations.csv and classes.csv (None when absent)."""
+    h = hashlib.sha256()
+    files = [Path(data_dir) / n for n in ("annotations.csv", "classes.csv")]
+    if not all(f.is_file() for f in files):
+        return None
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a model folder was written with."""
+    import fastai
+    import timm
+
+    from twincar_fast import __version__
+
+    return {
+        "twincar_fast": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "fastai": fastai.__version__,
+    }
+
+
+def write_model_config(
+    model_dir: str | os.PathLike, card: ModelCard, num_features: int, info: dict
 ) -> dict[str, Path]:
-    """Write learner.pkl, model.safetensors and model.json of `learn`'s current weights into `model_dir`."""
+    """config.json (timm's schema + twincar section) and the README.md model card, atomically."""
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    paths = {key: model_dir / name for key, name in MODEL_FILES.items()}
-    export_learner(learn, paths["learner"])
-    save_safetensors(_plain_model(learn), paths["safetensors"])
-    write_json(paths["model_json"], model_card(learn, cfg))
+    config = hub_config(card, num_features, info)
+    paths = {
+        "config": model_dir / MODEL_FILES["config"],
+        "readme": model_dir / MODEL_FILES["readme"],
+    }
+    write_json(paths["config"], config)
+    write_text(paths["readme"], model_readme(config, card))
     return paths
 
 
-def load_safetensors(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a `model.safetensors` into a network built by `model.learner.create_model` (strict)."""
+def export_model(
+    learn: Learner,
+    model_dir: str | os.PathLike,
+    cfg: ExperimentConfig,
+    metrics: dict | None = None,
+) -> dict[str, Path]:
+    """Write learner.pkl, model.safetensors, config.json and README.md of `learn`'s current
+    weights into `model_dir`; `metrics` (the run's) go into config.json and the README."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    card = ModelCard(**model_card(learn, cfg))
+    model = _plain_model(learn)
+    paths = {"learner": export_learner(learn, model_dir / MODEL_FILES["learner"])}
+    paths["safetensors"] = save_safetensors(
+        model, model_dir / MODEL_FILES["safetensors"], card.weights_layout
+    )
+    info = {
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
+        "data_hash": data_hash(cfg.data.root),
+        "versions": versions(),
+        "training": config_to_dict(cfg),
+    }
+    paths.update(write_model_config(model_dir, card, model[0].model.num_features, info))
+    return paths
+
+
+def load_safetensors(
+    model: nn.Module, path: str | os.PathLike, layout: str = "twincar"
+) -> nn.Module:
+    """Load a `model.safetensors` into a network built by `model.learner.create_model` (strict);
+    `layout="timm"`: the file names the tensors as timm's own model."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    if layout == "timm":
+        state = from_timm_keys(state, classifier_name(model))
+    model.load_state_dict(state)
     return model

@@ -1,0 +1,137 @@
+"""`twincar app MODEL`: the Gradio demo. Upload or paste a car photo → the top-5 makes/models with
+their probabilities and the Grad-CAM++ overlay of the top class.
+
+It loads the safe folder (a pickle only with `--trust-pickle`), binds to 127.0.0.1 unless told
+otherwise, never opens a share link, and refuses uploads over `max_file_size` (10 MB). A file
+that is no image gets a message in the page and the server keeps serving. Example images come
+from the run's test split when its data are on this machine. Needs `pip install 'twincar-fast[app]'`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from twincar_fast.data.images import image_problem
+from twincar_fast.errors import TwincarError
+from twincar_fast.ship.card import card_path, read_config
+
+__all__ = ["build_app", "classify_fn", "example_images", "launch_app"]
+
+MAX_FILE_SIZE = "10mb"
+# overlays come at the model's input size (224 px, 32 in tests): shown larger, pixels kept sharp
+CSS = "#cam img { min-width: 224px; min-height: 224px; object-fit: contain; image-rendering: pixelated; }"
+
+
+def example_images(model_dir: str | os.PathLike, n: int = 4) -> list[str]:
+    """Up to `n` test images of the run's data (one per class first), when they are here."""
+    from twincar_fast.data.dataset import read_annotations
+
+    folder = Path(model_dir)
+    try:
+        config = read_config(card_path(folder if folder.is_dir() else folder.parent))
+    except TwincarError:
+        return []
+    root = config.get("twincar", {}).get("training", {}).get("data", {}).get("root")
+    if not root or not (Path(root) / "annotations.csv").is_file():
+        return []
+    df = read_annotations(root)
+    test = df[df["split"] == "test"]
+    picks = test.drop_duplicates("class_id").head(n)
+    return [p for p in picks["path"].tolist() if Path(p).is_file()]
+
+
+def classify_fn(predictor, gr):
+    """The app's function: image path → ({class: probability}, Grad-CAM++ overlay)."""
+    from twincar_fast.ship.cam import cam_overlays
+
+    def classify(path: str | None) -> tuple[dict[str, float], np.ndarray]:
+        if not path:
+            raise gr.Error("Upload or paste a car photo first.")
+        problem = image_problem(Path(path))
+        if problem is not None:
+            raise gr.Error(f"This file can't be used: {problem}. Try a JPEG or PNG photo.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # box-trained models: no box here
+            probs = predictor.predict_proba(path)[0]
+        label = {c: float(p) for c, p in zip(predictor.classes, probs, strict=True)}
+        return label, cam_overlays(predictor, [path], [int(probs.argmax())])[0]
+
+    return classify
+
+
+def build_app(model: str | os.PathLike, trust_pickle: bool = False, device: str | None = None):
+    """The Gradio Blocks of the demo for a model folder (or file)."""
+    import gradio as gr
+
+    from twincar_fast.ship.predict import Predictor
+
+    predictor = Predictor.from_path(model, device=device, trust_pickle=trust_pickle)
+    examples = example_images(model)
+    n = len(predictor.classes)
+    with gr.Blocks(title="twincar_fast car recognition") as demo:
+        gr.Markdown(
+            f"## Which car is this?\nUpload or paste a photo: the top 5 of {n} makes/models "
+            "and where the model looked (Grad-CAM++ of the top class)."
+        )
+        with gr.Row():
+            image = gr.Image(
+                type="filepath",
+                sources=["upload", "clipboard"],
+                label="car photo",
+                format="png",
+                height=320,
+            )
+            with gr.Column():
+                label = gr.Label(num_top_classes=5, label="top 5", elem_id="prediction")
+                cam = gr.Image(
+                    type="numpy", label="Grad-CAM++", format="png", elem_id="cam", height=240
+                )
+        button = gr.Button("Classify", variant="primary", elem_id="classify")
+        button.click(classify_fn(predictor, gr), image, [label, cam], api_name="classify")
+        if examples:
+            gr.Examples(examples, image, label="test images of the run")
+    demo.twincar_examples = examples  # launch_app lets Gradio serve these files
+    return demo
+
+
+def launch_app(
+    model: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    trust_pickle: bool = False,
+    max_file_size: str = MAX_FILE_SIZE,
+    prevent_thread_lock: bool = False,
+    device: str | None = None,
+):
+    """Serve the demo on host:port (no share link); returns the Blocks once started.
+
+    Args:
+        model: the models/<run> folder.
+        host: the interface to bind (127.0.0.1: this machine only).
+        port: the port (0 or None: Gradio picks a free one from 7860 up).
+        trust_pickle: allow learner.pkl, a pickle that can run any code.
+        max_file_size: the largest upload Gradio accepts, e.g. "10mb".
+        prevent_thread_lock: return at once and serve in the background (tests, notebooks).
+        device: where the model runs (default: CUDA when available).
+    """
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise TwincarError("the app needs Gradio: pip install 'twincar-fast[app]'") from None
+    demo = build_app(model, trust_pickle=trust_pickle, device=device)
+    demo.launch(
+        server_name=host,
+        server_port=port or None,
+        share=False,
+        max_file_size=max_file_size,
+        prevent_thread_lock=prevent_thread_lock,
+        allowed_paths=demo.twincar_examples,
+        show_error=True,
+        quiet=prevent_thread_lock,
+        css=CSS,
+    )
+    return demo

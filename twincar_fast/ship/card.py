@@ -1,0 +1,249 @@
+"""The model folder's description: `config.json` in timm's Hub schema plus a `twincar` section.
+
+timm's own keys (`architecture`, `num_classes`, `num_features`, `label_names`, `pretrained_cfg`)
+let `timm.create_model("local-dir:<folder>", pretrained=True)` rebuild a `head: timm` model with
+no twincar code; the `twincar` section holds what timm's schema lacks (head type and sizes, our
+resize method, car-box crops, the data hash, the run's metrics, versions, the ONNX check).
+Folders exported before config.json carry the same facts flat in `model.json`; both are read into
+one typed `ModelCard`. Only json and the config types here: the ONNX predictor imports this
+module without torch or fastai.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from twincar_fast.config import HeadName, build_typed, check_key
+from twincar_fast.errors import TwincarError
+
+__all__ = [
+    "CONFIG_JSON",
+    "LEGACY_JSON",
+    "ModelCard",
+    "card_path",
+    "from_timm_keys",
+    "hub_config",
+    "model_readme",
+    "read_config",
+    "read_model_card",
+    "to_timm_keys",
+]
+
+CONFIG_JSON = "config.json"
+LEGACY_JSON = "model.json"  # folders exported before config.json
+FORMAT = "twincar_fast/model-v2"
+# informational parts of the twincar section: recorded, never needed to rebuild the model
+_INFO = ("metrics", "data_hash", "versions", "onnx", "source", "training")
+# our resize method → timm's crop_mode (`border`: timm's pad-to-square mode)
+_CROP_MODES = {"crop": "center", "squish": "squash", "pad": "border", "short": "center"}
+
+
+@dataclass
+class ModelCard:
+    """What rebuilds the network and prepares its input, typed (config.json or model.json)."""
+
+    arch: str
+    classes: list[str]
+    img_size: int
+    item_size: int
+    mean: list[float]
+    std: list[float]
+    format: str = "twincar_fast/model-v1"
+    twincar_fast: str = ""
+    head: HeadName = "mlp"
+    head_hidden: int = 512
+    head_dropout: float = 0.3
+    n_classes: int | None = None
+    bbox_crop: bool = False
+    bbox_margin: float = 0.0
+    # crop/squish/pad: fastai's validation Resize to item_size; short: shorter side to item_size,
+    # then the centre img_size square (torchvision's Resize + CenterCrop, TwinCar's preprocessing)
+    resize: Literal["crop", "squish", "pad", "short"] = "crop"
+    pad_mode: Literal["zeros", "border", "reflection"] = "reflection"
+    draft: bool = True
+    input: str = ""
+    weights_layout: Literal["twincar", "timm"] = "twincar"  # timm: timm's own state dict keys
+
+
+def _check_card(c: ModelCard, where: str) -> None:
+    """Value ranges of a model card (ConfigError naming the file and key)."""
+    check_key(len(c.classes) >= 2, where, "classes", "must list at least 2 classes")
+    n = c.n_classes
+    check_key(n is None or n == len(c.classes), where, "n_classes", "must be len(classes)")
+    check_key(c.img_size >= 16, where, "img_size", f"must be at least 16, got {c.img_size}")
+    check_key(c.item_size >= c.img_size, where, "item_size", "must be ≥ img_size")
+    for key in ("mean", "std"):
+        v = getattr(c, key)
+        ok = len(v) == 3 and all(math.isfinite(x) for x in v)
+        check_key(ok, where, key, f"must be 3 finite numbers (R, G, B), got {v}")
+    check_key(min(c.std) > 0, where, "std", f"must be positive, got {c.std}")
+    check_key(c.head_hidden >= 1, where, "head_hidden", "must be at least 1")
+    check_key(0 <= c.head_dropout < 1, where, "head_dropout", "must be in [0, 1)")
+    ok = math.isfinite(c.bbox_margin) and c.bbox_margin >= 0
+    check_key(ok, where, "bbox_margin", f"must be a finite number ≥ 0, got {c.bbox_margin}")
+    timm_ok = c.weights_layout == "twincar" or c.head == "timm"
+    check_key(timm_ok, where, "weights_layout", "'timm' needs head 'timm'")
+
+
+def card_path(folder: str | os.PathLike) -> Path:
+    """The folder's config.json, else its model.json (older exports); one-line error if neither."""
+    folder = Path(folder)
+    for name in (CONFIG_JSON, LEGACY_JSON):
+        if (folder / name).is_file():
+            return folder / name
+    raise TwincarError(
+        f"{folder}: no {CONFIG_JSON} (or {LEGACY_JSON}) beside the weights; model.safetensors needs "
+        "the config.json written with it by `twincar run`: copy both files"
+    )
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The JSON object in `path` (config.json or model.json); one-line errors."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TwincarError(f"{path}: not valid JSON ({e}); re-export the model") from None
+    if not isinstance(data, dict):
+        raise TwincarError(f"{path}: must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _flat(data: dict, where: str) -> dict:
+    """config.json's timm keys and twincar section as the flat ModelCard mapping."""
+    pre, tc = data.get("pretrained_cfg", {}), data.get("twincar")
+    if not isinstance(tc, dict) or not isinstance(pre, dict):
+        raise TwincarError(
+            f"{where}: no 'twincar' section (a plain timm config?); load it with "
+            "timm.create_model('local-dir:...'), or re-export with `twincar export`"
+        )
+    flat = {k: v for k, v in tc.items() if k not in _INFO}
+    flat["arch"] = data.get("architecture")
+    flat["classes"] = data.get("label_names", pre.get("label_names"))
+    flat["n_classes"] = data.get("num_classes")
+    for key in ("mean", "std"):
+        flat[key] = pre.get(key)
+    return {k: v for k, v in flat.items() if v is not None or k == "classes"}
+
+
+def read_model_card(path: str | os.PathLike) -> ModelCard:
+    """Read and check a config.json or model.json (or the one in a folder); one-line errors."""
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        path = card_path(path if path.is_dir() else path.parent)
+    data = read_config(path)
+    if path.name != LEGACY_JSON:
+        data = _flat(data, str(path))
+    need = ("arch", "classes", "img_size", "item_size", "mean", "std")
+    missing = [k for k in need if k not in data]
+    if missing:
+        raise TwincarError(f"{path}: missing key(s) {', '.join(missing)}; re-export the model")
+    card = build_typed(ModelCard, data, str(path))
+    _check_card(card, str(path))
+    return card
+
+
+def _crop_pct(card: ModelCard) -> float:
+    """timm's crop_pct: the share of the resized image the model sees."""
+    return card.img_size / card.item_size if card.resize == "short" else 1.0
+
+
+def hub_config(card: ModelCard, num_features: int, info: dict[str, Any] | None = None) -> dict:
+    """config.json for `card`: timm's Hub schema + the `twincar` section (with `info` in it)."""
+    n = len(card.classes)
+    pretrained_cfg = {
+        "architecture": card.arch,
+        "input_size": [3, card.img_size, card.img_size],
+        "interpolation": "bilinear",
+        "crop_pct": round(_crop_pct(card), 6),
+        "crop_mode": _CROP_MODES[card.resize],
+        "mean": list(card.mean),
+        "std": list(card.std),
+        "num_classes": n,
+        "label_names": list(card.classes),
+    }
+    skip = ("arch", "classes", "mean", "std", "n_classes")
+    twincar = {f.name: getattr(card, f.name) for f in fields(card) if f.name not in skip}
+    twincar["format"] = FORMAT
+    return {
+        "architecture": card.arch,
+        "num_classes": n,
+        "num_features": int(num_features),
+        "label_names": list(card.classes),
+        "pretrained_cfg": pretrained_cfg,
+        "twincar": {**twincar, **(info or {})},
+    }
+
+
+def to_timm_keys(state: dict, classifier: str) -> dict:
+    """Our `Sequential(TimmBody, classifier)` keys (`0.model.*`, `1.*`) as timm's own names."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("0.model."):
+            out[key[len("0.model.") :]] = value
+        elif key.startswith("1."):
+            out[f"{classifier}.{key[2:]}"] = value
+        else:
+            raise TwincarError(f"state dict key {key!r} is not in the timm-head layout")
+    return out
+
+
+def from_timm_keys(state: dict, classifier: str) -> dict:
+    """timm's key names back to our `Sequential(TimmBody, classifier)` layout."""
+    head = f"{classifier}."
+    return {
+        (f"1.{k[len(head) :]}" if k.startswith(head) else f"0.model.{k}"): v
+        for k, v in state.items()
+    }
+
+
+def _metrics_table(metrics: dict) -> str:
+    """The run's metrics as a Markdown table."""
+    rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    return "\n".join(["| metric | value |", "| --- | --- |", *rows]) if rows else "(none recorded)"
+
+
+def model_readme(config: dict, card: ModelCard) -> str:
+    """README.md, the folder's model card: use, metrics, training config and the classes."""
+    tc = config["twincar"]
+    classes = "\n".join(f"{i}. {c}" for i, c in enumerate(config["label_names"]))
+    training = json.dumps(tc.get("training", {}), indent=2)
+    timm_note = (
+        '`timm.create_model("local-dir:<this folder>", pretrained=True)` loads it with timm '
+        "alone (timm's own classifier head)."
+        if tc.get("weights_layout") == "timm"
+        else "Rebuild it with twincar_fast (`Predictor.from_path`): its head is not timm's."
+    )
+    return f"""---
+library_name: timm
+tags: [image-classification, fine-grained, stanford-cars, twincar_fast]
+---
+# {config["architecture"]} for car make/model recognition ({config["num_classes"]} classes)
+
+A fine-grained car classifier exported by twincar_fast {tc.get("twincar_fast", "")}.
+{timm_note} `learner.pkl`, if present, is a pickle: load it only when you trust its source.
+
+## Intended use
+Recognising the make, model and year of a car in a photo among the classes listed below. It knows
+no other classes and is not meant for decisions about people, insurance or law enforcement.
+
+## Input
+{card.img_size}×{card.img_size} RGB, resize method `{card.resize}` (item size {card.item_size}),
+mean {card.mean}, std {card.std}; car-box crops: {card.bbox_crop} (margin {card.bbox_margin}).
+
+## Metrics
+{_metrics_table(tc.get("metrics", {}))}
+
+## Training config
+```json
+{training}
+```
+
+## Classes
+{classes}
+"""

@@ -1,0 +1,192 @@
+"""Images in, results out, without torch: the CPU half of the validation preprocessing (open,
+car-box cut, resize to the item size), car boxes, and the top-k result dicts of a prediction.
+
+Both predictors use it: `ship.predict` (PyTorch) adds the device half (resample, normalize), the
+ONNX graph of `ship.onnx` holds that half itself, so `ship.onnx_predict` needs NumPy and PIL only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from twincar_fast.data.geometry import InputGeometry, resize_image, resize_short_crop
+from twincar_fast.data.images import open_region
+from twincar_fast.errors import TwincarError
+
+__all__ = [
+    "ImageInput",
+    "ItemPrep",
+    "PredictMixin",
+    "map_items",
+    "as_box",
+    "as_list",
+    "box_warning",
+    "check_boxes",
+    "results",
+]
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+@dataclass
+class ItemPrep:
+    """The validation transform of a trained model up to the uint8 item (see `Preprocess`)."""
+
+    item_size: int  # side of the validation item (the model's img_size unless batch-stage aug)
+    img_size: int  # side of the crop the model sees
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    resize: str = "crop"  # crop: centre square; squish: whole image; pad: pad to a square;
+    # short: shorter side to item_size, then the centre img_size square (torchvision's way)
+    pad_mode: str = "zeros"  # padding of `pad` (fastai PadMode: zeros, border, reflection)
+    draft: bool = True  # JPEG draft decoding at a reduced scale still ≥ item_size
+    bbox_crop: bool = False  # the model was trained on car-box crops: give each image its box
+    bbox_margin: float = 0.0  # ... grown by this share of the box on each side
+
+    def open(self, image: ImageInput, box=None) -> Image.Image:
+        """An RGB PIL image from a path (checked, draft-decoded) or an image object, cut to
+        `box` (x1, y1, x2, y2; 1-based inclusive) grown by the margin when `bbox_crop`."""
+        box = box if self.bbox_crop else None
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+            if box is None:
+                return image
+            return image.crop(tuple(int(v) for v in self.geometry.crop(image.size, box)))
+        path = Path(image)
+        if not path.is_file():
+            raise TwincarError(f"image not found: {path} (check the path)")
+        min_side = self.item_size if self.draft else None
+        return open_region(path, box, self.bbox_margin, min_side)
+
+    def item_array(self, image: ImageInput, box=None) -> np.ndarray:
+        """One presized uint8 HWC array, as fastai's validation `Resize(item_size)` makes it."""
+        img = self.open(image, box)
+        if self.resize == "short":
+            img = resize_short_crop(img, self.item_size, self.img_size)
+        else:
+            img = resize_image(img, self.item_size, self.resize, self.pad_mode)
+        return np.asarray(img)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the items this transform gives (the ONNX graph's input side)."""
+        return self.img_size if self.resize == "short" else self.item_size
+
+    @property
+    def geometry(self) -> InputGeometry:
+        """Where boxes of an original image land in this model input."""
+        return InputGeometry(
+            self.item_size, self.img_size, self.resize, self.bbox_crop, self.bbox_margin
+        )
+
+
+def box_warning(missing: int, n: int) -> str:
+    """The one warning line for images fed whole to a model trained on car-box crops."""
+    return (
+        f"this model was trained on car-box crops (bbox_crop) but {missing} of {n} image(s) "
+        "have no box and are fed whole, which lowers accuracy; give boxes "
+        "(--boxes boxes.csv or --data DIR; in Python `boxes=`)"
+    )
+
+
+def as_box(box) -> tuple[float, float, float, float] | None:
+    """A box as 4 finite floats, or None (missing, NaN)."""
+    if box is None:
+        return None
+    values = tuple(float(v) for v in box)
+    if len(values) != 4:
+        raise TwincarError(f"box {box!r}: give 4 numbers x1, y1, x2, y2")
+    return values if all(math.isfinite(v) for v in values) else None
+
+
+def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One image or a sequence of them, as a list."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def check_boxes(n: int, boxes: Sequence | None, bbox_crop: bool) -> list:
+    """One box (or None) per image; a warning when a box-trained model gets none, a one-line
+    error on a count mismatch."""
+    boxes = [None] * n if boxes is None else [as_box(b) for b in boxes]
+    if len(boxes) != n:
+        raise TwincarError(f"boxes: {len(boxes)} boxes for {n} images; give one per image")
+    missing = sum(b is None for b in boxes)
+    if bbox_crop and missing:
+        # stacklevel 3: the user's predict/predict_proba call
+        warnings.warn(box_warning(missing, n), UserWarning, stacklevel=3)
+    return boxes
+
+
+def results(
+    probs: np.ndarray, classes: Sequence[str], top_k: int, boxes: list, bbox_crop: bool
+) -> list[dict]:
+    """Per image: `label`, `class_id`, `prob` of the top class, the `topk` list of dicts and the
+    `box` it was cut to (None: the whole image)."""
+    k = max(1, min(top_k, len(classes)))
+    out = []
+    for p, box in zip(probs, boxes, strict=True):
+        order = np.argsort(-p, kind="stable")[:k]
+        topk = [{"label": classes[c], "class_id": int(c), "prob": float(p[c])} for c in order]
+        out.append({**topk[0], "topk": topk, "box": box if bbox_crop else None})
+    return out
+
+
+def map_items(fn: Callable, images: Sequence, boxes: Sequence, num_threads: int) -> list:
+    """`fn(image, box)` of each image, in threads (PIL releases the GIL while decoding/resizing)."""
+    if len(images) < 2 or num_threads < 2:
+        return [fn(im, b) for im, b in zip(images, boxes, strict=True)]
+    with ThreadPoolExecutor(min(num_threads, len(images))) as pool:
+        return list(pool.map(fn, images, boxes))
+
+
+class PredictMixin:
+    """`predict_proba` and `predict` of a predictor with `classes`, `preprocess` and `_proba`."""
+
+    classes: list[str]
+    preprocess: ItemPrep
+
+    def _proba(self, images: list, boxes: list, tta: bool) -> np.ndarray:
+        """Probabilities of checked inputs (each predictor's own)."""
+        raise NotImplementedError
+
+    def predict_proba(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        boxes: Sequence | None = None,
+        tta: bool = False,
+    ) -> np.ndarray:
+        """Class probabilities, shape (n_images, n_classes), in the model's class order.
+
+        Args:
+            images: image files or PIL images.
+            boxes: per image the car box (x1, y1, x2, y2; 1-based inclusive pixels, as in
+                annotations.csv) or None; used when the model was trained with `bbox_crop`.
+            tta: average the probabilities with those of the horizontally flipped image.
+        """
+        images = as_list(images)
+        return self._proba(images, check_boxes(len(images), boxes, self.preprocess.bbox_crop), tta)
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        top_k: int = 3,
+        boxes: Sequence | None = None,
+        tta: bool = False,
+    ) -> list[dict]:
+        """Per image: `label`, `class_id`, `prob` of the top class, the `topk` list of dicts and
+        the `box` it was cut to (None: the whole image); `boxes`, `tta` as in `predict_proba`."""
+        images = as_list(images)
+        boxes = check_boxes(len(images), boxes, self.preprocess.bbox_crop)
+        probs = self._proba(images, boxes, tta)
+        return results(probs, self.classes, top_k, boxes, self.preprocess.bbox_crop)

@@ -1,0 +1,104 @@
+"""Prediction from a model folder's `model.onnx` with onnxruntime: NumPy and PIL only, no torch.
+
+The ONNX graph (`ship.onnx.export_onnx`) takes the uint8 items of the validation transform
+(`ItemPrep`, resized on the CPU) and does the rest itself (scale, resample, normalize, forward),
+so this module needs neither torch nor fastai: a server gets by with `pip install onnxruntime`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from twincar_fast.errors import TwincarError
+from twincar_fast.ship.card import read_model_card
+from twincar_fast.ship.inputs import (
+    ImageInput,
+    ItemPrep,
+    PredictMixin,
+    map_items,
+)
+
+__all__ = ["ONNX_FILE", "OnnxPredictor", "softmax"]
+
+ONNX_FILE = "model.onnx"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, shifted by the row maximum so it can't overflow."""
+    z = logits.astype(np.float32) - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+class OnnxPredictor(PredictMixin):
+    """A `model.onnx`, its classes and the CPU half of its preprocessing, run by onnxruntime."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        classes: Sequence[str],
+        preprocess: ItemPrep,
+        batch_size: int = 32,
+        num_threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        # no busy-waiting between runs: the threads that decode the next images (and a torch
+        # model in the same process) need those cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if num_threads:
+            opts.intra_op_num_threads = num_threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.classes = list(classes)
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.num_threads = num_threads or min(os.cpu_count() or 1, 8)
+        self.device = "cpu (onnxruntime)"
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, batch_size: int = 32) -> OnnxPredictor:
+        """Load `model.onnx` (or the one in a model folder) with the folder's config.json."""
+        path = Path(path)
+        onnx_file = path / ONNX_FILE if path.is_dir() else path
+        if not onnx_file.is_file() or onnx_file.suffix != ".onnx":
+            folder = path if path.is_dir() else path.parent
+            raise TwincarError(
+                f"{onnx_file}: no ONNX model here; write it with `twincar export {folder} "
+                "--format onnx` (needs pip install 'twincar-fast[onnx]')"
+            )
+        card = read_model_card(onnx_file.parent)
+        keys = ("item_size", "img_size", "mean", "std", "resize", "pad_mode", "draft")
+        prep = ItemPrep(
+            **{k: getattr(card, k) for k in keys},
+            bbox_crop=card.bbox_crop,
+            bbox_margin=card.bbox_margin,
+        )
+        return cls(onnx_file, card.classes, prep, batch_size=batch_size)
+
+    def _items(self, images: Sequence[ImageInput], boxes: Sequence) -> np.ndarray:
+        """A uint8 NCHW batch of presized items."""
+        arrays = map_items(self.preprocess.item_array, images, boxes, self.num_threads)
+        return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The graph's logits of a uint8 NCHW batch of items."""
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def _proba(self, images: list, boxes: list, tta: bool = False) -> np.ndarray:
+        """Probabilities of checked inputs, batch by batch."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            x = self._items(images[sl], boxes[sl])
+            p = softmax(self.logits(x))
+            if tta:
+                p = (p + softmax(self.logits(np.ascontiguousarray(x[..., ::-1])))) / 2
+            out.append(p)
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
