@@ -78,3 +78,15 @@ def test_export_cli_opset_force_and_errors(shipped, tmp_path, capsys):
         Predictor.from_path(empty, backend="onnx")
     with pytest.raises(TwincarError, match="backend"):
         Predictor.from_path(copy, backend="tflite")
+
+
+def test_onnx_without_its_extra_is_a_one_line_error(shipped, tmp_path, monkeypatch, capsys):
+    _, folder = shipped
+    copy = shutil.copytree(folder, tmp_path / "m", ignore=shutil.ignore_patterns("model.onnx"))
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if [onnx] were not installed
+    assert main(["export", str(copy), "--format", "onnx"]) == 2
+    assert (
+        capsys.readouterr().err
+        == 'twincar: error: ONNX needs onnxscript: pip install -e ".[onnx]"\n'
+    )
+    assert not (copy / "model.onnx").exists()

@@ -21,7 +21,7 @@ from torch import nn
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_json
 from twincar_fast.ship.card import CONFIG_JSON, read_config
-from twincar_fast.ship.onnx_predict import ONNX_FILE, OnnxPredictor
+from twincar_fast.ship.onnx_predict import ONNX_FILE, OnnxPredictor, require_onnx
 from twincar_fast.ship.predict import Predictor, Preprocess, resample
 
 __all__ = ["PROB_TOL", "OnnxGraph", "check_images", "export_onnx"]
@@ -111,6 +111,7 @@ def export_onnx(
         opset: the ONNX opset (default: torch's exporter's).
         force: replace an existing model.onnx.
     """
+    require_onnx("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch's exporter needs it
     import onnx
     import onnxruntime
 

@@ -22,9 +22,18 @@ from twincar_fast.ship.inputs import (
     map_items,
 )
 
-__all__ = ["ONNX_FILE", "OnnxPredictor", "softmax"]
+__all__ = ["ONNX_FILE", "OnnxPredictor", "require_onnx", "softmax"]
 
 ONNX_FILE = "model.onnx"
+
+
+def require_onnx(*modules: str) -> None:
+    """A one-line error naming the extra when onnx/onnxruntime is not installed."""
+    import importlib.util
+
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise TwincarError(f'ONNX needs {name}: pip install -e ".[onnx]"')
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -45,6 +54,7 @@ class OnnxPredictor(PredictMixin):
         batch_size: int = 32,
         num_threads: int | None = None,
     ):
+        require_onnx("onnxruntime")
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
