@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "config_to_dict",
     "expand_paths",
+    "flat_dict",
     "load_config",
     "parse_overrides",
     "save_config",
@@ -477,6 +478,14 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
 def config_to_dict(cfg: ExperimentConfig) -> dict:
     """The config as plain nested dicts and lists (YAML/JSON-ready)."""
     return dataclasses.asdict(cfg)
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """Nested dicts → {'section.key': value}, the keys as overrides name them."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> Path:

@@ -22,6 +22,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from twincar_fast.config import flat_dict
 from twincar_fast.console import console, plain_output, print_paths
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import new_run_name, write_csv, write_text
@@ -52,20 +53,10 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     return runs
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested dict → {'section.key': value} (lists as text, so they compare and print)."""
-    out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
-    return out
-
-
 def run_record(run: Path) -> tuple[dict, dict]:
     """(flat config, metrics) of one finished run, values as its files hold them."""
-    cfg = _flat(yaml.safe_load((run / "config.yaml").read_text()))
+    flat = flat_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}  # hashable
     s = json.loads((run / "summary.json").read_text())
     test = run / "eval_test.json"
     m = {

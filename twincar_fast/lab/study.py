@@ -11,7 +11,6 @@ with its sweep) is marked failed and enqueued again, to resume from its own run 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -214,6 +213,4 @@ def recover_dead_trials(
             }
             study.enqueue_trial(t.params, user_attrs={**keep, "retry_of": t.number})
             dead.append(t)
-    if dead:
-        logging.getLogger(__name__).info("re-queued %d interrupted trial(s)", len(dead))
     return dead

@@ -18,6 +18,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -89,8 +90,7 @@ def plan_sweep(
     reports, models = Path(base.reports_dir) / name, Path(base.models_dir) / name
     reports.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(reports / 'study.db').resolve()}"
-    minimize = monitor_comp(base.train.monitor).__name__ == "less"
-    direction = "minimize" if minimize else "maximize"
+    direction = "minimize" if monitor_comp(base.train.monitor) is np.less else "maximize"
     return Sweep(
         name,
         str(config),

@@ -17,7 +17,7 @@ import numpy as np
 
 from twincar_fast.data.images import image_problem
 from twincar_fast.errors import TwincarError
-from twincar_fast.ship.card import card_path, read_config
+from twincar_fast.ship.card import card_path, read_config, training_data_root
 
 __all__ = ["build_app", "classify_fn", "example_images", "launch_app"]
 
@@ -35,8 +35,8 @@ def example_images(model_dir: str | os.PathLike, n: int = 4) -> list[str]:
         config = read_config(card_path(folder if folder.is_dir() else folder.parent))
     except TwincarError:
         return []
-    root = config.get("twincar", {}).get("training", {}).get("data", {}).get("root")
-    if not root or not (Path(root) / "annotations.csv").is_file():
+    root = training_data_root(config)
+    if root is None:
         return []
     df = read_annotations(root)
     test = df[df["split"] == "test"]

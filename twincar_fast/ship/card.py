@@ -32,6 +32,7 @@ __all__ = [
     "read_config",
     "read_model_card",
     "to_timm_keys",
+    "training_data_root",
 ]
 
 CONFIG_JSON = "config.json"
@@ -112,6 +113,12 @@ def read_config(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise TwincarError(f"{path}: must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def training_data_root(config: dict) -> Path | None:
+    """The prepared data set the model was trained on, when it is on this machine."""
+    root = config.get("twincar", {}).get("training", {}).get("data", {}).get("root")
+    return Path(root) if root and (Path(root) / "annotations.csv").is_file() else None
 
 
 def _flat(data: dict, where: str) -> dict:

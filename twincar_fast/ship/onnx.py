@@ -20,7 +20,7 @@ from torch import nn
 
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_json
-from twincar_fast.ship.card import CONFIG_JSON, read_config
+from twincar_fast.ship.card import CONFIG_JSON, read_config, training_data_root
 from twincar_fast.ship.onnx_predict import ONNX_FILE, OnnxPredictor, require_onnx
 from twincar_fast.ship.predict import Predictor, Preprocess, resample
 
@@ -48,14 +48,14 @@ def check_images(config: dict, n: int = 8) -> tuple[list, list | None, str]:
     """(images, boxes, where from): up to `n` test images of the run's data, else noise."""
     from twincar_fast.data.dataset import read_annotations
 
-    root = config.get("twincar", {}).get("training", {}).get("data", {}).get("root")
-    if root and (Path(root) / "annotations.csv").is_file():
+    root = training_data_root(config)
+    if root is not None:
         df = read_annotations(root)
         test = df[df["split"] == "test"]
         df = test if len(test) else df
         df = df.iloc[np.linspace(0, len(df) - 1, min(n, len(df))).astype(int)]
         boxes = df[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]].to_numpy().tolist()
-        return df["path"].tolist(), boxes, f"{len(df)} images of {Path(root).resolve()}"
+        return df["path"].tolist(), boxes, f"{len(df)} images of {root.resolve()}"
     rng = np.random.default_rng(0)  # the run's data are gone: noise still exercises the graph
     side = config["pretrained_cfg"]["input_size"][-1]
     noise = [Image.fromarray(rng.integers(0, 256, (side, side + 7, 3), np.uint8)) for _ in range(n)]

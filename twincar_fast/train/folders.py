@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from twincar_fast.config import ExperimentConfig, config_to_dict, load_config
+from twincar_fast.config import ExperimentConfig, config_to_dict, flat_dict, load_config
 from twincar_fast.errors import ConfigError, TwincarError
 from twincar_fast.files import check_folder, new_run_name
 
@@ -96,17 +96,9 @@ class lock_run:  # noqa: N801 - used like a function: `with lock_run(folders):`
         os.close(self.fd)  # closing releases the lock; a killed process releases it too
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested config dict → {'section.key': value}."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _check_same_config(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path) -> None:
     """ConfigError unless `cfg` is the run's saved config (device and workers may differ)."""
-    a, b = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    a, b = flat_dict(config_to_dict(saved)), flat_dict(config_to_dict(cfg))
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     diff = [k for k in diff if k not in _RESUME_MAY_CHANGE]
     if diff:

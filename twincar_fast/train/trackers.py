@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastai.callback.core import Callback
 
-from twincar_fast.config import ExperimentConfig, config_to_dict
+from twincar_fast.config import ExperimentConfig, config_to_dict, flat_dict
 from twincar_fast.console import console
 from twincar_fast.errors import TwincarError
 from twincar_fast.train.callbacks import SaveRun, epoch_skipped
@@ -41,16 +41,7 @@ def check_trackers(cfg: ExperimentConfig) -> None:
 
 def flat_config(cfg: ExperimentConfig) -> dict[str, str]:
     """The resolved config as {'section.key': text}, a tracker's parameters."""
-    out: dict[str, str] = {}
-    todo = [("", config_to_dict(cfg))]
-    while todo:
-        prefix, d = todo.pop()
-        for k, v in d.items():
-            if isinstance(v, dict):
-                todo.append((f"{prefix}{k}.", v))
-            else:
-                out[f"{prefix}{k}"] = str(v)
-    return dict(sorted(out.items()))
+    return {k: str(v) for k, v in sorted(flat_dict(config_to_dict(cfg)).items())}
 
 
 def _epoch_row(learn) -> dict[str, float] | None:
