@@ -28,7 +28,8 @@ from twincar_fast.errors import ConfigError
 from twincar_fast.files import atomic_dir, new_run_name, write_json
 from twincar_fast.model.precision import precision_for
 
-TIMM_OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}
+# timm's "sgd" is Nesterov SGD; "momentum" is plain momentum SGD
+TIMM_OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}
 # our settings that timm's train.py has no flag for: named in the notes when they are on
 NO_TIMM_FLAG = ("max_rotate", "max_warp", "blur_p", "hue")
 
@@ -84,6 +85,21 @@ def _aug_flags(cfg: ExperimentConfig) -> list[str]:
             "--scale", f"{a.min_scale:g}", "1", "--ratio", *ratio, "--reprob", "0"]  # fmt: skip
 
 
+def _recipe_flags(cfg: ExperimentConfig) -> list[str]:
+    """timm's flags for the recipe keys: mixup/CutMix, weight EMA, SGD momentum."""
+    a, t = cfg.aug, cfg.train
+    flags = []
+    if a.enabled and (a.mixup or a.cutmix):
+        flags += ["--mixup", f"{a.mixup:g}", "--cutmix", f"{a.cutmix:g}", "--mixup-prob",
+                  f"{a.mix_prob:g}", "--mixup-off-epoch", str(t.epochs - a.mix_off_epochs)]  # fmt: skip
+    if t.ema:
+        flags += ["--model-ema", "--model-ema-decay", f"{t.ema:g}"]
+        flags += ["--model-ema-warmup"] if t.ema_warmup else []
+    if t.optimizer == "sgd":
+        flags += ["--momentum", f"{t.momentum:g}"]
+    return flags
+
+
 def timm_flags(cfg: ExperimentConfig, data_dir: Path, n_classes: int, out: Path) -> list[str]:
     """train.py's command-line flags for our config's settings (where train.py has them)."""
     t, d, m = cfg.train, cfg.data, cfg.model
@@ -97,14 +113,13 @@ def timm_flags(cfg: ExperimentConfig, data_dir: Path, n_classes: int, out: Path)
              "--model", m.arch, "--num-classes", str(n_classes), "--img-size", str(d.img_size),
              "--crop-pct", "1.0", "--interpolation", "bilinear", "--train-interpolation",
              "bilinear", "-b", str(d.batch_size), "--epochs", str(t.epochs),
-             "--opt", TIMM_OPTIMIZERS[t.optimizer], "--weight-decay", f"{t.weight_decay:g}",
+             "--opt", "sgd" if t.nesterov else TIMM_OPTIMIZERS[t.optimizer],
+             "--weight-decay", f"{t.weight_decay:g}",
              "--smoothing", f"{t.label_smoothing:g}", "--seed", str(t.seed),
              "--device", device.type, "-j", str(d.num_workers or 0),
              "--output", str(out), "--experiment", "timm", "--log-interval", "100000",
              "--checkpoint-hist", "1"]  # fmt: skip
-    flags += _schedule_flags(cfg) + _aug_flags(cfg)
-    if t.optimizer == "sgd":
-        flags += ["--momentum", "0.9"]
+    flags += _schedule_flags(cfg) + _aug_flags(cfg) + _recipe_flags(cfg)
     if m.pretrained:
         flags.append("--pretrained")
     if precision != "none":
@@ -128,6 +143,14 @@ def mapping_notes(cfg: ExperimentConfig) -> list[str]:
         notes.append(f"model.head={cfg.model.head}; timm uses the model's own classifier")
     if cfg.train.schedule == "one_cycle":
         notes.append("one_cycle maps to timm's cosine with 25% warm-up")
+    if cfg.data.img_size_schedule:
+        notes.append(f"timm trains at data.img_size={cfg.data.img_size} throughout (no schedule)")
+    if cfg.eval.tta != "none":
+        notes.append(
+            f"timm's test top-1 is without TTA; ours is too (eval.tta={cfg.eval.tta} beside)"
+        )
+    if cfg.train.optimizer == "sgd":
+        notes.append("torch SGD on both sides; timm keeps weight decay off norm and bias, we don't")
     return notes
 
 
@@ -174,7 +197,10 @@ def run_ours(config: str, overrides: Sequence[str], out: Path) -> dict:
     wall = _timed(cmd, Path.cwd(), out / "ours.log")
     (report,) = (out / "reports").iterdir()
     result = json.loads((report / "eval_test.json").read_text())
-    return {"test_acc": result["test_acc"], "wall_s": round(wall, 1), "run": str(report)}
+    ours = {"test_acc": result["test_acc"], "wall_s": round(wall, 1), "run": str(report)}
+    if "test_acc_tta" in result:
+        ours["test_acc_tta"] = result["test_acc_tta"]
+    return ours
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -41,7 +41,7 @@ COLUMNS = (
     "epoch, train_loss, train_acc, valid_loss, valid_acc, valid_precision_macro, "
     "valid_precision_weighted, valid_recall_macro, valid_recall_weighted, valid_f1_macro, "
     "valid_f1_weighted, valid_hamming, valid_cohen_kappa, valid_mcc, valid_jaccard_macro, "
-    "valid_top3, valid_top5, lr, time_s"
+    "valid_top3, valid_top5, valid_acc_raw, img_size, lr, time_s"
 ).split(", ")
 REPORT_FILES = ["config.yaml", "env.json", "classes.csv", "metrics.csv", "summary.json"]
 MODEL_FILES = ["learner.pkl", "model.safetensors", "config.json", "README.md"]

@@ -56,8 +56,15 @@ class DataConfig:
     # on every train image, no validation: the last epoch is kept (train.checkpoint: last)
     split_seed: int = 42  # seed of the stratified train/valid split
     item_size: int = 320  # aug.stage batch: items are presized to this before batch augmentation
-    img_size: int = 224  # size of the training and evaluation crops
+    img_size: int = (
+        224  # size of the training and evaluation crops (with a schedule: its last size)
+    )
+    img_size_schedule: list[list[int]] = field(default_factory=list)  # progressive resizing:
+    # [[epoch, size], ...] from epoch 0, e.g. [[0, 224], [10, 320], [20, 448]]; the training
+    # loaders are rebuilt at those epochs; evaluation and export use img_size, the last size
     batch_size: int = 32  # images per batch (TwinCar: 32)
+    batch_size_schedule: list[list[int]] = field(default_factory=list)  # [[epoch, batch], ...]
+    # beside img_size_schedule (bigger images, smaller batches); [] = batch_size throughout
     num_workers: int | None = None  # DataLoader workers (threads from the cache); null: 1 per core
     bbox_crop: bool = False  # crop each image to its bounding box before resizing
     bbox_margin: float = 0.16  # margin around the box, as a share of its width/height
@@ -100,6 +107,10 @@ class AugConfig:
     blur_sigma: float = 1.5  # largest blur sigma in pixels of the training crop
     p_affine: float = 0.75  # probability of each affine transform
     p_lighting: float = 0.75  # probability of each lighting transform
+    mixup: float = 0.0  # mixup alpha (timm's Mixup on the device batch; 0 = off; e.g. 0.2)
+    cutmix: float = 0.0  # CutMix alpha (0 = off; with mixup too, each mixed batch picks one)
+    mix_prob: float = 1.0  # share of training batches that are mixed
+    mix_off_epochs: int = 0  # the last N epochs train without mixing (timm's --mixup-off-epoch)
 
 
 HeadName = Literal["mlp", "fastai", "timm"]
@@ -135,7 +146,10 @@ class TrainConfig:
     schedule: Literal["one_cycle", "cosine", "flat"] = "one_cycle"  # LR schedule
     warmup_epochs: float = 0.0  # cosine/flat: linear warm-up from lr/100 over these epochs (timm's)
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "ranger", "lamb"] = "adamw"
-    # ^ adamw: decoupled weight decay (torch's AdamW); adam: L2 in the gradient (torch's Adam)
+    # ^ adamw: decoupled weight decay (torch's AdamW); adam: L2 in the gradient (torch's Adam);
+    # sgd: torch's SGD (L2 weight decay, as the published ResNet recipes), with momentum below
+    momentum: float = 0.9  # sgd: momentum (one_cycle cycles it 0.95 → 0.85 → 0.95 instead)
+    nesterov: bool = False  # sgd: Nesterov momentum
     weight_decay: float = 0.01  # weight decay of the optimizer
     label_smoothing: float = 0.1  # ε of label-smoothing cross entropy (0 = plain CE)
     monitor: str = "valid_loss"  # metric for early stopping, plateau and the best checkpoint
@@ -147,6 +161,9 @@ class TrainConfig:
     # bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else none
     channels_last: bool = True  # channels-last memory format (faster convs on GPU and CPU)
     grad_accum: int = 1  # accumulate gradients over this many batches
+    ema: float = 0.0  # EMA of the weights (timm's ModelEmaV3) with this decay, e.g. 0.9998;
+    # 0 = off; on: validation, the best checkpoint, the export and the test use the EMA weights
+    ema_warmup: bool = True  # EMA decay warms up (1 - (1 + step)^-2/3) so short runs average too
     compile: bool = False  # torch.compile the model (GPU only)
     seed: int = 42  # seed of weights init, sampling and augmentation
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
@@ -164,6 +181,9 @@ class EvalConfig:
     gradcam: int = 12  # Grad-CAM++ maps from the top losses and correct examples
     confusion_zoom: int = 20  # classes in the zoom on the most-confused block
     most_confused: int = 20  # most-confused pairs listed
+    tta: Literal["none", "flip", "flip+crops"] = "none"  # test-time augmentation of the test
+    # evaluation (test_*_tta beside test_*): mean probabilities over the image and its mirror;
+    # flip+crops: over the 5 crops (corners + centre) of a 1/0.875 larger image and their mirrors
 
 
 @dataclass
@@ -470,6 +490,79 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     for key in ("top_losses", "gradcam", "confusion_zoom", "most_confused"):
         check_key(getattr(e, key) >= 0, file, f"eval.{key}", "must be ≥ 0")
     check_key(len(set(cfg.log)) == len(cfg.log), file, "log", f"names a tracker twice: {cfg.log}")
+    _validate_recipe(cfg, file)
+
+
+def _check_schedule(rows: list[list[int]], total: int, file: str, key: str, least: int) -> None:
+    """An epoch → value schedule: [epoch, value] pairs from epoch 0, epochs increasing and < total."""
+    check_key(
+        all(len(r) == 2 for r in rows), file, key, f"entries must be [epoch, value] pairs: {rows}"
+    )
+    if not rows:
+        return
+    epochs = [e for e, _ in rows]
+    check_key(epochs[0] == 0, file, key, f"must start at epoch 0 (it starts at {epochs[0]})")
+    check_key(
+        all(b > a for a, b in zip(epochs, epochs[1:], strict=False)),
+        file,
+        key,
+        f"epochs must increase from entry to entry, got {epochs}",
+    )
+    check_key(
+        epochs[-1] < total,
+        file,
+        key,
+        f"epoch {epochs[-1]} is past the run's {total} epochs (train.head_epochs + train.epochs)",
+    )
+    check_key(all(v >= least for _, v in rows), file, key, f"values must be at least {least}")
+
+
+def _validate_recipe(cfg: ExperimentConfig, file: str) -> None:
+    """The high-resolution recipe's keys: schedules, EMA, mixing, SGD momentum."""
+    d, a, t = cfg.data, cfg.aug, cfg.train
+    total = t.head_epochs + t.epochs
+    _check_schedule(d.img_size_schedule, total, file, "data.img_size_schedule", 16)
+    _check_schedule(d.batch_size_schedule, total, file, "data.batch_size_schedule", 1)
+    if d.img_size_schedule:
+        last = d.img_size_schedule[-1][1]
+        check_key(
+            last == d.img_size,
+            file,
+            "data.img_size_schedule",
+            f"ends at size {last} but data.img_size is {d.img_size}; set data.img_size: {last} "
+            "(the size the model is evaluated and exported at)",
+        )
+    check_key(0 <= t.ema < 1, file, "train.ema", f"is a decay in [0, 1) (0 = off), got {t.ema}")
+    check_key(0 <= t.momentum < 1, file, "train.momentum", "must be in [0, 1)")
+    check_key(
+        not t.nesterov or (t.optimizer == "sgd" and t.momentum > 0),
+        file,
+        "train.nesterov",
+        "needs train.optimizer: sgd with train.momentum > 0",
+    )
+    for key in ("mixup", "cutmix"):
+        check_key(getattr(a, key) >= 0, file, f"aug.{key}", "is an alpha ≥ 0 (0 = off)")
+    mixing = a.mixup > 0 or a.cutmix > 0
+    check_key(
+        not mixing or a.enabled,
+        file,
+        "aug.mixup" if a.mixup > 0 else "aug.cutmix",
+        "mixes augmented batches, but aug.enabled is false; set aug.enabled: true or the alpha to 0",
+    )
+    check_key(0 <= a.mix_prob <= 1, file, "aug.mix_prob", "must be a probability in [0, 1]")
+    check_key(
+        0 <= a.mix_off_epochs <= total,
+        file,
+        "aug.mix_off_epochs",
+        f"must be in [0, {total}] (the run's epochs)",
+    )
+    bs = [d.batch_size, *(b for _, b in d.batch_size_schedule)]
+    check_key(
+        not mixing or all(b % 2 == 0 for b in bs),
+        file,
+        "data.batch_size",
+        f"must be even with mixup/CutMix (timm's Mixup pairs each batch with its reverse), got {bs}",
+    )
 
 
 # ---------------------------------------------------------------- saving

@@ -123,11 +123,12 @@ def _fit_or_hint(
     folders: RunFolders,
     resume: bool,
     cbs: Sequence[Callback],
+    data_dir: Path,
 ) -> SaveRun:
     """`fit_run` from the run's resume point; on Ctrl-C, say how to continue."""
     done, rows = resume_point(folders) if resume else (0, [])
     try:
-        return fit_run(learn, cfg, folders, done, rows, cbs)
+        return fit_run(learn, cfg, folders, done, rows, cbs, data_dir)
     except KeyboardInterrupt:
         r = folders.report_dir
         console.print(f"interrupted; continue with: twincar train {r / 'config.yaml'} --resume {r}")
@@ -229,7 +230,7 @@ def _train(
 ) -> tuple[dict, dict[str, Path]]:
     """Fit, export the best model and write summary.json: (the summary, every output path)."""
     write_snapshot(cfg, folders, learn, data_dir)
-    saver = _fit_or_hint(learn, cfg, folders, resume, cbs)
+    saver = _fit_or_hint(learn, cfg, folders, resume, cbs, data_dir)
     load_checkpoint(learn, saver.best_path)
     paths = _save_outputs(learn, cfg, folders, saver)
     summary = _summary(cfg, saver, time.perf_counter() - start, paths, machine)
@@ -283,6 +284,12 @@ def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) 
             markup=False,
             style="bold",
         )
+        if "test_acc_tta" in test:
+            console.print(
+                f"with TTA ({test['tta']}): acc {test['test_acc_tta']:.4f}, "
+                f"top-5 {test['test_top5_tta']:.4f}, macro F1 {test['test_f1_macro_tta']:.4f}",
+                markup=False,
+            )
     print_paths("outputs", paths)
     if "index" in paths:
         console.print(f"open the report: {paths['index']}", markup=False, style="bold")

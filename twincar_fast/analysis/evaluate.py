@@ -27,6 +27,7 @@ from fastai.callback.progress import ProgressCallback  # noqa: F401 - patches Le
 from fastai.learner import Learner, load_learner
 
 from twincar_fast.analysis.metrics import classification_metrics, per_class_table
+from twincar_fast.analysis.tta import TtaViews
 from twincar_fast.config import ExperimentConfig, load_config
 from twincar_fast.console import eval_bars
 from twincar_fast.data import check_vocab, eval_dl
@@ -254,13 +255,13 @@ def evaluate_learner(
     data_dir = Path(data_dir)
     classes = check_vocab(learn.dls, data_dir)
     dl = split_dl(learn, data_dir, split, cfg)
-    with eval_bars(learn):
-        probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
-    probs, losses = probs.float().cpu().numpy(), losses.float().cpu().numpy()
+    probs, targets, losses = _predict(learn, dl)
     images = relative_images(dl.items, data_dir)
+    tta = cfg.eval.tta if cfg is not None else "none"
+    extra = {} if tta == "none" else _tta_metrics(learn, dl, tta, split, targets)
     return evaluation_result(
         probs,
-        targets.cpu().numpy().astype(int),
+        targets,
         losses,
         images,
         classes,
@@ -270,7 +271,32 @@ def evaluate_learner(
         device=str(dl.device or "cpu"),
         run=_run_name(model_path, out_dir, cfg),
         model_path=model_path,
+        extra=extra,
     )
+
+
+def _predict(learn: Learner, dl, cbs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, targets, losses) of `learn` over `dl`, as NumPy arrays."""
+    with eval_bars(learn):
+        probs, targets, losses = learn.get_preds(dl=dl, with_loss=True, cbs=cbs)
+    return (
+        probs.float().cpu().numpy(),
+        targets.cpu().numpy().astype(int),
+        losses.float().cpu().numpy(),
+    )
+
+
+def _tta_metrics(learn: Learner, dl, kind: str, split: str, targets: np.ndarray) -> dict:
+    """`<split>_<metric>_tta` of the mean probabilities over the `kind` views (eval.tta)."""
+    probs, tta_targets, losses = _predict(learn, dl, cbs=[TtaViews(kind)])
+    if not np.array_equal(tta_targets, targets):  # the same images in the same order
+        raise TwincarError(f"TTA saw other {split} images than the plain evaluation")
+    table = classification_metrics(targets, probs)
+    return {
+        "tta": kind,
+        f"{split}_loss_tta": float(losses.mean()),
+        **{f"{split}_{k}_tta": v for k, v in table.items()},
+    }
 
 
 def evaluation_result(
@@ -285,8 +311,12 @@ def evaluation_result(
     device: str,
     run: str | None,
     model_path: str | os.PathLike | None = None,
+    extra: dict | None = None,
 ) -> dict:
-    """eval_<split>.json's contents from a model's probabilities; the three files into `out_dir`."""
+    """eval_<split>.json's contents from a model's probabilities; the three files into `out_dir`.
+
+    `extra` (the TTA metrics) is added to the JSON after the plain metrics.
+    """
     result = {
         "split": split,
         "run": run,
@@ -297,6 +327,7 @@ def evaluation_result(
         "device": device,
         f"{split}_loss": float(losses.mean()),
         **{f"{split}_{k}": v for k, v in classification_metrics(targets, probs).items()},
+        **(extra or {}),
     }
     if out_dir is not None:
         table = predictions_table(images, targets, probs, losses, classes)

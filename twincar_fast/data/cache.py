@@ -63,10 +63,12 @@ _CHUNK = 1 << 24  # CRC-32 in 16 MiB reads: fast, and no second copy of the file
 
 
 def cache_size(cfg: ExperimentConfig) -> int:
-    """Shorter side of the cached images: `data.cache_size`, else img_size × max(1.15, max_zoom)."""
+    """Shorter side of the cached images: `data.cache_size`, else img_size × max(1.15, max_zoom),
+    img_size being the largest of `data.img_size_schedule` (one cache serves every size)."""
     if cfg.data.cache_size is not None:
         return cfg.data.cache_size
-    return math.ceil(cfg.data.img_size * max(1.15, cfg.aug.max_zoom))
+    side = max([cfg.data.img_size, *(size for _, size in cfg.data.img_size_schedule)])
+    return math.ceil(side * max(1.15, cfg.aug.max_zoom))
 
 
 def cache_rows(data_dir: Path) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
-from fastai.optimizer import SGD, Adam, Lamb, RMSProp, ranger
+from fastai.optimizer import Adam, Lamb, OptimWrapper, RMSProp, ranger
 from fastai.vision.learner import TimmBody, add_head, create_head
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
@@ -52,13 +52,28 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+def torch_sgd(params, lr=1e-3, mom: float = 0.9, nesterov: bool = False, wd: float = 0.0):
+    """torch's SGD (L2 weight decay, Nesterov option) behind fastai's `OptimWrapper`.
+
+    fastai's own SGD has no Nesterov momentum and decouples weight decay; the published ResNet
+    recipes on Stanford Cars use torch's. `lr` may be one LR per group (fastai's slices).
+    """
+    opt = OptimWrapper(
+        params, torch.optim.SGD, lr=1e-3, momentum=mom, nesterov=nesterov, weight_decay=wd
+    )
+    opt.set_hyper("lr", lr)
+    return opt
+
+
 # fastai optimizers, named as torch's: `adamw` decouples weight decay (torch.optim.AdamW), `adam`
 # adds it to the gradient as L2 (torch.optim.Adam; resnet18 on the demo: 73% vs adamw's 82%).
-# Norm and bias parameters get none (fastai's `wd_bn_bias=False`, as timm), whichever optimizer.
+# Norm and bias parameters get none (fastai's `wd_bn_bias=False`, as timm) with fastai's
+# optimizers; torch's SGD decays every parameter, as torchvision's reference recipes do.
 OPTIMIZERS = {
     "adamw": partial(Adam, decouple_wd=True),
     "adam": partial(Adam, decouple_wd=False),
-    "sgd": partial(SGD, mom=0.9),  # fastai's SGD has no momentum unless asked
+    "sgd": torch_sgd,
     "rmsprop": RMSProp,
     "ranger": ranger,
     "lamb": Lamb,
@@ -380,7 +395,10 @@ def make_loss(train_cfg: TrainConfig) -> nn.Module:
 
 
 def make_opt_func(train_cfg: TrainConfig) -> partial:
-    """The fastai optimizer named by `train.optimizer`, with `train.weight_decay`."""
+    """The fastai optimizer named by `train.optimizer`, with `train.weight_decay` (and momentum)."""
+    if train_cfg.optimizer == "sgd":
+        t = train_cfg
+        return partial(torch_sgd, mom=t.momentum, nesterov=t.nesterov, wd=t.weight_decay)
     return partial(OPTIMIZERS[train_cfg.optimizer], wd=train_cfg.weight_decay)
 
 

@@ -51,7 +51,12 @@ __all__ = [
 
 VALID_COLUMNS = [f"valid_{m}" for m in METRIC_NAMES]
 # metrics.csv, in this order (the run folder contract)
-METRICS_COLUMNS = ["epoch", "train_loss", "train_acc", "valid_loss", *VALID_COLUMNS, "lr", "time_s"]
+# valid_acc_raw: the raw weights' accuracy when the valid_* columns are the EMA's (train.ema);
+# img_size: the training images' side that epoch (data.img_size_schedule)
+METRICS_COLUMNS = [
+    "epoch", "train_loss", "train_acc", "valid_loss", *VALID_COLUMNS, "valid_acc_raw", "img_size",
+    "lr", "time_s",
+]  # fmt: skip
 MONITORS = ["valid_loss", *VALID_COLUMNS]  # what train.monitor may name
 _LOWER_IS_BETTER = {"train_loss", "valid_loss", "valid_hamming"}
 
@@ -92,9 +97,19 @@ def set_rng_state(learn: Learner, state: dict) -> None:
         dl.rng.setstate(s)
 
 
-def save_checkpoint(learn: Learner, path: Path, with_opt: bool = True, rng: bool = False) -> Path:
-    """`learn.save`'s file (model + optimizer state, and the random states if `rng`), atomically."""
-    state = {"model": get_model(learn.model).state_dict()}
+def save_checkpoint(
+    learn: Learner, path: Path, with_opt: bool = True, rng: bool = False, best: bool = False
+) -> Path:
+    """`learn.save`'s file (model + optimizer state, and the random states if `rng`), atomically.
+
+    With weight EMA on (`train.recipe.EmaWeights`), a `best` checkpoint's model is the EMA's (the
+    weights the run evaluates and ships); any other keeps the raw weights and the EMA beside them.
+    """
+    ema = getattr(learn, "ema_weights", None)
+    model = ema.module if best and ema is not None else get_model(learn.model)
+    state = {"model": model.state_dict()}
+    if ema is not None and not best:
+        state["ema"] = ema.state()
     if with_opt and getattr(learn, "opt", None) is not None:
         state["opt"] = learn.opt.state_dict()
     if rng:
@@ -119,6 +134,9 @@ def load_checkpoint(learn: Learner, path: Path, with_opt: bool = True) -> dict |
         ) from None
     if with_opt and "opt" in state:
         learn.opt.load_state_dict(state["opt"])
+    ema = getattr(learn, "ema_weights", None)
+    if with_opt and ema is not None and "ema" in state:
+        ema.load_state(state["ema"])
     return state.get("rng")
 
 
@@ -166,6 +184,9 @@ class EpochMetrics(Callback):
             self._loss = self._loss + self.loss.detach().float().mean() * len(y)
             self._finite = torch.isfinite(self.loss.detach()).all() & self._finite
             self._good = self._good + self._finite.int()
+            self._size = self.xb[0].shape[
+                -1
+            ]  # the side this epoch trains at (progressive resizing)
         else:
             self._probs.append(torch.softmax(self.pred.detach().float(), -1).cpu())
             self._targets.append(y.detach().cpu())
@@ -177,6 +198,7 @@ class EpochMetrics(Callback):
         if self._n:
             self.values["train_loss"] = float(self._loss) / self._n
             self.values["train_acc"] = float(self._correct) / self._n
+            self.values["img_size"] = int(self._size)
             self.train_images += self._n
             self.train_seconds += time.perf_counter() - self._start
 
@@ -187,6 +209,10 @@ class EpochMetrics(Callback):
         self.targets = torch.cat(self._targets).numpy()
         table = classification_metrics(self.targets, self.probs)
         self.values.update({f"valid_{k}": v for k, v in table.items()})
+        if (
+            getattr(self.learn, "ema_weights", None) is None
+        ):  # else EmaWeights measured the raw ones
+            self.values["valid_acc_raw"] = self.values["valid_acc"]
         self._probs, self._targets = [], []
 
 
@@ -277,7 +303,7 @@ class SaveRun(TrackerCallback):
         epoch = self.offset + self.epoch
         if self.keep_last or _now_best(self):
             self.best_epoch = epoch
-            save_checkpoint(self.learn, self.best_path)
+            save_checkpoint(self.learn, self.best_path, best=True)
         save_checkpoint(self.learn, self.last_path(epoch), rng=True)
         self.rows.append(self._row(epoch))
         write_csv(self.metrics_csv, pd.DataFrame(self.rows, columns=METRICS_COLUMNS))

@@ -7,7 +7,9 @@ from its last committed epoch: freezing, LR schedule, early stopping and plateau
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from fastai.callback.core import Callback
@@ -31,6 +33,7 @@ from twincar_fast.train.callbacks import (
     replay_tracker,
     set_rng_state,
 )
+from twincar_fast.train.recipe import EmaWeights, recipe_callbacks
 from twincar_fast.train.runs import RunFolders
 
 __all__ = ["attach_metrics", "check_console_columns", "check_monitor", "fit_run", "fit_schedule"]
@@ -154,6 +157,20 @@ def _check_diverged(learn: Learner, cfg: ExperimentConfig, saver: SaveRun) -> No
     )
 
 
+@contextmanager
+def _attached(learn: Learner, cb: Callback | None) -> Iterator[None]:
+    """`cb` on the learner for the whole staged fit (resume loads its state), removed after it,
+    so the export pickles no EMA copy and later `get_preds` see the loaded weights."""
+    if cb is None:
+        yield
+        return
+    learn.add_cb(cb)
+    try:
+        yield
+    finally:
+        learn.remove_cb(cb)
+
+
 def fit_run(
     learn: Learner,
     cfg: ExperimentConfig,
@@ -161,8 +178,12 @@ def fit_run(
     done: int = 0,
     rows: Sequence[dict] = (),
     cbs: Sequence[Callback] = (),
+    data_dir: Path | None = None,
 ) -> SaveRun:
-    """The staged fit (head-only epochs, then the main fit) from epoch `done`; the run's SaveRun."""
+    """The staged fit (head-only epochs, then the main fit) from epoch `done`; the run's SaveRun.
+
+    `data_dir` (default `data.root`) is where progressive resizing rebuilds the loaders from.
+    """
     t = cfg.train
     total = t.head_epochs + t.epochs
     columns = t.console_columns
@@ -177,9 +198,15 @@ def fit_run(
     saver.prune()  # checkpoints of epochs that were never committed
     if t.grad_accum > 1:
         cbs = [GradientAccumulation(n_acc=cfg.data.batch_size * t.grad_accum), *cbs]
+
+    def run_epoch() -> int:
+        return saver.offset + learn.epoch
+
+    cbs = [*recipe_callbacks(cfg, learn, Path(data_dir or cfg.data.root), run_epoch), *cbs]
+    ema = EmaWeights(t.ema, t.ema_warmup) if t.ema else None
     offset, resume_from = 0, (done - 1 if done else None)
     # fastai's own epoch table off: it is 281 columns wide and its train_loss is the smoothed one
-    with quiet_if_plain(learn), learn.no_logging():
+    with quiet_if_plain(learn), learn.no_logging(), _attached(learn, ema):
         for stage, n in (("head", t.head_epochs), ("main", t.epochs)):
             start = min(max(done - offset, 0), n)
             if stage == "main" and _stopped_early(cfg, saver.rows):
