@@ -353,3 +353,29 @@ def test_bad_recipe_keys_are_one_line_errors(overrides, match):
             ["data.img_size=224", "data.item_size=224", *overrides],
         )
     assert "\n" not in str(e.value)
+
+
+def test_torch_sgd_steps_as_fastai_sgd_without_weight_decay(tiny_cfg):
+    """Plain momentum: the wrapped torch SGD and fastai's own SGD take the very same steps."""
+    from functools import partial
+
+    from fastai.optimizer import SGD
+    from fastai.torch_core import set_seed
+
+    cfg = tiny_cfg
+    cfg.train = dataclasses.replace(
+        cfg.train, optimizer="sgd", weight_decay=0.0, freeze=[], mixed_precision="none"
+    )
+    set_seed(0, reproducible=True)
+    weights = [create_learner(cfg, build_dls(cfg)).model.state_dict()]  # before any step
+    for fastai_sgd in (False, True):
+        set_seed(0, reproducible=True)
+        learn = create_learner(cfg, build_dls(cfg))
+        if fastai_sgd:
+            learn.opt_func, learn.opt = partial(SGD, mom=0.9, wd=0.0), None
+            learn.create_opt()
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(2, 0.05)
+        weights.append(learn.model.state_dict())
+    assert _differs(weights[0], weights[1])  # training moved the weights ...
+    _assert_same(weights[1], weights[2], rtol=0, atol=0)  # ... the same way with both optimizers

@@ -31,7 +31,7 @@ __all__ = ["compare_runs", "compare_table", "find_runs", "run_record", "seed_sum
 
 _SAME_BY_DESIGN = {"name", "reports_dir", "models_dir"}  # differ between any two runs
 METRICS = ["best_epoch", "best_valid_loss", "best_valid_acc", "final_valid_loss", "final_valid_acc"]
-METRICS += ["test_acc", "epochs", "wall_time_s", "images_per_s"]
+METRICS += ["test_acc", "test_acc_tta", "epochs", "wall_time_s", "images_per_s"]
 
 
 def _is_run(d: Path) -> bool:
@@ -59,13 +59,15 @@ def run_record(run: Path) -> tuple[dict, dict]:
     cfg = {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}  # hashable
     s = json.loads((run / "summary.json").read_text())
     test = run / "eval_test.json"
+    tested = json.loads(test.read_text()) if test.is_file() else {}
     m = {
         "best_epoch": s["best_epoch"],
         "best_valid_loss": s["best"].get("valid_loss"),
         "best_valid_acc": s["best"].get("valid_acc"),
         "final_valid_loss": s["final"].get("valid_loss"),
         "final_valid_acc": s["final"].get("valid_acc"),
-        "test_acc": json.loads(test.read_text())["test_acc"] if test.is_file() else None,
+        "test_acc": tested.get("test_acc"),
+        "test_acc_tta": tested.get("test_acc_tta"),  # eval.tta
         "epochs": s["epochs_run"],
         "wall_time_s": s["wall_time_s"],
         "images_per_s": s["train_images_per_s"],
@@ -120,6 +122,7 @@ _SHORT = {
     "final_valid_loss": "last loss",
     "final_valid_acc": "last acc",
     "test_acc": "test acc",
+    "test_acc_tta": "tta acc",
     "epochs": "ep",
     "wall_time_s": "wall s",
     "images_per_s": "img/s",
