@@ -25,6 +25,7 @@ from twincar_fast.config import load_config
 from twincar_fast.data import build_dls, eval_dl
 from twincar_fast.errors import ConfigError
 from twincar_fast.experiment import run_experiment
+from twincar_fast.lab.compare import compare_table
 from twincar_fast.model.learner import create_learner
 from twincar_fast.train.fit import fit_run
 from twincar_fast.train.recipe import MixBatches
@@ -263,6 +264,11 @@ def test_tta_is_the_mean_of_flipped_and_plain_probabilities(tiny_cfg):
     )
     assert result["test_loss_tta"] != pytest.approx(result["test_loss"], abs=1e-6)
     assert result["tta"] == "flip"
+    # the run comparison shows both; runs without TTA get no such column
+    df, _ = compare_table([res.report_dir])
+    assert (
+        df["test_acc_tta"][0] == result["test_acc_tta"] and df["test_acc"][0] == result["test_acc"]
+    )
 
 
 def test_flip_and_crop_views():
@@ -326,7 +332,7 @@ def test_recipe_configs_load_with_what_they_promise():
     assert high.train.lr == pytest.approx(0.1 * high.data.batch_size / 256)  # the scaling rule
     demo = load_config(REPO / "experiments" / "demo_recipe.yaml")
     assert demo.data.demo and demo.train.ema and demo.aug.mixup and demo.data.img_size_schedule
-    assert demo.train.optimizer == "sgd" and demo.train.nesterov and demo.eval.tta != "none"
+    assert demo.train.freeze == [] and demo.train.warmup_epochs and demo.eval.tta != "none"
     base = load_config(REPO / "experiments" / "baseline.yaml")
     assert base.train.ema == 0 and base.aug.mixup == 0 and not base.data.img_size_schedule
 

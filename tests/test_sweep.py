@@ -129,6 +129,7 @@ def test_grid_sweep_killed_in_trial_3_continues_to_4_trials_and_compares(sweep_y
     assert len(runs) == 4
     df, differ = compare_table(runs)
     assert differ == ["data.batch_size", "train.lr"]
+    assert "test_acc_tta" not in df  # no run evaluated with TTA
     for run, row in zip(runs, df.itertuples(index=False), strict=True):
         s = json.loads((run / "summary.json").read_text())
         test = json.loads((run / "eval_test.json").read_text())

@@ -32,6 +32,8 @@ __all__ = ["compare_runs", "compare_table", "find_runs", "run_record", "seed_sum
 _SAME_BY_DESIGN = {"name", "reports_dir", "models_dir"}  # differ between any two runs
 METRICS = ["best_epoch", "best_valid_loss", "best_valid_acc", "final_valid_loss", "final_valid_acc"]
 METRICS += ["test_acc", "test_acc_tta", "epochs", "wall_time_s", "images_per_s"]
+_OPTIONAL = {"test_acc_tta"}
+_SEED_METRICS = ("best_valid_loss", "best_valid_acc", "test_acc", "test_acc_tta", "wall_time_s")
 
 
 def _is_run(d: Path) -> bool:
@@ -84,7 +86,9 @@ def compare_table(runs: list[Path]) -> tuple[pd.DataFrame, list[str]]:
         {"run": r.name, **{k: cfg.get(k) for k in differ}, **m}
         for r, (cfg, m) in zip(runs, records, strict=True)
     ]
-    return pd.DataFrame(rows, columns=["run", *differ, *METRICS]), differ
+    # a metric only some recipes produce (TTA) gets a column when one of the runs has it
+    shown = [m for m in METRICS if m not in _OPTIONAL or any(r[m] is not None for r in rows)]
+    return pd.DataFrame(rows, columns=["run", *differ, *shown]), differ
 
 
 def seed_summary(df: pd.DataFrame, differ: list[str]) -> pd.DataFrame | None:
@@ -99,7 +103,7 @@ def seed_summary(df: pd.DataFrame, differ: list[str]) -> pd.DataFrame | None:
             continue
         key = key if isinstance(key, tuple) else (key,)
         row = {**dict(zip(keys, key, strict=True)), "runs": len(g)}
-        for m in ("best_valid_loss", "best_valid_acc", "test_acc", "wall_time_s"):
+        for m in [c for c in _SEED_METRICS if c in g]:
             v = pd.to_numeric(g[m], errors="coerce")
             row[m] = f"{v.mean():.4f} ± {v.std():.4f}"
         rows.append(row)
