@@ -20,20 +20,18 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.learner import Learner
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from twincar_fast.analysis import plots
 from twincar_fast.analysis.evaluate import (
     evaluate_learner,
     load_run_config,
     load_run_learner,
-    relative_images,
     require_learner,
     resolve_run,
     split_dl,
 )
 from twincar_fast.analysis.gradcam import (
-    box_masks,
     box_mass_ratio,
     denormalize,
     find_target_layer,
@@ -41,6 +39,7 @@ from twincar_fast.analysis.gradcam import (
     overlay,
 )
 from twincar_fast.analysis.report import read_json, write_index
+from twincar_fast.analysis.samples import outline, part_boxes, part_masks, rows_tensor
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console, eval_bars, step
 from twincar_fast.data import check_vocab, read_annotations
@@ -67,15 +66,6 @@ CONFUSED_ROWS = 10  # rows of the most-confused example figure
 # ---------------------------------------------------------------- Grad-CAM++ figures
 
 
-def _rows_tensor(learn: Learner, dl, rows: pd.DataFrame, data_dir: Path) -> torch.Tensor:
-    """The validation-transformed inputs of the predictions rows `rows` (matched by image)."""
-    where = {img: i for i, img in enumerate(relative_images(dl.items, data_dir))}
-    idx = [where[img] for img in rows["image"]]
-    items = dl.items.iloc[idx] if hasattr(dl.items, "iloc") else [dl.items[i] for i in idx]
-    sub = learn.dls.test_dl(items, with_labels=True, rm_type_tfms=0, bs=max(1, min(len(idx), 64)))
-    return torch.cat([b[0] for b in sub])
-
-
 def _cam_panels(learn: Learner, x: torch.Tensor, targets: Sequence[int]) -> list[np.ndarray]:
     """Overlays of the Grad-CAM++ maps of `targets` on the images of `x`."""
     rgb = denormalize(learn, x)
@@ -89,7 +79,7 @@ def gradcam_mistakes(learn, dl, preds, data_dir, path, n) -> Path | None:
     wrong = wrong.head(n)
     if wrong.empty:
         return None
-    x = _rows_tensor(learn, dl, wrong, data_dir)
+    x = rows_tensor(learn, dl, wrong, data_dir)
     on_pred = _cam_panels(learn, x, wrong.predicted_id.tolist())
     on_true = _cam_panels(learn, x, wrong.true_id.tolist())
     rgb = denormalize(learn, x)
@@ -126,7 +116,7 @@ def gradcam_correct(learn, dl, preds, data_dir, path, n) -> Path | None:
     right = right.loc[[c for c in _classes_to_show(preds) if c in right.index]].head(n)
     if right.empty:
         return None
-    x = _rows_tensor(learn, dl, right, data_dir)
+    x = rows_tensor(learn, dl, right, data_dir)
     panels = _cam_panels(learn, x, right.true_id.tolist())
     cells = [
         (p, f"{plots.wrap(r.true)}\np={r.probability:.2f}", "black")
@@ -167,34 +157,6 @@ def gradcam_files(learn: Learner, files: Sequence[Path], path: Path) -> Path:
     return plots.plot_panels(rows, path, "Grad-CAM++ of the two most probable classes")
 
 
-def part_boxes(data_dir: Path, split: str) -> pd.DataFrame | None:
-    """The demo set's class-telling part boxes (raw/parts.csv) by image file name, or None."""
-    path = data_dir / "raw" / "parts.csv"
-    if not path.is_file():
-        return None
-    parts = pd.read_csv(path)
-    parts = parts[parts["split"] == ("test" if split == "test" else "train")]
-    return parts.set_index("fname")[["x1", "y1", "x2", "y2"]]
-
-
-def _car_boxes(dl, rows: pd.DataFrame, data_dir: Path) -> list:
-    """The annotations car box of each predictions row (None where the loader has none)."""
-    if not isinstance(dl.items, pd.DataFrame) or "bbox_x1" not in dl.items:
-        return [None] * len(rows)
-    where = {img: i for i, img in enumerate(relative_images(dl.items, data_dir))}
-    cols = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
-    return [tuple(dl.items.iloc[where[img]][cols]) for img in rows["image"]]
-
-
-def _outline(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image with the bounding rectangle of `mask` drawn in white."""
-    pil = Image.fromarray(img)
-    ys, xs = np.nonzero(mask)
-    if len(xs):
-        ImageDraw.Draw(pil).rectangle([xs.min(), ys.min(), xs.max(), ys.max()], outline="white")
-    return np.asarray(pil)
-
-
 def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show) -> float | None:
     """Demo set: Grad-CAM++ mass in the part box of correct images ÷ the box's area share.
 
@@ -206,13 +168,12 @@ def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show)
         return None
     right = preds[preds.true_id == preds.predicted_id]
     names = right["image"].map(lambda s: Path(s).name)
-    right, names = right[names.isin(boxes.index)], names[names.isin(boxes.index)]
+    right = right[names.isin(boxes.index)]
     if right.empty:
         return None
-    x = _rows_tensor(learn, dl, right, data_dir)
+    x = rows_tensor(learn, dl, right, data_dir)
     cams = gradcam_maps(learn, x, right.true_id.tolist())
-    sizes = [Image.open(data_dir / img).size for img in right["image"]]
-    masks = box_masks(learn, sizes, boxes.loc[names].to_numpy(), _car_boxes(dl, right, data_dir))
+    masks = part_masks(learn, dl, right, data_dir, boxes)
     ratio = box_mass_ratio(cams, masks)
     table = right[["image", "true", "probability"]].assign(
         box_share=masks.reshape(len(masks), -1).mean(1), ratio=ratio
@@ -221,7 +182,7 @@ def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show)
     rgb = denormalize(learn, x[:n_show])
     cells = [
         (
-            _outline(overlay(rgb[i], cams[i]), masks[i]),
+            outline(overlay(rgb[i], cams[i]), masks[i]),
             f"{plots.wrap(r.true)}\nratio {r.ratio:.1f}",
             "black",
         )
