@@ -7,7 +7,8 @@ everything later from a saved model (models/<run>/learner.pkl) without retrainin
 Grad-CAM++ figures (maps from `twincar_fast.analysis.gradcam`): the top-loss mistakes with the map of the
 predicted class beside the map of the true class, one correct example per class, files given on
 the command line, and on the demo set (raw/parts.csv) how much of the map falls in the part box
-that tells the classes apart.
+that tells the classes apart. With `eval.twins` the twin pairs and their Finer-CAM figures
+(`twins.find_twins`) come last.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from twincar_fast.analysis.gradcam import (
 )
 from twincar_fast.analysis.report import read_json, write_index
 from twincar_fast.analysis.samples import outline, part_boxes, part_masks, rows_tensor
+from twincar_fast.analysis.twins import copy_twins, find_twins
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console, eval_bars, step
 from twincar_fast.data import check_vocab, read_annotations
@@ -289,6 +291,9 @@ def interpret_learner(
     if cfg.eval.gradcam or images:
         with step("Grad-CAM++ maps"):
             _gradcam_figures(learn, report_dir, split, data_dir, cfg, images)
+    if cfg.eval.twins:
+        with step("twins (Finer-CAM)"):
+            find_twins(learn, cfg, report_dir, data_dir, split, cfg.eval.twins)
     return write_index(report_dir)
 
 
@@ -319,5 +324,6 @@ def interpret_run(
     if done.get("data_dir") != str(data.resolve()):  # not evaluated yet, or on other data
         evaluate_learner(learn, data, split, paths.report_dir, cfg, model_path=learner)
     index = interpret_learner(learn, cfg, paths.report_dir, data, images)
+    copy_twins(paths.report_dir, paths.model_dir)
     console.print(f"report of {paths.name}: {index}")
     return index
