@@ -101,8 +101,9 @@ def relative_confidence(
 ) -> np.ndarray:
     """The model's confidence in each target over its twin: softmax over the two logits."""
     model = getattr(model, "_orig_mod", model).eval()
-    device = next(model.parameters()).device
-    t, b = torch.as_tensor(np.asarray(targets)), torch.as_tensor(np.asarray(twins))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else x.device
+    t, b = torch.tensor(np.array(targets, int)), torch.tensor(np.array(twins, int))
     out = []
     with torch.no_grad():
         for i in range(0, len(x), bs):

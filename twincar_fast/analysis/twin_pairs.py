@@ -91,9 +91,10 @@ def twin_pairs(
     """
     df = pair_similarity(cm, cosine)
     df = df[(df["n_ab"] + df["n_ba"]) > 0]
-    swap = df["rate_ba"] > df["rate_ab"]
+    swap = (df["rate_ba"] > df["rate_ab"]).to_numpy()
     for x, y in (("a", "b"), ("rate_ab", "rate_ba"), ("n_ab", "n_ba")):
-        df.loc[swap, [x, y]] = df.loc[swap, [y, x]].to_numpy()
+        vx, vy = df[x].to_numpy(), df[y].to_numpy()
+        df = df.assign(**{x: np.where(swap, vy, vx), y: np.where(swap, vx, vy)})
     df = df.sort_values(
         ["score", "confusion", "centroid_cosine", "a", "b"],
         ascending=[False, False, False, True, True],
