@@ -24,14 +24,7 @@ from fastai.learner import Learner
 from PIL import Image
 
 from twincar_fast.analysis import plots
-from twincar_fast.analysis.evaluate import (
-    evaluate_learner,
-    load_run_config,
-    load_run_learner,
-    require_learner,
-    resolve_run,
-    split_dl,
-)
+from twincar_fast.analysis.evaluate import evaluate_learner, open_saved_run, split_dl
 from twincar_fast.analysis.gradcam import (
     box_mass_ratio,
     denormalize,
@@ -39,7 +32,7 @@ from twincar_fast.analysis.gradcam import (
     gradcam_maps,
     overlay,
 )
-from twincar_fast.analysis.report import read_json, write_index
+from twincar_fast.analysis.report import write_index
 from twincar_fast.analysis.samples import outline, part_boxes, part_masks, rows_tensor
 from twincar_fast.analysis.twins import copy_twins, find_twins
 from twincar_fast.config import ExperimentConfig
@@ -303,26 +296,8 @@ def interpret_run(
     data_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Regenerate a run's evaluation, figures and index.html from its saved model."""
-    paths = resolve_run(run)
-    learner = require_learner(paths)
-    if paths.report_dir is None:
-        raise TwincarError(
-            f"{learner}: no reports/{paths.name}/config.yaml beside this model; "
-            "give a run folder made by `twincar run`"
-        )
     _check_images(images)
-    cfg = load_run_config(paths)
-    data = Path(data_dir) if data_dir is not None else Path(cfg.data.root)
-    if data_dir is None and not (data / "classes.csv").is_file():
-        raise TwincarError(
-            f"{data}: the run's data set (data.root in {paths.report_dir / 'config.yaml'}) is "
-            "not there; pass --data DIR with the prepared data set"
-        )
-    learn = load_run_learner(learner)
-    split = "test" if cfg.eval.test else "valid"
-    done = read_json(paths.report_dir / f"eval_{split}.json")
-    if done.get("data_dir") != str(data.resolve()):  # not evaluated yet, or on other data
-        evaluate_learner(learn, data, split, paths.report_dir, cfg, model_path=learner)
+    paths, cfg, data, learn = open_saved_run(run, data_dir)
     index = interpret_learner(learn, cfg, paths.report_dir, data, images)
     copy_twins(paths.report_dir, paths.model_dir)
     console.print(f"report of {paths.name}: {index}")

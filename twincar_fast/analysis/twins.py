@@ -27,15 +27,8 @@ import numpy as np
 import pandas as pd
 from fastai.learner import Learner
 
-from twincar_fast.analysis.evaluate import (
-    evaluate_learner,
-    load_run_config,
-    load_run_learner,
-    require_learner,
-    resolve_run,
-    split_dl,
-)
-from twincar_fast.analysis.report import read_json, write_index
+from twincar_fast.analysis.evaluate import evaluate_learner, open_saved_run, split_dl
+from twincar_fast.analysis.report import write_index
 from twincar_fast.analysis.samples import part_boxes
 from twincar_fast.analysis.twin_maps import MASK_SHARE, pair_maps, pair_scores, plot_pair
 from twincar_fast.analysis.twin_pairs import (
@@ -212,24 +205,11 @@ def twins_run(
     data_dir: str | os.PathLike | None = None,
 ) -> Path:
     """`twincar twins RUN`: find and explain a saved run's twins; return its new index.html."""
-    paths = resolve_run(run)
-    learner = require_learner(paths)
-    if paths.report_dir is None:
-        raise TwincarError(
-            f"{learner}: no reports/{paths.name}/config.yaml beside this model; give a run folder"
-        )
-    cfg = load_run_config(paths)
+    if pairs is not None and pairs < 1:
+        raise TwincarError(f"--pairs must be at least 1, got {pairs}")
+    paths, cfg, data, learn = open_saved_run(run, data_dir, split)
     split = split or ("test" if cfg.eval.test else "valid")
     k = pairs if pairs is not None else (cfg.eval.twins or DEFAULT_PAIRS)
-    if k < 1:
-        raise TwincarError(f"--pairs must be at least 1, got {k}")
-    data = Path(data_dir) if data_dir is not None else Path(cfg.data.root)
-    if not (data / "classes.csv").is_file():
-        raise TwincarError(f"{data}: no prepared data set there (classes.csv); pass --data DIR")
-    learn = load_run_learner(learner)
-    done = read_json(paths.report_dir / f"eval_{split}.json")
-    if done.get("data_dir") != str(data.resolve()):  # not evaluated yet, or on other data
-        evaluate_learner(learn, data, split, paths.report_dir, cfg, model_path=learner)
     with step("twins (Finer-CAM)"):
         found = find_twins(learn, cfg, paths.report_dir, data, split, k)
     copy_twins(paths.report_dir, paths.model_dir)
