@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -55,6 +56,53 @@ def test_the_client_gets_every_class_and_the_overlay(app, client):
         assert np.asarray(im.convert("RGB")).shape == (32, 32, 3)
 
 
+def twin_expected(folder, image, twin):
+    """The Finer-CAM overlay of the image's top class against `twin`, computed directly."""
+    from twincar_fast.ship.cam import finer_overlays
+
+    predictor = Predictor.from_path(folder, device="cpu")
+    probs = predictor.predict_proba(image)[0]
+    return probs, finer_overlays(predictor, [image], [int(probs.argmax())], [twin])[0]
+
+
+def test_why_not_its_twin_falls_back_to_the_runner_up(app, client):
+    _, learn, folder = app
+    image = a_test_image(learn)
+    probs, _ = twin_expected(folder, image, 0)
+    runner_up = int(np.argsort(-probs, kind="stable")[1])
+    expected = twin_expected(folder, image, runner_up)[1]
+    text, overlay = client.predict(handle_file(image), api_name="/twin")
+    vocab = list(learn.dls.vocab)
+    assert f"not **{vocab[runner_up]}**" in text and "runner-up class of this photo" in text
+    assert "no twins.csv with this model" in text
+    with Image.open(overlay) as im:
+        np.testing.assert_allclose(np.asarray(im.convert("RGB")), expected, atol=2)
+
+
+def test_why_not_its_twin_takes_the_runs_twin_pair(shipped, tmp_path):
+    learn, folder = shipped
+    model = tmp_path / "tiny-ship"
+    shutil.copytree(folder, model)
+    image = a_test_image(learn)
+    vocab = list(learn.dls.vocab)
+    probs, _ = twin_expected(model, image, 0)
+    top, last = int(probs.argmax()), int(probs.argmin())  # the twin: not the runner-up
+    rows = [(1, vocab[last], vocab[top]), (2, vocab[top], vocab[(top + 1) % 4])]
+    pd.DataFrame(rows, columns=["rank", "class_a", "class_b"]).to_csv(model / "twins.csv")
+    demo = launch_app(model, port=0, prevent_thread_lock=True)
+    try:
+        text, overlay = Client(demo.local_url, verbose=False).predict(
+            handle_file(image), api_name="/twin"
+        )
+    finally:
+        demo.close()
+    assert f"**{vocab[top]}**" in text and f"not **{vocab[last]}**" in text
+    assert "pair #1 of" in text and "twins.csv" in text
+    with Image.open(overlay) as im:
+        got = np.asarray(im.convert("RGB"))
+    np.testing.assert_allclose(got, twin_expected(model, image, last)[1], atol=2)
+
+
 def test_bad_uploads_get_a_message_and_the_server_keeps_serving(app, client, tmp_path):
     _, learn, _ = app
     notes = tmp_path / "notes.jpg"
@@ -97,6 +145,8 @@ def test_a_real_browser_uploads_a_photo_and_sees_the_result(app, tmp_path):
             overlay = page.locator("#cam img").first
             overlay.wait_for(timeout=60_000)
             assert overlay.evaluate("img => img.complete && img.naturalWidth") == 32
+            page.locator("#twin img").first.wait_for(timeout=60_000)  # "Why not its twin?"
+            assert "runner-up" in page.locator("#twin-text").inner_text()
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         finally:
             browser.close()

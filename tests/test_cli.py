@@ -9,7 +9,17 @@ import pytest
 
 from twincar_fast.cli import build_parser, main
 
-COMMANDS = ["run", "train", "lr-find", "prepare", "demo-data", "evaluate", "interpret", "predict"]
+COMMANDS = [
+    "run",
+    "train",
+    "lr-find",
+    "prepare",
+    "demo-data",
+    "evaluate",
+    "interpret",
+    "twins",
+    "predict",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

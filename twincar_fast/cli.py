@@ -22,6 +22,8 @@ EPILOG = """common commands:
       the whole pipeline on the synthetic demo set (no downloads): train, test, report, export
   twincar evaluate models/<run> --data data/stanford_cars
       the full metric table of a saved model on the official test split
+  twincar twins reports/<run> --pairs 5
+      the look-alike classes the model mixes up, and what tells each pair apart (Finer-CAM)
   twincar predict models/<run> photos/ --out preds.csv
       classify photos: files, folders, globs (a model trained on car-box crops needs boxes)
   twincar export models/<run> --format onnx
@@ -219,6 +221,41 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
         "--data", type=_path, default=None, help="prepared data set (default: the run's)"
     )
     p.set_defaults(func=_interpret)
+
+
+def _twins(args: argparse.Namespace) -> None:
+    from twincar_fast.analysis.twins import twins_run
+
+    twins_run(args.run, pairs=args.pairs, split=args.split, data_dir=args.data)
+
+
+def _add_twins(sub: argparse._SubParsersAction) -> None:
+    help = (
+        "find the look-alike class pairs a run mixes up and show what tells them apart (Finer-CAM)"
+    )
+    p = sub.add_parser(
+        "twins",
+        help=help,
+        description=help + "; writes twins.csv, figures/twins/ and the report's Twins section",
+    )
+    p.add_argument("run", type=_path, help="a run folder (reports/<run> or models/<run>)")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="how many pairs (default: the run's eval.twins, else 5)",
+    )
+    p.add_argument(
+        "--split",
+        choices=["valid", "test"],
+        default=None,
+        help="the images explained (default: test when the run evaluates it, else valid)",
+    )
+    p.add_argument(
+        "--data", type=_path, default=None, help="prepared data set (default: the run's)"
+    )
+    p.set_defaults(func=_twins)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -435,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_data(sub)
     _add_evaluate(sub)
     _add_interpret(sub)
+    _add_twins(sub)
     _add_predict(sub)
     _add_export(sub)
     _add_import_torchvision(sub)

@@ -181,6 +181,8 @@ class EvalConfig:
     gradcam: int = 12  # Grad-CAM++ maps from the top losses and correct examples
     confusion_zoom: int = 20  # classes in the zoom on the most-confused block
     most_confused: int = 20  # most-confused pairs listed
+    twins: int = 5  # twin pairs (look-alike classes the model mixes up) explained with Finer-CAM
+    # vs Grad-CAM++ in the report (twins.csv, figures/twins/); 0 = off
     tta: Literal["none", "flip", "flip+crops"] = "none"  # test-time augmentation of the test
     # evaluation (test_*_tta beside test_*): mean probabilities over the image and its mirror;
     # flip+crops: over the 5 crops (corners + centre) of a 1/0.875 larger image and their mirrors
@@ -487,7 +489,7 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
         t.plateau_factor > 1, file, "train.plateau_factor", "must be > 1 (the LR is divided by it)"
     )
     check_key(t.grad_accum >= 1, file, "train.grad_accum", "must be at least 1")
-    for key in ("top_losses", "gradcam", "confusion_zoom", "most_confused"):
+    for key in ("top_losses", "gradcam", "confusion_zoom", "most_confused", "twins"):
         check_key(getattr(e, key) >= 0, file, f"eval.{key}", "must be ≥ 0")
     check_key(len(set(cfg.log)) == len(cfg.log), file, "log", f"names a tracker twice: {cfg.log}")
     _validate_recipe(cfg, file)

@@ -28,6 +28,7 @@ from fastai.torch_core import set_seed
 
 from twincar_fast.analysis.evaluate import evaluate_learner
 from twincar_fast.analysis.interpret import interpret_learner
+from twincar_fast.analysis.twins import copy_twins
 from twincar_fast.config import ExperimentConfig, save_config, validate
 from twincar_fast.console import (
     console,
@@ -251,6 +252,7 @@ def _report(
                 evaluate_learner(learn, data_dir, "test", r, cfg, paths.get("learner"))
         if "report" in missing:
             paths["index"] = interpret_learner(learn, cfg, r, data_dir)
+            copy_twins(r, folders.model_dir)  # the app's twins, beside the exported model
     except BaseException:
         console.print(
             f"the model is saved; finish the {' and '.join(missing)} with: "

@@ -41,6 +41,7 @@ __all__ = [
     "evaluation_result",
     "load_run_config",
     "load_run_learner",
+    "open_saved_run",
     "predictions_table",
     "relative_images",
     "require_learner",
@@ -159,6 +160,38 @@ def load_run_learner(path: str | os.PathLike) -> Learner:
             raise TwincarError(
                 f"{path}: can't load the learner ({first}); export it again with `twincar run`"
             ) from None
+
+
+def open_saved_run(
+    run: str | os.PathLike, data_dir: str | os.PathLike | None, split: str | None = None
+) -> tuple[RunPaths, ExperimentConfig, Path, Learner]:
+    """A saved run's folders, config, data set and learner, with `split` evaluated on that data.
+
+    `split` None: the run's own (test when it evaluates the test split, else valid).
+    """
+    paths = resolve_run(run)
+    learner = require_learner(paths)
+    if paths.report_dir is None:
+        raise TwincarError(
+            f"{learner}: no reports/{paths.name}/config.yaml beside this model; "
+            "give a run folder made by `twincar run`"
+        )
+    cfg = load_run_config(paths)
+    data = Path(data_dir) if data_dir is not None else Path(cfg.data.root)
+    if data_dir is None and not (data / "classes.csv").is_file():
+        raise TwincarError(
+            f"{data}: the run's data set (data.root in {paths.report_dir / CONFIG_FILE}) is "
+            "not there; pass --data DIR with the prepared data set"
+        )
+    learn = load_run_learner(learner)
+    split = split or ("test" if cfg.eval.test else "valid")
+    try:
+        done = json.loads((paths.report_dir / f"eval_{split}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        done = {}
+    if done.get("data_dir") != str(data.resolve()):  # not evaluated yet, or on other data
+        evaluate_learner(learn, data, split, paths.report_dir, cfg, model_path=learner)
+    return paths, cfg, data, learn
 
 
 # ---------------------------------------------------------------- predictions

@@ -2,9 +2,10 @@
 
 pytorch-grad-cam's `GradCAMPlusPlus` hooks the last feature stage of the body (model[0]; for
 ResNets the last block of `layer4`, else timm's last `feature_info` module, else the last module
-with a 4D output) and explains one class per image (`ClassifierOutputTarget`). Maps come at the
-model's input size, so they line up with the validation-transformed image (`denormalize`) and with
-boxes mapped through the same geometry (`box_masks`).
+with a 4D output) and explains one class per image (`ClassifierOutputTarget`); Finer-CAM
+(`model_finer_cams`: pytorch-grad-cam's `FinerCAM` on the same layer) explains a class against its
+twin instead. Maps come at the model's input size, so they line up with the validation-transformed
+image (`denormalize`) and with boxes mapped through the same geometry (`box_masks`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 from fastai.data.transforms import Normalize
 from fastai.learner import Learner
-from pytorch_grad_cam import GradCAMPlusPlus
+from pytorch_grad_cam import FinerCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, FinerWeightedTarget
 from torch import nn
 
 from twincar_fast.data.geometry import InputGeometry
@@ -35,8 +36,11 @@ __all__ = [
     "find_target_layer",
     "gradcam_maps",
     "model_cams",
+    "model_finer_cams",
     "overlay",
 ]
+
+FINER_ALPHA = 1.0  # FinerCAM's default: the twin's whole logit is subtracted from the target's
 
 
 def _body(model: nn.Module) -> nn.Module:
@@ -142,18 +146,44 @@ def model_cams(
     """Grad-CAM++ maps (N, H, W) of a model on a normalized input batch (as `gradcam_maps`)."""
     model = getattr(model, "_orig_mod", model)
     layer = layer or find_target_layer(model)
+    objs = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
+    with _eager(model), GradCAMPlusPlus(model, [layer], reshape_transform=_to_nchw) as cam:
+        return _cam_batches(cam, model, x, objs, bs)
+
+
+def model_finer_cams(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: Sequence[int],
+    twins: Sequence[int],
+    alpha: float = FINER_ALPHA,
+    layer: nn.Module | None = None,
+    bs: int = 32,
+) -> np.ndarray:
+    """Finer-CAM maps (N, H, W) in [0, 1]: what tells each image's target from its twin class.
+
+    pytorch-grad-cam's `FinerCAM` with `FinerWeightedTarget(target, [twin], alpha)`: the map of
+    the target's logit minus `alpha` × the twin's, computed by Grad-CAM++ (`base_method`) on the
+    layer `find_target_layer` picks, so it differs from `model_cams` only in what it explains.
+    """
+    model = getattr(model, "_orig_mod", model)
+    layer = layer or find_target_layer(model)
+    objs = [
+        FinerWeightedTarget(int(t), [int(b)], alpha) for t, b in zip(targets, twins, strict=True)
+    ]
+    base = GradCAMPlusPlus
+    with _eager(model), FinerCAM(model, [layer], _to_nchw, base_method=base) as cam:
+        return _cam_batches(cam, model, x, objs, bs)
+
+
+def _cam_batches(cam, model: nn.Module, x: torch.Tensor, targets: list | None, bs: int):
+    """The maps of a pytorch-grad-cam `cam` over `x` in batches of `bs` (targets per image)."""
     device = next(model.parameters()).device
     out = []
-    with _eager(model), GradCAMPlusPlus(model, [layer], reshape_transform=_to_nchw) as cam:
-        for i in range(0, len(x), bs):
-            xb = x[i : i + bs].as_subclass(torch.Tensor).to(device).float()  # plain tensor:
-            xb.requires_grad_(True)  # fastai's subclasses break grad-cam's hooks; grads if frozen
-            tb = (
-                None
-                if targets is None
-                else [ClassifierOutputTarget(int(t)) for t in targets[i : i + bs]]
-            )
-            out.append(cam(input_tensor=xb, targets=tb))
+    for i in range(0, len(x), bs):
+        xb = x[i : i + bs].as_subclass(torch.Tensor).to(device).float()  # plain tensor:
+        xb.requires_grad_(True)  # fastai's subclasses break grad-cam's hooks; grads if frozen
+        out.append(cam(input_tensor=xb, targets=None if targets is None else targets[i : i + bs]))
     return np.concatenate(out) if out else np.zeros((0, *x.shape[-2:]), np.float32)
 
 

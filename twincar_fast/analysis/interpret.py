@@ -7,7 +7,8 @@ everything later from a saved model (models/<run>/learner.pkl) without retrainin
 Grad-CAM++ figures (maps from `twincar_fast.analysis.gradcam`): the top-loss mistakes with the map of the
 predicted class beside the map of the true class, one correct example per class, files given on
 the command line, and on the demo set (raw/parts.csv) how much of the map falls in the part box
-that tells the classes apart.
+that tells the classes apart. With `eval.twins` the twin pairs and their Finer-CAM figures
+(`twins.find_twins`) come last.
 """
 
 from __future__ import annotations
@@ -20,27 +21,20 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.learner import Learner
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from twincar_fast.analysis import plots
-from twincar_fast.analysis.evaluate import (
-    evaluate_learner,
-    load_run_config,
-    load_run_learner,
-    relative_images,
-    require_learner,
-    resolve_run,
-    split_dl,
-)
+from twincar_fast.analysis.evaluate import evaluate_learner, open_saved_run, split_dl
 from twincar_fast.analysis.gradcam import (
-    box_masks,
     box_mass_ratio,
     denormalize,
     find_target_layer,
     gradcam_maps,
     overlay,
 )
-from twincar_fast.analysis.report import read_json, write_index
+from twincar_fast.analysis.report import write_index
+from twincar_fast.analysis.samples import outline, part_boxes, part_masks, rows_tensor
+from twincar_fast.analysis.twins import copy_twins, find_twins
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console, eval_bars, step
 from twincar_fast.data import check_vocab, read_annotations
@@ -67,15 +61,6 @@ CONFUSED_ROWS = 10  # rows of the most-confused example figure
 # ---------------------------------------------------------------- Grad-CAM++ figures
 
 
-def _rows_tensor(learn: Learner, dl, rows: pd.DataFrame, data_dir: Path) -> torch.Tensor:
-    """The validation-transformed inputs of the predictions rows `rows` (matched by image)."""
-    where = {img: i for i, img in enumerate(relative_images(dl.items, data_dir))}
-    idx = [where[img] for img in rows["image"]]
-    items = dl.items.iloc[idx] if hasattr(dl.items, "iloc") else [dl.items[i] for i in idx]
-    sub = learn.dls.test_dl(items, with_labels=True, rm_type_tfms=0, bs=max(1, min(len(idx), 64)))
-    return torch.cat([b[0] for b in sub])
-
-
 def _cam_panels(learn: Learner, x: torch.Tensor, targets: Sequence[int]) -> list[np.ndarray]:
     """Overlays of the Grad-CAM++ maps of `targets` on the images of `x`."""
     rgb = denormalize(learn, x)
@@ -89,7 +74,7 @@ def gradcam_mistakes(learn, dl, preds, data_dir, path, n) -> Path | None:
     wrong = wrong.head(n)
     if wrong.empty:
         return None
-    x = _rows_tensor(learn, dl, wrong, data_dir)
+    x = rows_tensor(learn, dl, wrong, data_dir)
     on_pred = _cam_panels(learn, x, wrong.predicted_id.tolist())
     on_true = _cam_panels(learn, x, wrong.true_id.tolist())
     rgb = denormalize(learn, x)
@@ -126,7 +111,7 @@ def gradcam_correct(learn, dl, preds, data_dir, path, n) -> Path | None:
     right = right.loc[[c for c in _classes_to_show(preds) if c in right.index]].head(n)
     if right.empty:
         return None
-    x = _rows_tensor(learn, dl, right, data_dir)
+    x = rows_tensor(learn, dl, right, data_dir)
     panels = _cam_panels(learn, x, right.true_id.tolist())
     cells = [
         (p, f"{plots.wrap(r.true)}\np={r.probability:.2f}", "black")
@@ -167,34 +152,6 @@ def gradcam_files(learn: Learner, files: Sequence[Path], path: Path) -> Path:
     return plots.plot_panels(rows, path, "Grad-CAM++ of the two most probable classes")
 
 
-def part_boxes(data_dir: Path, split: str) -> pd.DataFrame | None:
-    """The demo set's class-telling part boxes (raw/parts.csv) by image file name, or None."""
-    path = data_dir / "raw" / "parts.csv"
-    if not path.is_file():
-        return None
-    parts = pd.read_csv(path)
-    parts = parts[parts["split"] == ("test" if split == "test" else "train")]
-    return parts.set_index("fname")[["x1", "y1", "x2", "y2"]]
-
-
-def _car_boxes(dl, rows: pd.DataFrame, data_dir: Path) -> list:
-    """The annotations car box of each predictions row (None where the loader has none)."""
-    if not isinstance(dl.items, pd.DataFrame) or "bbox_x1" not in dl.items:
-        return [None] * len(rows)
-    where = {img: i for i, img in enumerate(relative_images(dl.items, data_dir))}
-    cols = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
-    return [tuple(dl.items.iloc[where[img]][cols]) for img in rows["image"]]
-
-
-def _outline(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image with the bounding rectangle of `mask` drawn in white."""
-    pil = Image.fromarray(img)
-    ys, xs = np.nonzero(mask)
-    if len(xs):
-        ImageDraw.Draw(pil).rectangle([xs.min(), ys.min(), xs.max(), ys.max()], outline="white")
-    return np.asarray(pil)
-
-
 def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show) -> float | None:
     """Demo set: Grad-CAM++ mass in the part box of correct images ÷ the box's area share.
 
@@ -206,13 +163,12 @@ def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show)
         return None
     right = preds[preds.true_id == preds.predicted_id]
     names = right["image"].map(lambda s: Path(s).name)
-    right, names = right[names.isin(boxes.index)], names[names.isin(boxes.index)]
+    right = right[names.isin(boxes.index)]
     if right.empty:
         return None
-    x = _rows_tensor(learn, dl, right, data_dir)
+    x = rows_tensor(learn, dl, right, data_dir)
     cams = gradcam_maps(learn, x, right.true_id.tolist())
-    sizes = [Image.open(data_dir / img).size for img in right["image"]]
-    masks = box_masks(learn, sizes, boxes.loc[names].to_numpy(), _car_boxes(dl, right, data_dir))
+    masks = part_masks(learn, dl, right, data_dir, boxes)
     ratio = box_mass_ratio(cams, masks)
     table = right[["image", "true", "probability"]].assign(
         box_share=masks.reshape(len(masks), -1).mean(1), ratio=ratio
@@ -221,7 +177,7 @@ def gradcam_parts(learn, dl, preds, data_dir, split, fig_path, csv_path, n_show)
     rgb = denormalize(learn, x[:n_show])
     cells = [
         (
-            _outline(overlay(rgb[i], cams[i]), masks[i]),
+            outline(overlay(rgb[i], cams[i]), masks[i]),
             f"{plots.wrap(r.true)}\nratio {r.ratio:.1f}",
             "black",
         )
@@ -328,6 +284,9 @@ def interpret_learner(
     if cfg.eval.gradcam or images:
         with step("Grad-CAM++ maps"):
             _gradcam_figures(learn, report_dir, split, data_dir, cfg, images)
+    if cfg.eval.twins:
+        with step("twins (Finer-CAM)"):
+            find_twins(learn, cfg, report_dir, data_dir, split, cfg.eval.twins)
     return write_index(report_dir)
 
 
@@ -337,26 +296,9 @@ def interpret_run(
     data_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Regenerate a run's evaluation, figures and index.html from its saved model."""
-    paths = resolve_run(run)
-    learner = require_learner(paths)
-    if paths.report_dir is None:
-        raise TwincarError(
-            f"{learner}: no reports/{paths.name}/config.yaml beside this model; "
-            "give a run folder made by `twincar run`"
-        )
     _check_images(images)
-    cfg = load_run_config(paths)
-    data = Path(data_dir) if data_dir is not None else Path(cfg.data.root)
-    if data_dir is None and not (data / "classes.csv").is_file():
-        raise TwincarError(
-            f"{data}: the run's data set (data.root in {paths.report_dir / 'config.yaml'}) is "
-            "not there; pass --data DIR with the prepared data set"
-        )
-    learn = load_run_learner(learner)
-    split = "test" if cfg.eval.test else "valid"
-    done = read_json(paths.report_dir / f"eval_{split}.json")
-    if done.get("data_dir") != str(data.resolve()):  # not evaluated yet, or on other data
-        evaluate_learner(learn, data, split, paths.report_dir, cfg, model_path=learner)
+    paths, cfg, data, learn = open_saved_run(run, data_dir)
     index = interpret_learner(learn, cfg, paths.report_dir, data, images)
+    copy_twins(paths.report_dir, paths.model_dir)
     console.print(f"report of {paths.name}: {index}")
     return index

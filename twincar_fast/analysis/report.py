@@ -1,8 +1,9 @@
 """`reports/<run>/index.html`: one page that shows how good a run is, where it fails, what it looks at.
 
 The page is built only from the run's files (summary.json, metrics.csv, eval_<split>.json,
-config.yaml, env.json, figures/*.png, *.csv), links them relatively and escapes every text with
-`html.escape`, so the folder can be moved or zipped and still opens in any browser.
+config.yaml, env.json, figures/*.png, *.csv, twins.json + twins.csv + figures/twins/), links them
+relatively and escapes every text with `html.escape`, so the folder can be moved or zipped and
+still opens in any browser.
 """
 
 from __future__ import annotations
@@ -130,16 +131,19 @@ def _figures_html(report_dir: Path) -> str:
     figs = sorted((report_dir / "figures").glob("*.png"), key=_figure_order)
     if not figs:
         return "<p>No figures yet (run <code>twincar interpret</code>).</p>"
-    out = []
-    for f in figs:
-        rel = html.escape(f.relative_to(report_dir).as_posix(), quote=True)
-        cap = html.escape(_caption(f.stem))
-        out.append(
-            f'<figure id="{html.escape(f.stem)}"><a href="{rel}"><img src="{rel}" alt="{cap}" '
-            f'loading="lazy"></a><figcaption>{cap} — <code>{rel}</code> (click for full size)'
-            "</figcaption></figure>"
-        )
-    return "\n".join(out)
+    return "\n".join(
+        _figure_tag(f.relative_to(report_dir).as_posix(), _caption(f.stem), f.stem) for f in figs
+    )
+
+
+def _figure_tag(rel: str, caption: str, fid: str) -> str:
+    """A linked, captioned <figure> of the image at `rel` (relative to the report)."""
+    rel, cap = html.escape(rel, quote=True), html.escape(caption)
+    return (
+        f'<figure id="{html.escape(fid)}"><a href="{rel}"><img src="{rel}" alt="{cap}" '
+        f'loading="lazy"></a><figcaption>{cap} — <code>{rel}</code> (click for full size)'
+        "</figcaption></figure>"
+    )
 
 
 def _files_html(report_dir: Path) -> str:
@@ -215,6 +219,63 @@ def _headline_text(report_dir: Path) -> str:
     return "".join(f"<p>{html.escape(t)}</p>" for t in out)
 
 
+TWIN_COLUMNS = ["rank", "class_a", "class_b", "score", "confusion_a_as_b", "confusion_b_as_a",
+                "centroid_cosine", "n_a_as_b", "n_b_as_a", "drop_finer", "drop_gradcam",
+                "part_ratio_finer", "part_ratio_gradcam", "designed_twin"]  # fmt: skip
+
+
+def _ratio(value) -> str:
+    """A ratio such as 2.53×, or – when missing."""
+    return "–" if value is None or pd.isna(value) else f"{value:.2f}×"
+
+
+def _twins_text(summary: dict) -> list[str]:
+    """The sentences over the twin pairs: the masking check, the demo's designed twins."""
+    allp, n = summary.get("all_pairs", {}), summary.get("n_pairs", 0)
+    out = [
+        f"The {n} class pairs the model mixes up most ({', '.join(summary.get('confusion_splits', []))} "
+        f"confusion × centroid similarity), explained on the {summary['split']} split."
+    ]
+    if allp.get("drop_finer") is not None:
+        out.append(
+            f"Masking check (the top {summary['mask_share']:.0%} of a map's pixels masked): the "
+            f"confidence in the target over its twin drops by {allp['drop_finer']:.3f} for "
+            f"Finer-CAM and {allp['drop_gradcam']:.3f} for Grad-CAM++ on average."
+        )
+    if allp.get("part_ratio_finer") is not None:
+        out.append(
+            "Map mass in the differing part's box ÷ the box's area share: Finer-CAM "
+            f"{_ratio(allp['part_ratio_finer'])}, Grad-CAM++ {_ratio(allp['part_ratio_gradcam'])}."
+        )
+    d = summary.get("designed")
+    if d:
+        out.append(
+            f"Designed twins (demo set): {d['found']} of the {d['n_designed']} designed twin "
+            f"pairs are among the top {n} pairs found; on them the part ratio is Finer-CAM "
+            f"{_ratio(d.get('part_ratio_finer'))}, Grad-CAM++ {_ratio(d.get('part_ratio_gradcam'))}."
+        )
+    return out
+
+
+def _twins_html(report_dir: Path) -> str:
+    """The Twins section: a sentence when there are no pairs, else the summary, table, figures."""
+    summary = read_json(report_dir / "twins.json")
+    if not summary:
+        return ""
+    head = "<h2>Twins: the look-alike classes and what tells them apart</h2>"
+    if summary.get("message"):
+        return head + f"<p>{html.escape(summary['message'])}</p>"
+    pairs = pd.read_csv(report_dir / "twins.csv")
+    text = "".join(f"<p>{html.escape(t)}</p>" for t in _twins_text(summary))
+    table = _table(pairs[[c for c in TWIN_COLUMNS if c in pairs]], digits=3)
+    figs = [
+        _figure_tag(r.figure, f"Twins #{r.rank}: {r.class_a} vs {r.class_b}", f"twins_{r.rank}")
+        for r in pairs.itertuples()
+        if isinstance(getattr(r, "figure", None), str) and (report_dir / r.figure).is_file()
+    ]
+    return head + text + table + "\n".join(figs)
+
+
 def _text_file(path: Path) -> str:
     """The escaped contents of a text file, or a note that it is missing."""
     if not path.is_file():
@@ -234,6 +295,7 @@ def write_index(report_dir: str | os.PathLike) -> Path:
         _summary_html(report_dir),
         "<h2>Figures</h2>",
         _figures_html(report_dir),
+        _twins_html(report_dir),
         "<h2>Tables</h2>",
         _confused_html(report_dir),
         _files_html(report_dir),

@@ -84,6 +84,12 @@ def class_names(n_classes: int) -> list[str]:
     return names
 
 
+def designed_twins(n_classes: int = MAX_CLASSES) -> list[tuple[str, str]]:
+    """The class-name pairs drawn as twins (same part, markers 2m and 2m + 1): ids 2j and 2j + 1."""
+    names = class_names(n_classes)
+    return [(names[k], names[k + 1]) for k in range(0, n_classes - 1, 2)]
+
+
 def _colour(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(lo, hi, 3))
 

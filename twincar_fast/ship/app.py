@@ -1,5 +1,11 @@
 """`twincar app MODEL`: the Gradio demo. Upload or paste a car photo → the top-5 makes/models with
-their probabilities and the Grad-CAM++ overlay of the top class.
+their probabilities and the Grad-CAM++ overlay of the top class, then "Why not its twin?": the top
+class's twin and the Finer-CAM map of the top class against it (what tells them apart here).
+
+The twin (`twin_choice`): the top class's partner in the best-ranked pair of the run's twins.csv
+(`twincar twins`, or the report's `eval.twins`) that holds it, read from the model folder (the run
+copies it there) or else from the run's reports folder; without that file, or when the top class
+is in none of its pairs, the runner-up class of the photo, and the output says so.
 
 It loads the safe folder (a pickle only with `--trust-pickle`), binds to 127.0.0.1 unless told
 otherwise, never opens a share link, and refuses uploads over `max_file_size` (10 MB). A file
@@ -19,11 +25,19 @@ from twincar_fast.data.images import image_problem
 from twincar_fast.errors import TwincarError
 from twincar_fast.ship.card import card_path, read_config, training_data_root
 
-__all__ = ["build_app", "classify_fn", "example_images", "launch_app"]
+__all__ = [
+    "build_app",
+    "classify_fn",
+    "example_images",
+    "launch_app",
+    "load_twins",
+    "twin_choice",
+    "twin_fn",
+]
 
 MAX_FILE_SIZE = "10mb"
 # overlays come at the model's input size (224 px, 32 in tests): shown larger, pixels kept sharp
-CSS = "#cam img { min-width: 224px; min-height: 224px; object-fit: contain; image-rendering: pixelated; }"
+CSS = "#cam img, #twin img { min-width: 224px; min-height: 224px; object-fit: contain; image-rendering: pixelated; }"
 
 
 def example_images(model_dir: str | os.PathLike, n: int = 4) -> list[str]:
@@ -49,18 +63,83 @@ def classify_fn(predictor, gr):
     from twincar_fast.ship.cam import cam_overlays
 
     def classify(path: str | None) -> tuple[dict[str, float], np.ndarray]:
-        if not path:
-            raise gr.Error("Upload or paste a car photo first.")
-        problem = image_problem(Path(path))
-        if problem is not None:
-            raise gr.Error(f"This file can't be used: {problem}. Try a JPEG or PNG photo.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # box-trained models: no box here
-            probs = predictor.predict_proba(path)[0]
+        probs = _probs(predictor, _checked(path, gr))
         label = {c: float(p) for c, p in zip(predictor.classes, probs, strict=True)}
         return label, cam_overlays(predictor, [path], [int(probs.argmax())])[0]
 
     return classify
+
+
+def load_twins(model_dir: str | os.PathLike):
+    """(the run's twins.csv table, where it was read) for a model folder, or (None, why not)."""
+    import pandas as pd
+
+    from twincar_fast.analysis.evaluate import resolve_run
+    from twincar_fast.analysis.twins import TWINS_CSV
+
+    folder = Path(model_dir) if Path(model_dir).is_dir() else Path(model_dir).parent
+    candidates = [folder / TWINS_CSV]
+    try:
+        report = resolve_run(folder).report_dir
+    except TwincarError:
+        report = None
+    if report is not None:
+        candidates.append(report / TWINS_CSV)
+    for path in candidates:
+        if path.is_file():
+            return pd.read_csv(path), str(path)
+    return None, f"no {TWINS_CSV} with this model (run `twincar twins` on its run)"
+
+
+def twin_choice(pairs, source: str, classes: list[str], probs: np.ndarray) -> tuple[int, str]:
+    """The twin class id of the photo's top class and a sentence saying where it comes from."""
+    from twincar_fast.analysis.twins import twin_of
+
+    order = np.argsort(-probs, kind="stable")
+    top = classes[int(order[0])]
+    found = twin_of(pairs, top) if pairs is not None and len(pairs) else None
+    if found is not None and found[0] in classes:
+        return classes.index(found[0]), f"the run's twin of {top} (pair #{found[1]} of {source})"
+    why = source if pairs is None else f"{top} is in none of the twin pairs of {source}"
+    runner_up = int(order[min(1, len(order) - 1)])
+    return runner_up, f"the runner-up class of this photo: {why}"
+
+
+def _checked(path: str | None, gr) -> Path:
+    """The uploaded file, or a message in the page when there is none or it is no image."""
+    if not path:
+        raise gr.Error("Upload or paste a car photo first.")
+    problem = image_problem(Path(path))
+    if problem is not None:
+        raise gr.Error(f"This file can't be used: {problem}. Try a JPEG or PNG photo.")
+    return Path(path)
+
+
+def _probs(predictor, path: Path) -> np.ndarray:
+    """The class probabilities of one photo."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # box-trained models: no box here
+        return predictor.predict_proba(str(path))[0]
+
+
+def twin_fn(predictor, pairs, source: str, gr):
+    """The app's second function: image path → (which twin and why, Finer-CAM overlay)."""
+    from twincar_fast.ship.cam import finer_overlays
+
+    classes = list(predictor.classes)
+
+    def why_not_twin(path: str | None) -> tuple[str, np.ndarray]:
+        probs = _probs(predictor, _checked(path, gr))
+        top = int(probs.argmax())
+        twin, why = twin_choice(pairs, source, classes, probs)
+        text = (
+            f"**{classes[top]}** (p={probs[top]:.2f}), not **{classes[twin]}** "
+            f"(p={probs[twin]:.2f}), {why}. The map: the evidence for {classes[top]} minus "
+            f"{classes[twin]}'s (Finer-CAM), what tells them apart in this photo."
+        )
+        return text, finer_overlays(predictor, [path], [top], [twin])[0]
+
+    return why_not_twin
 
 
 def build_app(model: str | os.PathLike, trust_pickle: bool = False, device: str | None = None):
@@ -71,11 +150,13 @@ def build_app(model: str | os.PathLike, trust_pickle: bool = False, device: str 
 
     predictor = Predictor.from_path(model, device=device, trust_pickle=trust_pickle)
     examples = example_images(model)
+    pairs, source = load_twins(model)
     n = len(predictor.classes)
     with gr.Blocks(title="twincar_fast car recognition") as demo:
         gr.Markdown(
             f"## Which car is this?\nUpload or paste a photo: the top 5 of {n} makes/models "
-            "and where the model looked (Grad-CAM++ of the top class)."
+            "and where the model looked (Grad-CAM++ of the top class); then why not its twin, "
+            "the class it is most easily taken for (Finer-CAM: top class minus twin)."
         )
         with gr.Row():
             image = gr.Image(
@@ -90,8 +171,19 @@ def build_app(model: str | os.PathLike, trust_pickle: bool = False, device: str 
                 cam = gr.Image(
                     type="numpy", label="Grad-CAM++", format="png", elem_id="cam", height=240
                 )
+        with gr.Row():
+            twin_text = gr.Markdown(elem_id="twin-text")
+            twin_cam = gr.Image(
+                type="numpy",
+                label="Why not its twin? (Finer-CAM)",
+                format="png",
+                elem_id="twin",
+                height=240,
+            )
         button = gr.Button("Classify", variant="primary", elem_id="classify")
-        button.click(classify_fn(predictor, gr), image, [label, cam], api_name="classify")
+        done = button.click(classify_fn(predictor, gr), image, [label, cam], api_name="classify")
+        twin = twin_fn(predictor, pairs, source, gr)
+        done.success(twin, image, [twin_text, twin_cam], api_name="twin")
         if examples:
             gr.Examples(examples, image, label="test images of the run")
     demo.twincar_examples = examples  # launch_app lets Gradio serve these files

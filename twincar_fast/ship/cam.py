@@ -1,5 +1,6 @@
-"""Grad-CAM++ overlays from a `Predictor` (PyTorch backend): the top class's heat map drawn over
-the image as the model sees it, for `twincar predict --cam DIR` and the Gradio app."""
+"""Grad-CAM++ and Finer-CAM overlays from a `Predictor` (PyTorch backend): a class's heat map drawn
+over the image as the model sees it, for `twincar predict --cam DIR` and the Gradio app (whose
+"Why not its twin?" output is the Finer-CAM map of the top class against its twin)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from twincar_fast.analysis.gradcam import model_cams, overlay
+from twincar_fast.analysis.gradcam import model_cams, model_finer_cams, overlay
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path
 from twincar_fast.ship.predict import Predictor
 
-__all__ = ["cam_overlays", "write_cams"]
+__all__ = ["cam_overlays", "finer_overlays", "write_cams"]
+
+
+def _inputs(predictor: Predictor, images: Sequence, boxes: Sequence | None):
+    """(normalized batch, RGB images in [0, 1]) of images as the model sees them."""
+    if not hasattr(predictor, "model"):
+        raise TwincarError("Grad-CAM++ needs the PyTorch model: use --backend torch for --cam")
+    pre = predictor.preprocess
+    boxes = list(boxes) if boxes is not None else [None] * len(images)
+    x = pre.batch([pre.item(im, b) for im, b in zip(images, boxes, strict=True)], predictor.device)
+    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1)
+    return x, (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def cam_overlays(
@@ -26,15 +39,21 @@ def cam_overlays(
     boxes: Sequence | None = None,
 ) -> list[np.ndarray]:
     """One uint8 RGB overlay (img_size × img_size × 3) per image: Grad-CAM++ of `targets`."""
-    if not hasattr(predictor, "model"):
-        raise TwincarError("Grad-CAM++ needs the PyTorch model: use --backend torch for --cam")
-    pre = predictor.preprocess
-    boxes = list(boxes) if boxes is not None else [None] * len(images)
-    x = pre.batch([pre.item(im, b) for im, b in zip(images, boxes, strict=True)], predictor.device)
+    x, rgb = _inputs(predictor, images, boxes)
     cams = model_cams(predictor.model, x, targets, bs=predictor.batch_size)
-    mean = torch.tensor(pre.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std, device=x.device).view(1, -1, 1, 1)
-    rgb = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [overlay(r, c) for r, c in zip(rgb, cams, strict=True)]
+
+
+def finer_overlays(
+    predictor: Predictor,
+    images: Sequence,
+    targets: Sequence[int],
+    twins: Sequence[int],
+    boxes: Sequence | None = None,
+) -> list[np.ndarray]:
+    """One uint8 RGB overlay per image: Finer-CAM of each target against its twin class."""
+    x, rgb = _inputs(predictor, images, boxes)
+    cams = model_finer_cams(predictor.model, x, targets, twins, bs=predictor.batch_size)
     return [overlay(r, c) for r, c in zip(rgb, cams, strict=True)]
 
 
