@@ -144,8 +144,13 @@ def test_a_real_browser_uploads_a_photo_and_sees_the_result(app, tmp_path):
             page.locator("#prediction").get_by_text(expected).first.wait_for(timeout=60_000)
             overlay = page.locator("#cam img").first
             overlay.wait_for(timeout=60_000)
+            overlay.evaluate("img => img.decode()")  # wait for its pixels (rejects if broken)
             assert overlay.evaluate("img => img.complete && img.naturalWidth") == 32
-            page.locator("#twin img").first.wait_for(timeout=60_000)  # "Why not its twin?"
+            twin = page.locator("#twin img").first
+            twin.wait_for(timeout=60_000)  # "Why not its twin?"
+            twin.evaluate("img => img.decode()")  # loaded whole: its own file, never rewritten
+            assert twin.get_attribute("src") != overlay.get_attribute("src")
+            assert overlay.evaluate("img => img.complete && img.naturalWidth") == 32
             assert "runner-up" in page.locator("#twin-text").inner_text()
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         finally:

@@ -62,10 +62,12 @@ def classify_fn(predictor, gr):
     """The app's function: image path → ({class: probability}, Grad-CAM++ overlay)."""
     from twincar_fast.ship.cam import cam_overlays
 
-    def classify(path: str | None) -> tuple[dict[str, float], np.ndarray]:
+    def classify(path: str | None) -> tuple[dict[str, float], object]:
         probs = _probs(predictor, _checked(path, gr))
         label = {c: float(p) for c, p in zip(predictor.classes, probs, strict=True)}
-        return label, cam_overlays(predictor, [path], [int(probs.argmax())])[0]
+        top = int(probs.argmax())
+        overlay = cam_overlays(predictor, [path], [top])[0]
+        return label, _tagged(overlay, f"Grad-CAM++ of {predictor.classes[top]}")
 
     return classify
 
@@ -105,6 +107,20 @@ def twin_choice(pairs, source: str, classes: list[str], probs: np.ndarray) -> tu
     return runner_up, f"the runner-up class of this photo: {why}"
 
 
+def _tagged(overlay: np.ndarray, what: str):
+    """The overlay as a PNG-bound image whose text chunk names the map.
+
+    Gradio caches an output under the hash of its encoded bytes and rewrites that file in place:
+    two equal overlays (a flat map gives the plain photo) shared one file, rewritten while the
+    browser was still reading the first, so the map's name keeps each output's file its own.
+    """
+    from PIL import Image
+
+    image = Image.fromarray(overlay)
+    image.info["map"] = what
+    return image
+
+
 def _checked(path: str | None, gr) -> Path:
     """The uploaded file, or a message in the page when there is none or it is no image."""
     if not path:
@@ -128,7 +144,7 @@ def twin_fn(predictor, pairs, source: str, gr):
 
     classes = list(predictor.classes)
 
-    def why_not_twin(path: str | None) -> tuple[str, np.ndarray]:
+    def why_not_twin(path: str | None) -> tuple[str, object]:
         probs = _probs(predictor, _checked(path, gr))
         top = int(probs.argmax())
         twin, why = twin_choice(pairs, source, classes, probs)
@@ -137,7 +153,8 @@ def twin_fn(predictor, pairs, source: str, gr):
             f"(p={probs[twin]:.2f}), {why}. The map: the evidence for {classes[top]} minus "
             f"{classes[twin]}'s (Finer-CAM), what tells them apart in this photo."
         )
-        return text, finer_overlays(predictor, [path], [top], [twin])[0]
+        overlay = finer_overlays(predictor, [path], [top], [twin])[0]
+        return text, _tagged(overlay, f"Finer-CAM of {classes[top]} vs {classes[twin]}")
 
     return why_not_twin
 
