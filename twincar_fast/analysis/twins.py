@@ -141,10 +141,10 @@ def _summary(pairs: pd.DataFrame, classes: list[str], split: str, splits: list[s
 
 def _write(report_dir: Path, pairs: pd.DataFrame, summary: dict) -> pd.DataFrame:
     """twins.csv and twins.json (written last), old pair figures removed first."""
-    fig_dir = report_dir / FIG_DIR
+    fig_dir, kept = report_dir / FIG_DIR, set(pairs.get("figure", []))
     if fig_dir.is_dir():
         for old in fig_dir.glob("twins_*.png"):
-            if old.relative_to(report_dir).as_posix() not in set(pairs.get("figure", [])):
+            if old.relative_to(report_dir).as_posix() not in kept:
                 old.unlink()
     write_csv(report_dir / TWINS_CSV, pairs)
     write_json(report_dir / TWINS_JSON, summary)

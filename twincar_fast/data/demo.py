@@ -85,9 +85,12 @@ def class_names(n_classes: int) -> list[str]:
 
 
 def designed_twins(n_classes: int = MAX_CLASSES) -> list[tuple[str, str]]:
-    """The class-name pairs drawn as twins (same part, markers 2m and 2m + 1): ids 2j and 2j + 1."""
-    names = class_names(n_classes)
-    return [(names[k], names[k + 1]) for k in range(0, n_classes - 1, 2)]
+    """The class-name pairs drawn as twins: the classes `class_part` gives one part and one model."""
+    names, groups = class_names(n_classes), {}
+    for k in range(n_classes):
+        part, marker = class_part(k)
+        groups.setdefault((part, marker // 2), []).append(names[k])
+    return [(a, b) for a, b in (g for g in groups.values() if len(g) == 2)]
 
 
 def _colour(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int, int]:
