@@ -90,7 +90,9 @@ def test_grid_sweep_killed_in_trial_3_continues_to_4_trials_and_compares(sweep_y
         _cmd(sweep_yaml, *GRID), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL
     )
     try:
-        _wait_for(lambda: _running_trial(tmp_path, 2), 240, "trial 3 to start training")
+        _wait_for(
+            lambda: _running_trial(tmp_path, 2), 600, "trial 3 to start training"
+        )  # a loaded CI box took > 240 s
     finally:
         proc.send_signal(signal.SIGKILL)  # the sweep process itself; its worker dies with it
         proc.wait()
