@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -55,26 +56,48 @@ def _points(trials) -> list[tuple]:
     return sorted(tuple(sorted(t.params.items())) for t in trials)
 
 
-def _wait_for(cond, timeout: float, what: str) -> None:
+def _worker_log(tmp_path: Path) -> str:
+    """The end of the sweep's worker log, to say why a wait failed."""
+    log = tmp_path / "reports" / "tiny-sweep" / "workers" / "worker-0.log"
+    return log.read_text()[-3000:] if log.is_file() else "(no worker log)"
+
+
+def _wait_for(cond, timeout: float, what: str, proc=None, tmp_path=None):
+    """Poll `cond` until it is truthy, and return that; fail at once if the sweep `proc` ends
+    first, with the worker's log."""
     end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    while not (value := cond()):
+        ended = proc is not None and proc.poll() is not None
+        if ended or time.monotonic() > end:
+            why = f"the sweep ended (exit {proc.returncode})" if ended else "timed out"
+            log = _worker_log(tmp_path) if tmp_path else ""
+            raise AssertionError(f"{why} waiting for {what}\n{log}")
+        time.sleep(0.05)
+    return value
 
 
-def _running_trial(tmp_path: Path, number: int) -> bool:
-    """Whether trial `number` is training (its run folder recorded)."""
-    if not (tmp_path / "reports" / "tiny-sweep" / "sweep.json").is_file():
-        return False  # written once the study exists
-    try:
-        trials = _study(tmp_path).get_trials(deepcopy=False)
-    except (KeyError, optuna.exceptions.StorageInternalError):
-        return False
-    return any(
-        t.number == number and t.state == TrialState.RUNNING and "run_dir" in t.user_attrs
-        for t in trials
+def _training_worker(tmp_path: Path, number: int) -> int | None:
+    """The worker pid of trial `number` once it trains (running, its run folder recorded).
+
+    Read straight from the study's SQLite file: a tiny trial trains for about a second, too short
+    for a poll through `optuna.load_study` (a new engine each time) on a loaded machine.
+    """
+    db = tmp_path / "reports" / "tiny-sweep" / "study.db"
+    if not db.is_file():
+        return None
+    query = (
+        "SELECT a.key, a.value_json FROM trials t JOIN trial_user_attributes a "
+        "ON a.trial_id = t.trial_id WHERE t.number = ? AND t.state = 'RUNNING'"
     )
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            attrs = {k: json.loads(v) for k, v in con.execute(query, (number,))}
+        finally:
+            con.close()
+    except sqlite3.Error:  # the tables are still being created
+        return None
+    return attrs.get("pid") if "run_dir" in attrs else None
 
 
 def _gone(pid: int) -> bool:
@@ -90,9 +113,8 @@ def test_grid_sweep_killed_in_trial_3_continues_to_4_trials_and_compares(sweep_y
         _cmd(sweep_yaml, *GRID), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL
     )
     try:
-        _wait_for(
-            lambda: _running_trial(tmp_path, 2), 600, "trial 3 to start training"
-        )  # a loaded CI box took > 240 s
+        worker = _wait_for(lambda: _training_worker(tmp_path, 2), 300, "trial 3", proc, tmp_path)
+        os.kill(worker, signal.SIGSTOP)  # frozen mid-trial until the kill below
     finally:
         proc.send_signal(signal.SIGKILL)  # the sweep process itself; its worker dies with it
         proc.wait()

@@ -35,9 +35,10 @@ from twincar_fast.lab.study import (
     recover_dead_trials,
 )
 
-__all__ = ["Sweep", "plan_sweep", "run_sweep", "run_worker", "STORAGE_ENV"]
+__all__ = ["Sweep", "die_with_parent", "plan_sweep", "run_sweep", "run_worker", "STORAGE_ENV"]
 
 STORAGE_ENV = "TWINCAR_SWEEP_STORAGE"  # the URL reaches workers here, never in a file
+PARENT_ENV = "TWINCAR_SWEEP_PARENT"  # the sweep's pid: a worker dies with it
 
 
 @dataclass
@@ -187,20 +188,27 @@ def run_worker(sweep: Sweep) -> int:
 # ---------------------------------------------------------------- the sweep command
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the sweep process dies (Linux), so no worker is orphaned."""
+def die_with_parent() -> None:
+    """In a worker: get SIGKILL when the sweep process dies (Linux), so no worker is orphaned.
+
+    Called by the worker itself after exec, not as Popen's `preexec_fn`: Python code between
+    fork and exec in a process with threads (torch's, jemalloc's) can deadlock the child.
+    """
+    parent = os.environ.get(PARENT_ENV)
     try:
         import ctypes
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if parent and os.getppid() != int(parent):  # the sweep died before prctl: follow it now
+        os._exit(1)
 
 
 def _worker_env(i: int, workers: int, storage: str) -> dict[str, str]:
     """A worker's environment: the storage URL, its share of CPU threads, its GPU."""
-    env = {**os.environ, STORAGE_ENV: storage}
+    env = {**os.environ, STORAGE_ENV: storage, PARENT_ENV: str(os.getpid())}
     if workers > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -232,7 +240,6 @@ def start_workers(sweep: Sweep, workers: int) -> list[subprocess.Popen]:
                 env=_worker_env(i, workers, sweep.storage),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
             )
         )
         log.close()
