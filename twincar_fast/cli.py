@@ -20,6 +20,8 @@ prepare data, evaluate, redraw reports and predict with a saved model."""
 EPILOG = """common commands:
   twincar run experiments/demo.yaml
       the whole pipeline on the synthetic demo set (no downloads): train, test, report, export
+  twincar train experiments/baseline.yaml --processes 4
+      the same run on 4 GPUs (DDP through Accelerate; data.batch_size is per process)
   twincar evaluate models/<run> --data data/stanford_cars
       the full metric table of a saved model on the official test split
   twincar twins reports/<run> --pairs 5
@@ -39,15 +41,23 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int | None:
+    if args.processes < 1:
+        raise TwincarError(f"--processes must be at least 1, got {args.processes}")
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
     if args.resume is not None:  # ... also on a finished or wrong run folder
         from twincar_fast.train.folders import open_resume
 
         open_resume(args.resume, cfg)
+    if args.processes > 1:
+        from twincar_fast.train.distributed import launch
+
+        resume = ["--resume", str(args.resume)] if args.resume is not None else []
+        return launch(args.processes, [str(args.config), *args.overrides, *resume])
     from twincar_fast.experiment import run_experiment
 
     run_experiment(cfg, resume=args.resume)
+    return None
 
 
 def _add_run(sub: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -65,6 +75,14 @@ def _add_run(sub: argparse._SubParsersAction, name: str, help: str) -> None:
         default=None,
         metavar="RUN_DIR",
         help="continue an interrupted run from its last saved epoch",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes through Accelerate (one GPU each; gloo on CPUs); "
+        "data.batch_size is per process",
     )
     p.set_defaults(func=_run)
 

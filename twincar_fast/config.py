@@ -161,6 +161,10 @@ class TrainConfig:
     # bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), else none
     channels_last: bool = True  # channels-last memory format (faster convs on GPU and CPU)
     grad_accum: int = 1  # accumulate gradients over this many batches
+    sync_bn: bool = False  # several processes: SyncBatchNorm (BatchNorm statistics over every
+    # process's shard; off: each process's own, as one process with data.batch_size would have)
+    lr_scale: Literal["none", "linear"] = "none"  # several processes: linear multiplies train.lr
+    # by their number (the global batch is data.batch_size × processes; Goyal et al. 2017)
     ema: float = 0.0  # EMA of the weights (timm's ModelEmaV3) with this decay, e.g. 0.9998;
     # 0 = off; on: validation, the best checkpoint, the export and the test use the EMA weights
     ema_warmup: bool = True  # EMA decay warms up (1 - (1 + step)^-2/3) so short runs average too

@@ -24,7 +24,7 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback  # noqa: F401 - patches Learner.no_bar
 from fastai.callback.schedule import minimum, slide, valley
 from fastai.learner import Learner
-from fastai.torch_core import set_seed
+from fastai.torch_core import num_distrib, set_seed
 
 from twincar_fast.analysis.evaluate import evaluate_learner
 from twincar_fast.analysis.interpret import interpret_learner
@@ -46,6 +46,14 @@ from twincar_fast.model.learner import create_learner
 from twincar_fast.model.precision import device_info
 from twincar_fast.ship.export import export_model
 from twincar_fast.train.callbacks import SaveRun, load_checkpoint
+from twincar_fast.train.distributed import (
+    broadcast_object,
+    check_distributed,
+    distributed,
+    init_distributed,
+    is_main,
+    leave_group,
+)
 from twincar_fast.train.fit import check_console_columns, check_monitor, fit_run
 from twincar_fast.train.folders import missing_steps
 from twincar_fast.train.runs import (
@@ -180,9 +188,11 @@ def run_experiment(
     check_monitor(cfg)
     check_console_columns(cfg)
     check_trackers(cfg)
+    check_distributed(cfg)
+    init_distributed()  # when launched with several processes
     with ExitStack() as held:
         folders = open_resume(resume, cfg) if resume is not None else None
-        if folders is not None:  # before the data and model: a busy run is refused at once
+        if folders is not None and is_main():  # before the data and model: busy runs fail fast
             held.enter_context(lock_run(folders))
         set_seed(cfg.train.seed, reproducible=True)
         data_dir = ensure_dataset(cfg)
@@ -190,26 +200,41 @@ def run_experiment(
         _check_needs(cfg, data_dir, dls)
         learn = create_learner(cfg, dls)
         if folders is None:
-            folders = create_run_folders(cfg)
-            held.enter_context(lock_run(folders))
+            folders = _new_folders(cfg)
+            if is_main():
+                held.enter_context(lock_run(folders))
         learn.path, learn.model_dir = folders.model_dir, "checkpoints"  # fastai's saves stay here
         machine = device_info(cfg.train, learn.dls.device)
+        if distributed():
+            machine["processes"] = num_distrib()
         print_config(cfg, folders.name, machine)
         print_data_summary(cfg, data_dir, dls)
-        trackers, ended = make_trackers(cfg, folders), {}
+        trackers, ended = (make_trackers(cfg, folders) if is_main() else []), {}
         held.callback(_finish_trackers, trackers, ended)  # also when the run fails
         if folders.finished:
+            leave_group()  # nothing to train: rank 0 finishes the run alone
+            if not is_main():
+                return RunResult(folders.name, folders.report_dir, folders.model_dir, {}, learn)
             summary = json.loads((folders.report_dir / "summary.json").read_text())
             load_checkpoint(learn, Path(summary["paths"]["best_checkpoint"]), with_opt=False)
             paths = {k: Path(v) for k, v in summary["paths"].items()}
         else:
-            summary, paths = _train(
+            trained = _train(
                 learn, cfg, folders, data_dir, resume is not None, [*cbs, *trackers], start, machine
             )
+            if trained is None:  # a rank other than 0: the fit was its part
+                return RunResult(folders.name, folders.report_dir, folders.model_dir, {}, learn)
+            summary, paths = trained
         _report(learn, cfg, folders, data_dir, paths)
         _print_result(cfg, summary, paths)
         ended["paths"] = paths  # the trackers get the outputs of a run that ended well
         return RunResult(folders.name, folders.report_dir, folders.model_dir, summary, learn)
+
+
+def _new_folders(cfg: ExperimentConfig) -> RunFolders:
+    """A new run's folders: claimed by rank 0, its name broadcast to the other processes."""
+    name = broadcast_object(create_run_folders(cfg).name if is_main() else None)
+    return RunFolders(name, Path(cfg.reports_dir) / name, Path(cfg.models_dir) / name)
 
 
 def _finish_trackers(trackers: Sequence, ended: dict) -> None:
@@ -228,10 +253,17 @@ def _train(
     cbs: Sequence[Callback],
     start: float,
     machine: dict,
-) -> tuple[dict, dict[str, Path]]:
-    """Fit, export the best model and write summary.json: (the summary, every output path)."""
-    write_snapshot(cfg, folders, learn, data_dir)
+) -> tuple[dict, dict[str, Path]] | None:
+    """Fit, export the best model and write summary.json: (the summary, every output path).
+
+    With several processes all of them fit; then only rank 0 goes on (the others get None).
+    """
+    if is_main():
+        write_snapshot(cfg, folders, learn, data_dir)
     saver = _fit_or_hint(learn, cfg, folders, resume, cbs, data_dir)
+    leave_group()
+    if not is_main():
+        return None
     load_checkpoint(learn, saver.best_path)
     paths = _save_outputs(learn, cfg, folders, saver)
     summary = _summary(cfg, saver, time.perf_counter() - start, paths, machine)
@@ -362,6 +394,11 @@ def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100
 
 def run_lr_find(cfg: ExperimentConfig) -> dict:
     """`twincar lr-find`: lr_find on the configured learner, saved to reports/<name>-lrfind-<stamp>/."""
+    if distributed():  # fastai's lr_find under DDP hangs (fastai #3688)
+        raise TwincarError(
+            "lr-find runs in one process: start `twincar lr-find CONFIG` without a launcher, then "
+            "train with several"
+        )
     set_seed(cfg.train.seed, reproducible=True)
     data_dir = ensure_dataset(cfg)
     learn = create_learner(cfg, build_dls(cfg, data_dir))

@@ -27,10 +27,10 @@ from fastai.vision.augment import (
 from fastai.vision.core import PILImage, imagenet_stats
 from fasttransform import Transform
 from PIL import Image
-from rich.console import Console
 from rich.table import Table
 
 from twincar_fast.config import AugConfig, ExperimentConfig
+from twincar_fast.console import console
 from twincar_fast.data.batches import CachedDL, device_pixels
 from twincar_fast.data.cache import ImageCache, open_cache
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
@@ -479,5 +479,5 @@ def print_data_summary(
     table = Table(title="data", show_header=False)
     for key, value in summary.items():
         table.add_row(key, str(value))
-    Console().print(table)
+    console.print(table)
     return summary

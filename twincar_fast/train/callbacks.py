@@ -31,6 +31,7 @@ from fastai.torch_core import get_model
 from twincar_fast.analysis.metrics import METRIC_NAMES, classification_metrics
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_csv
+from twincar_fast.train.distributed import is_main, rank_tag, sum_across
 
 __all__ = [
     "MONITORS",
@@ -82,7 +83,7 @@ def rng_state(learn: Learner) -> dict:
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "dls": [dl.rng.getstate() for dl in learn.dls.loaders],  # fastai's shuffle generators
+        "dls": [_unwrapped(dl).rng.getstate() for dl in learn.dls.loaders],  # shuffle generators
     }
 
 
@@ -94,7 +95,12 @@ def set_rng_state(learn: Learner, state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     for dl, s in zip(learn.dls.loaders, state["dls"], strict=False):
-        dl.rng.setstate(s)
+        _unwrapped(dl).rng.setstate(s)
+
+
+def _unwrapped(dl):
+    """The loader itself, also inside fastai's `DistributedDL` (several processes)."""
+    return getattr(dl, "dl", dl)
 
 
 def save_checkpoint(
@@ -172,7 +178,7 @@ class EpochMetrics(Callback):
         self._start = time.perf_counter()
 
     def before_validate(self):
-        self._probs, self._targets = [], []
+        self._probs, self._targets, self._losses = [], [], []
 
     def after_batch(self):
         if not len(self.yb):
@@ -187,19 +193,30 @@ class EpochMetrics(Callback):
             self._size = self.xb[0].shape[
                 -1
             ]  # the side this epoch trains at (progressive resizing)
-        else:
-            self._probs.append(torch.softmax(self.pred.detach().float(), -1).cpu())
-            self._targets.append(y.detach().cpu())
+        else:  # `learn.to_detach`: with several processes, every rank's items, padding dropped
+            probs = torch.softmax(self.pred.detach().float(), -1)
+            self._probs.append(self.learn.to_detach(probs))
+            self._targets.append(self.learn.to_detach(y))
+            self._losses.append(self.learn.to_detach(self._item_losses()))
+
+    def _item_losses(self) -> torch.Tensor:
+        """This validation batch's loss per image (averaged, the gathered `valid_loss`)."""
+        with self.learn.loss_not_reduced():
+            return self.learn.loss_func(self.pred.detach(), *self.yb).float().reshape(-1)
 
     def after_train(self):
-        if self._n and not bool(self._finite):  # one sync per epoch; stop before NaN validation
+        # one sync per epoch, over every rank's batches when several processes train (so all
+        # ranks stop alike on a NaN loss, before validating it)
+        bad = ~torch.as_tensor(self._finite)
+        n, correct, loss, bad = sum_across([self._n, self._correct, self._loss, bad])
+        if n and bad:
             self.diverged = (self.epoch, int(self._good), float(self.opt.hypers[-1]["lr"]))
             raise CancelFitException()
-        if self._n:
-            self.values["train_loss"] = float(self._loss) / self._n
-            self.values["train_acc"] = float(self._correct) / self._n
+        if n:
+            self.values["train_loss"] = loss / n
+            self.values["train_acc"] = correct / n
             self.values["img_size"] = int(self._size)
-            self.train_images += self._n
+            self.train_images += int(n)
             self.train_seconds += time.perf_counter() - self._start
 
     def after_validate(self):
@@ -207,13 +224,14 @@ class EpochMetrics(Callback):
             return  # validation cancelled (lr_find) or empty
         self.probs = torch.cat(self._probs).numpy()
         self.targets = torch.cat(self._targets).numpy()
+        self.values["valid_loss"] = float(torch.cat(self._losses).mean())
         table = classification_metrics(self.targets, self.probs)
         self.values.update({f"valid_{k}": v for k, v in table.items()})
         if (
             getattr(self.learn, "ema_weights", None) is None
         ):  # else EmaWeights measured the raw ones
             self.values["valid_acc_raw"] = self.values["valid_acc"]
-        self._probs, self._targets = [], []
+        self._probs, self._targets, self._losses = [], [], []
 
 
 # ---------------------------------------------------------------- trackers
@@ -300,15 +318,18 @@ class SaveRun(TrackerCallback):
     def after_epoch(self):
         if epoch_skipped(self.learn):
             return
-        epoch = self.offset + self.epoch
+        epoch, main = self.offset + self.epoch, is_main()  # every rank decides, rank 0 writes
         if self.keep_last or _now_best(self):
             self.best_epoch = epoch
-            save_checkpoint(self.learn, self.best_path, best=True)
-        save_checkpoint(self.learn, self.last_path(epoch), rng=True)
+            if main:
+                save_checkpoint(self.learn, self.best_path, best=True)
+        if main:
+            save_checkpoint(self.learn, self.last_path(epoch), rng=True)
         self.rows.append(self._row(epoch))
-        write_csv(self.metrics_csv, pd.DataFrame(self.rows, columns=METRICS_COLUMNS))
+        if main:
+            write_csv(self.metrics_csv, pd.DataFrame(self.rows, columns=METRICS_COLUMNS))
         self.prune()
-        if self.echo is not None:
+        if self.echo is not None and main:
             self.echo(self.rows[-1])
 
     def _row(self, epoch: int) -> dict:
@@ -321,6 +342,8 @@ class SaveRun(TrackerCallback):
 
     def prune(self, keep_last: bool = True) -> None:
         """Delete checkpoints other than the best and (if `keep_last`) the newest last one."""
+        if not is_main():
+            return  # rank 0's files
         keep = {self.best_path}
         if keep_last and self.rows:
             keep.add(self.last_path(self.rows[-1]["epoch"]))
@@ -349,7 +372,10 @@ class EarlyStop(EarlyStoppingCallback):
             return
         self.wait = 0 if _now_best(self) else self.wait + 1
         if self.wait >= self.patience:
-            print(f"No improvement of {self.monitor} for {self.wait} epochs: early stopping")
+            print(
+                f"No improvement of {self.monitor} for {self.wait} epochs: early stopping "
+                f"after epoch {self.epoch} of this stage{rank_tag()}"
+            )
             raise CancelFitException()
 
 

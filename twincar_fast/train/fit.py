@@ -33,6 +33,7 @@ from twincar_fast.train.callbacks import (
     replay_tracker,
     set_rng_state,
 )
+from twincar_fast.train.distributed import distributed_fit, scaled_lr
 from twincar_fast.train.recipe import EmaWeights, recipe_callbacks
 from twincar_fast.train.runs import RunFolders
 
@@ -137,7 +138,7 @@ def _fit_stage(
     if resume_from is not None:  # weights, and mid-stage the optimizer state, of that epoch
         rng = load_checkpoint(learn, saver.last_path(resume_from), with_opt=start > 0)
     trackers = _main_trackers(cfg, saver.rows[cfg.train.head_epochs :]) if stage == "main" else []
-    lr = lr_for(cfg, learn)
+    lr = scaled_lr(cfg, lr_for(cfg, learn))
     if rng is not None:  # last: the next shuffle and augmentation draw as they would have
         set_rng_state(learn, rng)
     warmup = cfg.train.warmup_epochs if stage == "main" else 0.0
@@ -206,7 +207,12 @@ def fit_run(
     ema = EmaWeights(t.ema, t.ema_warmup) if t.ema else None
     offset, resume_from = 0, (done - 1 if done else None)
     # fastai's own epoch table off: it is 281 columns wide and its train_loss is the smoothed one
-    with quiet_if_plain(learn), learn.no_logging(), _attached(learn, ema):
+    with (
+        quiet_if_plain(learn),
+        learn.no_logging(),
+        _attached(learn, ema),
+        distributed_fit(learn, cfg),
+    ):
         for stage, n in (("head", t.head_epochs), ("main", t.epochs)):
             start = min(max(done - offset, 0), n)
             if stage == "main" and _stopped_early(cfg, saver.rows):

@@ -21,6 +21,7 @@ from twincar_fast.data import read_classes
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
 from twincar_fast.train.callbacks import METRICS_COLUMNS
+from twincar_fast.train.distributed import is_main
 from twincar_fast.train.folders import RunFolders, create_run_folders, lock_run, open_resume
 
 __all__ = [
@@ -61,7 +62,7 @@ def resume_point(folders: RunFolders) -> tuple[int, list[dict]]:
             f"last-epoch checkpoint in {folders.ckpt_dir}; resuming would restart it: start a new run"
         )
     rows = rows[:done]  # a row whose checkpoint never landed is done again
-    if csv.is_file():
+    if csv.is_file() and is_main():  # (several processes: rank 0 writes)
         write_csv(csv, pd.DataFrame(rows, columns=METRICS_COLUMNS))
     return done, rows
 
