@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import InterruptAfter, make_tiny_cfg
+from fastai.torch_core import set_seed
 from torch import nn
 
 from twincar_fast.analysis.metrics import classification_metrics
@@ -34,6 +35,7 @@ from twincar_fast.train.distributed import (
     batchnorm_kinds,
     check_distributed,
     launch,
+    rank_streams,
     revert_sync_bn,
 )
 
@@ -260,3 +262,24 @@ def test_two_processes_without_a_validation_split(tiny_data, tmp_path):
     metrics = pd.read_csv(report / "metrics.csv")
     assert list(metrics.epoch) == [0] and metrics.valid_acc.isna().all()
     assert metrics.train_loss.notna().all() and (model / "model.safetensors").is_file()
+
+
+def test_each_rank_above_0_draws_its_own_augmentation_stream(tiny_data, tmp_path, monkeypatch):
+    cfg = load_config(_yaml(tiny_data, tmp_path))
+
+    def draws(rank: int) -> list[int]:
+        monkeypatch.setenv("RANK", str(rank))
+        set_seed(cfg.train.seed, reproducible=True)  # what every rank does first
+        learn = create_learner(cfg, build_dls(cfg))
+        rank_streams(learn)
+        return [learn.dls.train.rng.getrandbits(32) for _ in range(4)] + [
+            int(torch.randint(0, 2**31, ()))
+        ]
+
+    rank0, rank1, rank2 = draws(0), draws(1), draws(2)
+    assert draws(0) == rank0 and draws(1) == rank1  # reproducible per rank
+    assert len({tuple(rank0), tuple(rank1), tuple(rank2)}) == 3
+    monkeypatch.delenv("RANK")
+    set_seed(cfg.train.seed, reproducible=True)
+    plain = create_learner(cfg, build_dls(cfg))
+    assert [plain.dls.train.rng.getrandbits(32) for _ in range(4)] == rank0[:4]  # rank 0 as one

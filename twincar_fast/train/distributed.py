@@ -13,6 +13,7 @@ exports, evaluates and reports as a single process.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import warnings
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 
+import numpy as np
 import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL, DistributedTrainer
@@ -44,6 +46,7 @@ __all__ = [
     "is_main",
     "launch",
     "rank_tag",
+    "rank_streams",
     "revert_sync_bn",
     "leave_group",
     "scaled_lr",
@@ -182,6 +185,21 @@ def revert_sync_bn(model: nn.Module, kinds: dict[str, type]) -> nn.Module:
     return model
 
 
+def rank_streams(learn: Learner) -> None:
+    """On rank r > 0: random streams of its own (augmentation draws, dropout), derived from the
+    state every rank shares (one seed, or the resumed checkpoint's), so that the ranks' shards are
+    not augmented with the same draws in the same order. Rank 0 keeps its stream."""
+    r = rank_distrib()
+    if not r:
+        return
+    s = random.getrandbits(62) + r  # the same base on every rank, a different stream on each
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    for i, dl in enumerate(learn.dls.loaders):
+        getattr(dl, "dl", dl).rng.seed(s + 1_000 * (i + 1))  # (inside `DistributedDL` too)
+
+
 class Distributed(DistributedTrainer):
     """fastai's `DistributedTrainer` (DDP through Accelerate) with CPU-safe loaders, and the
     model handed back with plain BatchNorm after a `sync_bn` fit (for export and one process)."""
@@ -196,6 +214,7 @@ class Distributed(DistributedTrainer):
 
     def before_fit(self):
         self.kinds = batchnorm_kinds(self.learn.model)
+        rank_streams(self.learn)
         super().before_fit()
 
     def after_fit(self):
