@@ -90,7 +90,7 @@ def designed_twins(n_classes: int = MAX_CLASSES) -> list[tuple[str, str]]:
     for k in range(n_classes):
         part, marker = class_part(k)
         groups.setdefault((part, marker // 2), []).append(names[k])
-    return [(a, b) for a, b in (g for g in groups.values() if len(g) == 2)]
+    return [(g[0], g[1]) for g in groups.values() if len(g) == 2]
 
 
 def _colour(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ from fastai.torch_core import get_model
 from twincar_fast.analysis.metrics import METRIC_NAMES, classification_metrics
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_csv
-from twincar_fast.train.distributed import is_main, rank_tag, sum_across
+from twincar_fast.train.distributed import is_main, rank_tag, sum_across, unwrapped
 
 __all__ = [
     "MONITORS",
@@ -83,7 +83,7 @@ def rng_state(learn: Learner) -> dict:
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "dls": [_unwrapped(dl).rng.getstate() for dl in learn.dls.loaders],  # shuffle generators
+        "dls": [unwrapped(dl).rng.getstate() for dl in learn.dls.loaders],  # shuffle generators
     }
 
 
@@ -95,12 +95,7 @@ def set_rng_state(learn: Learner, state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     for dl, s in zip(learn.dls.loaders, state["dls"], strict=False):
-        _unwrapped(dl).rng.setstate(s)
-
-
-def _unwrapped(dl):
-    """The loader itself, also inside fastai's `DistributedDL` (several processes)."""
-    return getattr(dl, "dl", dl)
+        unwrapped(dl).rng.setstate(s)
 
 
 def save_checkpoint(

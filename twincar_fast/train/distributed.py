@@ -16,16 +16,14 @@ import os
 import random
 import subprocess
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 
 import numpy as np
 import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL, DistributedTrainer
-from fastai.learner import Learner, ValueMetric
+from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -47,10 +45,11 @@ __all__ = [
     "launch",
     "rank_tag",
     "rank_streams",
-    "revert_sync_bn",
     "leave_group",
+    "revert_sync_bn",
     "scaled_lr",
     "sum_across",
+    "unwrapped",
 ]
 
 _EXTRA = 'pip install -e ".[distributed]"'
@@ -185,6 +184,11 @@ def revert_sync_bn(model: nn.Module, kinds: dict[str, type]) -> nn.Module:
     return model
 
 
+def unwrapped(dl):
+    """The loader itself, also inside fastai's `DistributedDL`."""
+    return getattr(dl, "dl", dl)
+
+
 def rank_streams(learn: Learner) -> None:
     """On rank r > 0: random streams of its own (augmentation draws, dropout), derived from the
     state every rank shares (one seed, or the resumed checkpoint's), so that the ranks' shards are
@@ -197,7 +201,7 @@ def rank_streams(learn: Learner) -> None:
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
     for i, dl in enumerate(learn.dls.loaders):
-        getattr(dl, "dl", dl).rng.seed(s + 1_000 * (i + 1))  # (inside `DistributedDL` too)
+        unwrapped(dl).rng.seed(s + 1_000 * (i + 1))
 
 
 class Distributed(DistributedTrainer):
@@ -223,13 +227,6 @@ class Distributed(DistributedTrainer):
             self.learn.model = revert_sync_bn(self.learn.model, self.kinds)
 
 
-def _set_recorder_loss(learn: Learner, metric) -> None:
-    """The Recorder's validation-loss metric (fastai warns that `learn.loss` has the name too)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        learn.recorder.loss = metric
-
-
 @contextmanager
 def distributed_fit(learn: Learner, cfg: ExperimentConfig) -> Iterator[None]:
     """fastai's `distrib_ctx` with `Distributed`: DDP for the fits in the block when launched
@@ -237,10 +234,8 @@ def distributed_fit(learn: Learner, cfg: ExperimentConfig) -> Iterator[None]:
     if not distributed():
         yield
         return
-    cb, loss = Distributed(sync_bn=cfg.train.sync_bn), learn.recorder.loss
+    cb = Distributed(sync_bn=cfg.train.sync_bn)
     learn.add_cb(cb)
-    # fastai's valid_loss averages this rank's batch means; `EpochMetrics` has every rank's images
-    _set_recorder_loss(learn, ValueMetric(partial(learn.epoch_metrics.value, "valid_loss"), "loss"))
     bar = None
     if not is_main() and hasattr(learn, "progress"):
         bar = learn.progress
@@ -249,7 +244,6 @@ def distributed_fit(learn: Learner, cfg: ExperimentConfig) -> Iterator[None]:
         yield
     finally:
         learn.remove_cb(cb)
-        _set_recorder_loss(learn, loss)
         if bar is not None:
             learn.add_cb(bar)
 
@@ -274,8 +268,6 @@ def launch(processes: int, argv: Sequence[str]) -> int:
     """Start `python -m twincar_fast.run ARGV` in `processes` processes with Accelerate's
     launcher (one GPU each; gloo on CPUs); the launcher's exit code."""
     gpus = torch.cuda.device_count()
-    if processes < 1:
-        raise TwincarError(f"--processes must be at least 1, got {processes}")
     if gpus and processes > gpus:
         raise TwincarError(f"--processes {processes}: this machine has {gpus} GPU(s)")
     try:

@@ -7,15 +7,17 @@ from its last committed epoch: freezing, LR schedule, early stopping and plateau
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
 from fastai.callback.training import GradientAccumulation
-from fastai.learner import Learner
+from fastai.learner import Learner, ValueMetric
 
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import EpochPrinter, quiet_if_plain
@@ -61,12 +63,17 @@ def check_console_columns(cfg: ExperimentConfig) -> None:
 
 
 def attach_metrics(learn: Learner) -> EpochMetrics:
-    """Add `EpochMetrics` and its columns as the learner's metrics (once)."""
+    """Add `EpochMetrics` and its columns as the learner's metrics (once), its `valid_loss` as
+    the Recorder's: the mean over every validation image, also gathered from all ranks (fastai's
+    own averages one rank's batch means)."""
     cb = getattr(learn, "epoch_metrics", None)
     if not isinstance(cb, EpochMetrics):
         cb = EpochMetrics()
         learn.add_cb(cb)
     learn.metrics = cb.metrics()
+    with warnings.catch_warnings():  # fastai warns that `learn.loss` has the name too
+        warnings.simplefilter("ignore", UserWarning)
+        learn.recorder.loss = ValueMetric(partial(cb.value, "valid_loss"), "loss")
     return cb
 
 
