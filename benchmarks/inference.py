@@ -7,7 +7,9 @@ model's size and runs the bare model's forward on the same device: the most any 
 predictor of this fp32 model can reach; `ratio_to_limit` = limit / ours (1: ours costs nothing
 over it). The model's forward pass alone on a preprocessed image is timed too (`forward_ms`, the
 ceiling of the vs-learn.predict ratio). Single images are timed with the sides taking turns on
-each image.
+each image. Batches: ours, the reference, ONNX fp32 and its int8 copy (`twincar export --int8`),
+plus the bare forward of one batch in torch and in onnxruntime, in turns (`onnx_forward_ceiling`:
+the most the fp32 ONNX backend can gain over ours, since both decode alike).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks import reference
 from benchmarks.measure import Timer, compare
 from benchmarks.pipeline import race
@@ -26,7 +30,9 @@ from twincar_fast.data import build_dls, read_annotations
 from twincar_fast.model.learner import create_learner, create_model
 from twincar_fast.ship.export import export_model
 from twincar_fast.ship.onnx import export_onnx
+from twincar_fast.ship.onnx_predict import OnnxPredictor
 from twincar_fast.ship.predict import Predictor
+from twincar_fast.ship.quantize import quantize_onnx
 
 
 def interleaved_median_ms(
@@ -108,9 +114,12 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         export_model(learn, Path(tmp) / "model", cfg)
         export_onnx(Path(tmp) / "model")  # checked against PyTorch on the data's test images
+        # an untrained model's top-1 is near-ties: the check is recorded, not required here
+        _, int8_check = quantize_onnx(Path(tmp) / "model", min_top1=0)
         predictor = Predictor.from_path(Path(tmp) / "model")
         onnx = Predictor.from_path(Path(tmp) / "model", backend="onnx")
-    predictor.batch_size = onnx.batch_size = s.batch_size
+        int8 = Predictor.from_path(Path(tmp) / "model", backend="onnx-int8")
+    predictor.batch_size = onnx.batch_size = int8.batch_size = s.batch_size
     ref_model = create_model(cfg.model, len(predictor.classes), pretrained=False)
     ref_model.load_state_dict(predictor.model.state_dict())
     ref_model.eval().to(predictor.device)
@@ -145,34 +154,74 @@ def bench_predict(s: Settings, data_dir: os.PathLike) -> tuple[dict, dict]:
         n_images={"ours": len(singles), "reference": len(singles), "fastai": s.fastai_n},
     )
 
+    return single, _bench_batch(s, data_dir, predictor, onnx, int8, int8_check, ref_model)
+
+
+def forward_ceiling(
+    predictor: Predictor, onnx: OnnxPredictor, paths: Sequence[str], turns: int
+) -> dict:
+    """The bare forward of one batch in torch and in onnxruntime (fp32), in turns: the most
+    that the ONNX backend's batch throughput can gain over ours (decoding is the same for both)."""
+    import torch
+
+    x_onnx = np.ascontiguousarray(np.stack([onnx._item(p) for p in paths]).transpose(0, 3, 1, 2))
+    x_torch = predictor.preprocess.batch([predictor._item(p) for p in paths], predictor.device)
+    x_torch = x_torch.contiguous(memory_format=torch.channels_last)
+
+    def torch_forward(_: str) -> None:
+        with torch.inference_mode():
+            predictor.model(x_torch)
+
+    ms = interleaved_median_ms(
+        {"torch": torch_forward, "onnx": lambda _: onnx.logits(x_onnx)},
+        ["batch"] * turns,
+        {"torch": turns, "onnx": turns},
+    )
+    return {
+        "torch_ms": ms["torch"],
+        "onnx_ms": ms["onnx"],
+        "ratio": round(ms["torch"] / ms["onnx"], 3),
+        "images": len(paths),
+        "what": "bare forward of one batch, torch vs onnxruntime fp32, in turns; medians",
+    }
+
+
+def _bench_batch(
+    s: Settings, data_dir: os.PathLike, predictor, onnx, int8, int8_check: dict, ref_model
+) -> dict:
+    """The batch-throughput entry: ours (torch), the reference, ONNX fp32 and int8."""
     batch = _test_images(data_dir, s.batch_n)
+    size, dev = s.predict_img, predictor.device
 
-    def ours_batch() -> tuple[int, float]:
-        with Timer() as t:
-            n = len(predictor.predict_proba(batch))
-        return n, t.seconds
+    def timed(fn: Callable[[], object]) -> Callable[[], tuple[int, float]]:
+        def run() -> tuple[int, float]:
+            with Timer() as t:
+                n = len(fn())
+            return n, t.seconds
 
-    def ref_batch() -> tuple[int, float]:
-        with Timer() as t:
-            n = len(reference.predict_batch(ref_model, batch, size, s.batch_size, dev))
-        return n, t.seconds
+        return run
 
-    def onnx_batch() -> tuple[int, float]:
-        with Timer() as t:
-            n = len(onnx.predict_proba(batch))
-        return n, t.seconds
-
-    best = race({"ours": ours_batch, "reference": ref_batch, "onnx": onnx_batch}, s.repeats)
-    (n_o, s_o), (n_r, s_r), (n_x, s_x) = best["ours"], best["reference"], best["onnx"]
-    ours_rate, onnx_rate = round(n_o / s_o, 1), round(n_x / s_x, 1)
-    throughput = compare(
-        ours_rate,
-        round(n_r / s_r, 1),
+    sides = {
+        "ours": timed(lambda: predictor.predict_proba(batch)),
+        "reference": timed(
+            lambda: reference.predict_batch(ref_model, batch, size, s.batch_size, dev)
+        ),
+        "onnx": timed(lambda: onnx.predict_proba(batch)),
+        "onnx_int8": timed(lambda: int8.predict_proba(batch)),
+    }
+    best = race(sides, s.repeats)
+    rate = {k: round(n / secs, 1) for k, (n, secs) in best.items()}
+    return compare(
+        rate["ours"],
+        rate["reference"],
         "img/s",
         higher_is_better=True,
-        onnx=onnx_rate,
-        onnx_vs_torch=round(onnx_rate / ours_rate, 3),  # from the rounded figures shown
-        n_images={"ours": n_o, "reference": n_r, "onnx": n_x},
+        onnx=rate["onnx"],
+        onnx_vs_torch=round(rate["onnx"] / rate["ours"], 3),  # from the rounded figures shown
+        onnx_forward_ceiling=forward_ceiling(predictor, onnx, batch[: s.batch_size], s.single_n),
+        onnx_int8=rate["onnx_int8"],
+        onnx_int8_vs_torch=round(rate["onnx_int8"] / rate["ours"], 3),
+        onnx_int8_check=int8_check,
+        n_images={k: n for k, (n, _) in best.items()},
         batch_size=s.batch_size,
     )
-    return single, throughput

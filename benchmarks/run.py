@@ -6,9 +6,12 @@ Runs every benchmark on both sides in this one run, prints a table and writes
 "predict_single", "predict_batch", "peak_rss_mb", "goals"}`; each comparison holds `ours`,
 `reference`, `unit`, `ratio` (> 1: ours is better) and the images each side processed;
 `train_epoch` also holds `limit` (the same learner on in-memory random batches) and
-`ratio_to_limit` (limit / ours: 1 = the loader costs nothing); `predict_single` holds `limit_ms`
-(decode + resize + the bare forward) and `ratio_to_limit`, and both predict entries the ONNX
-backend's figure (`onnx`) and `onnx_vs_torch` (> 1: ONNX is faster).
+`ratio_to_limit` (limit / ours: 1 = the loader costs nothing; from epochs in turns, `limit_turns`);
+`predict_single` holds `limit_ms` (decode + resize + the bare forward) and `ratio_to_limit`, and
+both predict entries the ONNX backend's figure (`onnx`) and `onnx_vs_torch` (> 1: ONNX is
+faster); `predict_batch` also holds `onnx_forward_ceiling` (the bare forward of one batch in
+both runtimes: what bounds `onnx_vs_torch`) and the int8 model's `onnx_int8`,
+`onnx_int8_vs_torch` and `onnx_int8_check`.
 """
 
 from __future__ import annotations
@@ -135,8 +138,16 @@ def print_table(results: dict) -> None:
         _row(table, key, r["ours"], r["reference"], r["unit"], r["ratio"], g.get(key, {}))
         if key == "train_epoch":
             f = g["train_epoch_to_limit"]
-            lim = r["limit"]
-            _row(table, "  vs the limit", r["ours"], lim, "s", f["ratio"], f)
+            turns = r["limit_turns"]  # in turns in one process: the ratio's own figures
+            _row(
+                table,
+                "  vs the limit (in turns)",
+                turns["ours"],
+                turns["limit"],
+                "s",
+                f["ratio"],
+                f,
+            )
         if key == "predict_single":
             f = g["predict_single_to_limit"]
             _row(table, "  vs the limit", r["ours"], r["limit_ms"], "ms", f["ratio"], f)
@@ -149,6 +160,18 @@ def print_table(results: dict) -> None:
         if key == "predict_batch":
             f = g["predict_batch_onnx_vs_torch"]
             _row(table, "  onnx vs ours", r["onnx"], r["ours"], "img/s", f["ratio"], f)
+            c = r["onnx_forward_ceiling"]  # what bounds the row above
+            _row(
+                table,
+                "    ceiling: bare forward",
+                c["onnx_ms"],
+                c["torch_ms"],
+                "ms",
+                c["ratio"],
+                {},
+            )
+            q = r["onnx_int8_vs_torch"]
+            _row(table, "  onnx int8 vs ours", r["onnx_int8"], r["ours"], "img/s", q, {})
     ref = results["data_pipeline"]["reference"]
     for name, v in results["data_pipeline"].get("variants", {}).items():
         if name not in ("ours", "reference"):

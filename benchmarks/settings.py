@@ -30,6 +30,7 @@ class Settings:
     repeats: int = 2  # timed passes per side; the fastest counts
     pipe_repeat: int = 6  # data pipeline: each training image listed this many times per epoch
     train_repeat: int = 4  # training epoch: likewise (real epochs are long; start-up is not timed)
+    limit_turns: int = 3  # timed turns of our epoch and the limit's, taken in one process
     pipe_img: int = 224  # data pipeline: training crops
     pipe_item: int = 320  # data pipeline: our presizing (the recipe's item_size)
     train_arch: str = "resnet18"  # training epoch: the same small model on both sides
@@ -57,6 +58,7 @@ def settings_for(mode: str, workers: int | None = None) -> Settings:
             repeats=1,
             pipe_repeat=1,
             train_repeat=1,
+            limit_turns=1,
             pipe_img=64,
             pipe_item=80,
             train_arch="test_resnet",

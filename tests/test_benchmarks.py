@@ -60,6 +60,14 @@ def test_ratios_point_the_right_way(tiny_results):
     assert batch["n_images"]["onnx"] == batch["n_images"]["ours"]
     assert batch["onnx_vs_torch"] == pytest.approx(batch["onnx"] / batch["ours"], rel=0.01)
     assert tiny_results["goals"]["predict_batch_onnx_vs_torch"]["ratio"] == batch["onnx_vs_torch"]
+    ceiling = batch["onnx_forward_ceiling"]  # what bounds onnx_vs_torch, measured beside it
+    assert ceiling["ratio"] == pytest.approx(ceiling["torch_ms"] / ceiling["onnx_ms"], rel=0.01)
+    assert ceiling["images"] == batch["batch_size"]
+    assert batch["n_images"]["onnx_int8"] == batch["n_images"]["ours"] and batch["onnx_int8"] > 0
+    assert batch["onnx_int8_vs_torch"] == pytest.approx(
+        batch["onnx_int8"] / batch["ours"], rel=0.01
+    )
+    assert "/" in batch["onnx_int8_check"]["top1_equal"]
     assert "predict_single_vs_fastai" not in tiny_results["goals"]  # information only now
     assert compare(2.0, 1.0, "img/s", higher_is_better=True)["ratio"] == 2.0
     assert compare(2.0, 1.0, "s", higher_is_better=False)["ratio"] == 0.5
@@ -90,7 +98,12 @@ def test_the_epoch_is_measured_against_its_limit_and_the_cache_build_apart(tiny_
     epoch = tiny_results["train_epoch"]
     assert epoch["n_images"]["limit"] == epoch["n_images"]["ours"]  # the same work, no loader
     assert epoch["limit"] > 0
-    assert epoch["ratio_to_limit"] == pytest.approx(epoch["limit"] / epoch["ours"], rel=0.01)
+    # the ratio comes from our epochs and the limit's taken in turns in one process
+    turns = epoch["limit_turns"]
+    assert len(turns["ours_seconds"]) == len(turns["limit_seconds"]) == 1  # tiny: one turn
+    assert turns["limit"] == epoch["limit"] == turns["limit_seconds"][0]
+    assert epoch["ratio_to_limit"] == pytest.approx(turns["limit"] / turns["ours"], rel=0.01)
+    assert 0 < turns["train_only"]["limit"] <= turns["limit"]
     assert tiny_results["goals"]["train_epoch_to_limit"]["ratio"] == epoch["ratio_to_limit"]
     build = tiny_results["cache_build"]
     assert build["seconds"] > 0 and build["mb"] >= 0 and build["images"] > 0

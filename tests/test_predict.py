@@ -295,3 +295,59 @@ def test_shorten_left_keeps_the_file_name():
     path = "data/demo/raw/cars_test/00017.jpg"
     assert shorten_left(path, 20) == "…" + path[-19:] and len(shorten_left(path, 20)) == 20
     assert shorten_left(path, 99) == path
+
+
+def test_batches_decoded_ahead_keep_order_and_equal_one_call(trained):
+    _, dls, model_dir = trained
+    predictor = Predictor.from_path(model_dir, device="cpu")
+    paths = valid_paths(dls)
+    whole = predictor.predict_proba(paths)
+    for bs, threads in ((1, 4), (3, 2), (len(paths) + 5, 2), (3, 1)):
+        predictor.batch_size, predictor.num_threads = bs, threads
+        # other batch sizes: other convolution kernels, so float rounding differs a little
+        np.testing.assert_allclose(predictor.predict_proba(paths), whole, atol=TOL)
+        batches = list(predictor.predict_batches(paths, top_k=2))
+        assert [len(b) for b in batches] == [
+            min(bs, len(paths) - i) for i in range(0, len(paths), bs)
+        ]
+        rows = [r for b in batches for r in b]
+        assert [r["class_id"] for r in rows] == whole.argmax(1).tolist()
+
+
+def test_items_ahead_runs_one_batch_ahead_and_stops_with_its_caller():
+    import threading
+    import time
+
+    from twincar_fast.ship.inputs import items_ahead
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def item(i, _box):
+        with lock:
+            started.append(i)
+        time.sleep(0.01)
+        if i == 7:
+            raise ValueError("unreadable 7")
+        return i * 10
+
+    def wait_started(n: int) -> list[int]:
+        for _ in range(200):
+            if len(started) >= n:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)  # and nothing more starts
+        return sorted(started)
+
+    gen = items_ahead(item, list(range(9)), [None] * 9, batch_size=3, num_threads=3)
+    assert next(gen) == [0, 10, 20]
+    assert wait_started(6) == list(range(6))  # the second batch, and only it, made meanwhile
+    assert next(gen) == [30, 40, 50]
+    with pytest.raises(ValueError, match="unreadable 7"):  # raised with the batch holding it
+        next(gen)
+    gen = items_ahead(item, list(range(9)), [None] * 9, batch_size=3, num_threads=3)
+    started.clear()
+    assert next(gen) == [0, 10, 20]
+    gen.close()  # the caller stops early: nothing beyond the batch ahead is started
+    time.sleep(0.05)
+    assert max(started) <= 5

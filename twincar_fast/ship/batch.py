@@ -25,7 +25,7 @@ from twincar_fast.data.images import image_problem
 from twincar_fast.data.layouts import IMAGE_SUFFIXES
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
-from twincar_fast.ship.inputs import box_warning
+from twincar_fast.ship.inputs import BACKENDS, box_warning
 from twincar_fast.ship.predict import Predictor
 
 __all__ = ["collect_images", "predict_files", "read_boxes", "results_table", "shorten_left"]
@@ -158,13 +158,13 @@ def _batches(predictor, good: list[Path], wanted: list, top_k: int, tta: bool) -
     from rich.progress import track
 
     n, bs = len(good), predictor.batch_size
-    starts = range(0, n, bs)
+    batches = predictor.predict_batches(good, top_k=top_k, boxes=wanted, tta=tta)
     if n > bs and sys.stderr.isatty():
-        starts = track(starts, "predicting", console=Console(stderr=True), transient=True)
-    out: list[dict] = []
-    for i in starts:
-        out += predictor.predict(good[i : i + bs], top_k=top_k, boxes=wanted[i : i + bs], tta=tta)
-    return out
+        total = -(-n // bs)
+        batches = track(
+            batches, "predicting", total=total, console=Console(stderr=True), transient=True
+        )
+    return [row for rows in batches for row in rows]
 
 
 def _predict_rows(
@@ -215,7 +215,8 @@ def predict_files(
         cam: a folder for a Grad-CAM++ overlay of the top class per image (torch backend).
         batch_size: images per forward pass.
         device: where the torch backend runs (default: CUDA when available).
-        backend: "torch" or "onnx" (the folder's model.onnx, onnxruntime on the CPU).
+        backend: "torch", "onnx" (the folder's model.onnx, onnxruntime on the CPU) or
+            "onnx-int8" (its model.int8.onnx).
     """
     _check_args(top_k, out, cam, batch_size, backend)
     paths = collect_images(images)  # before loading the model: a typo shouldn't cost a load
@@ -251,7 +252,7 @@ def _check_args(top_k: int, out, cam, batch_size: int, backend: str) -> None:
         raise TwincarError(f"--batch-size must be at least 1, got {batch_size}")
     if out is not None and Path(out).suffix.lower() not in (".csv", ".json"):
         raise TwincarError(f"--out {out}: give a .csv or .json file name")
-    if backend not in ("torch", "onnx"):
-        raise TwincarError(f"--backend must be torch or onnx, got {backend!r}")
+    if backend not in BACKENDS:
+        raise TwincarError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if cam is not None and backend != "torch":
         raise TwincarError("--cam needs --backend torch (Grad-CAM++ needs PyTorch's gradients)")

@@ -39,7 +39,7 @@ CONFIG_JSON = "config.json"
 LEGACY_JSON = "model.json"  # folders exported before config.json
 FORMAT = "twincar_fast/model-v2"
 # informational parts of the twincar section: recorded, never needed to rebuild the model
-_INFO = ("metrics", "data_hash", "versions", "onnx", "source", "training")
+_INFO = ("metrics", "data_hash", "versions", "onnx", "onnx_int8", "source", "training")
 # our resize method → timm's crop_mode (`border`: timm's pad-to-square mode)
 _CROP_MODES = {"crop": "center", "squish": "squash", "pad": "border", "short": "center"}
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,11 @@ from twincar_fast.data.images import open_region
 from twincar_fast.errors import TwincarError
 
 __all__ = [
+    "BACKENDS",
     "ImageInput",
     "ItemPrep",
     "PredictMixin",
-    "map_items",
+    "items_ahead",
     "as_box",
     "as_list",
     "box_warning",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 ImageInput = str | os.PathLike | Image.Image
+BACKENDS = ("torch", "onnx", "onnx-int8")  # `Predictor.from_path(..., backend=)`
 
 
 @dataclass
@@ -142,23 +144,58 @@ def results(
     return out
 
 
-def map_items(fn: Callable, images: Sequence, boxes: Sequence, num_threads: int) -> list:
-    """`fn(image, box)` of each image, in threads (PIL releases the GIL while decoding/resizing)."""
-    if len(images) < 2 or num_threads < 2:
-        return [fn(im, b) for im, b in zip(images, boxes, strict=True)]
-    with ThreadPoolExecutor(min(num_threads, len(images))) as pool:
-        return list(pool.map(fn, images, boxes))
+def items_ahead(
+    fn: Callable, images: Sequence, boxes: Sequence, batch_size: int, num_threads: int
+) -> Iterator[list]:
+    """`fn(image, box)` of every image, a list per batch; while the caller works on one batch,
+    threads already make the next (PIL, torch and onnxruntime release the GIL, so decoding hides
+    behind the model's forward pass instead of adding to it)."""
+    slices = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
+    if num_threads < 2 or len(images) < 2:
+        for sl in slices:
+            yield [fn(im, b) for im, b in zip(images[sl], boxes[sl], strict=True)]
+        return
+    pool = ThreadPoolExecutor(min(num_threads, len(images)))
+
+    def submit(sl: slice) -> list[Future]:
+        return [pool.submit(fn, im, b) for im, b in zip(images[sl], boxes[sl], strict=True)]
+
+    try:
+        ahead = submit(slices[0])
+        for nxt in [*slices[1:], None]:
+            current, ahead = ahead, submit(nxt) if nxt else []
+            yield [f.result() for f in current]
+    finally:  # also when the caller stops early or an image fails: no work left running
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class PredictMixin:
-    """`predict_proba` and `predict` of a predictor with `classes`, `preprocess` and `_proba`."""
+    """`predict_proba`, `predict` and `predict_batches` of a predictor with `classes`,
+    `preprocess`, `batch_size`, `num_threads`, and its own `_item` and `_batch_proba`."""
 
     classes: list[str]
     preprocess: ItemPrep
+    batch_size: int
+    num_threads: int
+
+    def _item(self, image: ImageInput, box=None):
+        """The CPU half of one image's preprocessing (each predictor's own)."""
+        raise NotImplementedError
+
+    def _batch_proba(self, items: list, tta: bool) -> np.ndarray:
+        """Probabilities of one batch of `_item`s (each predictor's own)."""
+        raise NotImplementedError
+
+    def _iter_proba(self, images: list, boxes: list, tta: bool) -> Iterator[np.ndarray]:
+        """Probabilities of checked inputs, batch by batch, the next batch made meanwhile."""
+        batches = items_ahead(self._item, images, boxes, self.batch_size, self.num_threads)
+        for items in batches:
+            yield self._batch_proba(items, tta)
 
     def _proba(self, images: list, boxes: list, tta: bool) -> np.ndarray:
-        """Probabilities of checked inputs (each predictor's own)."""
-        raise NotImplementedError
+        """Probabilities of checked inputs, shape (n_images, n_classes)."""
+        out = list(self._iter_proba(images, boxes, tta))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict_proba(
         self,
@@ -190,3 +227,18 @@ class PredictMixin:
         boxes = check_boxes(len(images), boxes, self.preprocess.bbox_crop)
         probs = self._proba(images, boxes, tta)
         return results(probs, self.classes, top_k, boxes, self.preprocess.bbox_crop)
+
+    def predict_batches(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        top_k: int = 3,
+        boxes: Sequence | None = None,
+        tta: bool = False,
+    ) -> Iterator[list[dict]]:
+        """`predict`'s results a batch at a time (for a progress bar over many images), the next
+        batch decoded while this one runs."""
+        images = as_list(images)
+        boxes = check_boxes(len(images), boxes, self.preprocess.bbox_crop)
+        bs, crop = self.batch_size, self.preprocess.bbox_crop
+        for i, probs in enumerate(self._iter_proba(images, boxes, tta)):
+            yield results(probs, self.classes, top_k, boxes[i * bs : (i + 1) * bs], crop)

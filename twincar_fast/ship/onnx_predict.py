@@ -15,16 +15,12 @@ import numpy as np
 
 from twincar_fast.errors import TwincarError
 from twincar_fast.ship.card import read_model_card
-from twincar_fast.ship.inputs import (
-    ImageInput,
-    ItemPrep,
-    PredictMixin,
-    map_items,
-)
+from twincar_fast.ship.inputs import ImageInput, ItemPrep, PredictMixin
 
-__all__ = ["ONNX_FILE", "OnnxPredictor", "require_onnx", "softmax"]
+__all__ = ["INT8_FILE", "ONNX_FILE", "OnnxPredictor", "require_onnx", "softmax"]
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # its int8 copy (`ship.quantize`)
 
 
 def require_onnx(*modules: str) -> None:
@@ -73,15 +69,20 @@ class OnnxPredictor(PredictMixin):
         self.device = "cpu (onnxruntime)"
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, batch_size: int = 32) -> OnnxPredictor:
-        """Load `model.onnx` (or the one in a model folder) with the folder's config.json."""
+    def from_path(
+        cls, path: str | os.PathLike, batch_size: int = 32, int8: bool = False
+    ) -> OnnxPredictor:
+        """Load `model.onnx` (or `model.int8.onnx`, or the one in a model folder) with the
+        folder's config.json."""
         path = Path(path)
-        onnx_file = path / ONNX_FILE if path.is_dir() else path
+        name = INT8_FILE if int8 else ONNX_FILE
+        onnx_file = path / name if path.is_dir() else path
         if not onnx_file.is_file() or onnx_file.suffix != ".onnx":
             folder = path if path.is_dir() else path.parent
+            how = " --int8" if int8 else ""
             raise TwincarError(
                 f"{onnx_file}: no ONNX model here; write it with `twincar export {folder} "
-                "--format onnx` (needs pip install 'twincar-fast[onnx]')"
+                f"--format onnx{how}` (needs pip install 'twincar-fast[onnx]')"
             )
         card = read_model_card(onnx_file.parent)
         keys = ("item_size", "img_size", "mean", "std", "resize", "pad_mode", "draft")
@@ -92,23 +93,18 @@ class OnnxPredictor(PredictMixin):
         )
         return cls(onnx_file, card.classes, prep, batch_size=batch_size)
 
-    def _items(self, images: Sequence[ImageInput], boxes: Sequence) -> np.ndarray:
-        """A uint8 NCHW batch of presized items."""
-        arrays = map_items(self.preprocess.item_array, images, boxes, self.num_threads)
-        return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
+    def _item(self, image: ImageInput, box=None) -> np.ndarray:
+        """One presized uint8 HWC item."""
+        return self.preprocess.item_array(image, box)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """The graph's logits of a uint8 NCHW batch of items."""
         return self.session.run(None, {self.input_name: x})[0]
 
-    def _proba(self, images: list, boxes: list, tta: bool = False) -> np.ndarray:
-        """Probabilities of checked inputs, batch by batch."""
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            x = self._items(images[sl], boxes[sl])
-            p = softmax(self.logits(x))
-            if tta:
-                p = (p + softmax(self.logits(np.ascontiguousarray(x[..., ::-1])))) / 2
-            out.append(p)
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+    def _batch_proba(self, items: list[np.ndarray], tta: bool) -> np.ndarray:
+        """Probabilities of one batch of items (with the flip averaged in when `tta`)."""
+        x = np.ascontiguousarray(np.stack(items).transpose(0, 3, 1, 2))
+        p = softmax(self.logits(x))
+        if tta:
+            p = (p + softmax(self.logits(np.ascontiguousarray(x[..., ::-1])))) / 2
+        return p

@@ -28,12 +28,7 @@ if TYPE_CHECKING:
 
 from twincar_fast.data.geometry import InputGeometry
 from twincar_fast.errors import TwincarError
-from twincar_fast.ship.inputs import (
-    ImageInput,
-    ItemPrep,
-    PredictMixin,
-    map_items,
-)
+from twincar_fast.ship.inputs import BACKENDS, ImageInput, ItemPrep, PredictMixin
 
 __all__ = ["Predictor", "Preprocess", "require_trust", "resample"]
 
@@ -136,14 +131,15 @@ class Predictor(PredictMixin):
             path: the model file or folder (a folder's safetensors pair is preferred).
             device: where to run (default: CUDA when available; the onnx backend: the CPU).
             trust_pickle: allow loading `learner.pkl`, a pickle that can run any code.
-            backend: "torch", or "onnx" (the folder's model.onnx with onnxruntime).
+            backend: "torch", "onnx" (the folder's model.onnx with onnxruntime) or "onnx-int8"
+                (its model.int8.onnx, see `twincar export --int8`).
         """
-        if backend == "onnx":
+        if backend in ("onnx", "onnx-int8"):
             from twincar_fast.ship.onnx_predict import OnnxPredictor
 
-            return OnnxPredictor.from_path(path)
+            return OnnxPredictor.from_path(path, int8=backend == "onnx-int8")
         if backend != "torch":
-            raise TwincarError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+            raise TwincarError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         path = _model_file(Path(path))
         if path.suffix == ".pkl":
             require_trust(path, trust_pickle)
@@ -152,22 +148,19 @@ class Predictor(PredictMixin):
             model, classes, pre = _load_safetensors(path)
         return cls(model, classes, pre, device=device)
 
-    def _proba(self, images: list[ImageInput], boxes: list, tta: bool = False) -> np.ndarray:
-        """`predict_proba` of checked inputs, batch by batch."""
-        out = []
+    def _item(self, image: ImageInput, box=None) -> torch.Tensor:
+        """One presized uint8 CHW item."""
+        return self.preprocess.item(image, box)
+
+    def _batch_proba(self, items: list[torch.Tensor], tta: bool) -> np.ndarray:
+        """Probabilities of one batch of items (with the flip averaged in when `tta`)."""
         with torch.inference_mode():
-            for i in range(0, len(images), self.batch_size):
-                sl = slice(i, i + self.batch_size)
-                items = map_items(self.preprocess.item, images[sl], boxes[sl], self.num_threads)
-                x = self.preprocess.batch(items, self.device)
-                x = x.contiguous(memory_format=torch.channels_last)
-                p = self.model(x).float().softmax(1)
-                if tta:  # fastai's TTA flip: the horizontally mirrored input
-                    p = (p + self.model(x.flip(3)).float().softmax(1)) / 2
-                out.append(p.cpu())
-        if not out:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return torch.cat(out).numpy()
+            x = self.preprocess.batch(items, self.device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            p = self.model(x).float().softmax(1)
+            if tta:  # fastai's TTA flip: the horizontally mirrored input
+                p = (p + self.model(x.flip(3)).float().softmax(1)) / 2
+            return p.cpu().numpy()
 
 
 def require_trust(path: Path, trust_pickle: bool) -> None:
