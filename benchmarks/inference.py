@@ -171,6 +171,8 @@ def forward_ceiling(
     def torch_forward(_: str) -> None:
         with torch.inference_mode():
             predictor.model(x_torch)
+        if x_torch.is_cuda:  # a GPU's work is timed to its end
+            torch.cuda.synchronize(x_torch.device)
 
     ms = interleaved_median_ms(
         {"torch": torch_forward, "onnx": lambda _: onnx.logits(x_onnx)},

@@ -24,7 +24,7 @@ from twincar_fast.ship.card import CONFIG_JSON, read_config, training_data_root
 from twincar_fast.ship.onnx_predict import ONNX_FILE, OnnxPredictor, require_onnx
 from twincar_fast.ship.predict import Predictor, Preprocess, resample
 
-__all__ = ["PROB_TOL", "OnnxGraph", "check_images", "export_onnx"]
+__all__ = ["PROB_TOL", "OnnxGraph", "check_images", "export_onnx", "spread_images"]
 
 PROB_TOL = 1e-4  # max abs difference of probabilities between onnxruntime and PyTorch
 
@@ -44,6 +44,14 @@ class OnnxGraph(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+def spread_images(df, n: int) -> tuple[list[str], list]:
+    """Paths and car boxes of up to `n` rows of an annotations frame, evenly spread over it."""
+    from twincar_fast.data.dataset import BBOX_COLUMNS
+
+    df = df.iloc[np.linspace(0, len(df) - 1, min(n, len(df))).astype(int)]
+    return df["path"].tolist(), df[list(BBOX_COLUMNS)].to_numpy().tolist()
+
+
 def check_images(config: dict, n: int = 8) -> tuple[list, list | None, str]:
     """(images, boxes, where from): up to `n` test images of the run's data, else noise."""
     from twincar_fast.data.dataset import read_annotations
@@ -52,10 +60,8 @@ def check_images(config: dict, n: int = 8) -> tuple[list, list | None, str]:
     if root is not None:
         df = read_annotations(root)
         test = df[df["split"] == "test"]
-        df = test if len(test) else df
-        df = df.iloc[np.linspace(0, len(df) - 1, min(n, len(df))).astype(int)]
-        boxes = df[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]].to_numpy().tolist()
-        return df["path"].tolist(), boxes, f"{len(df)} images of {root.resolve()}"
+        paths, boxes = spread_images(test if len(test) else df, n)
+        return paths, boxes, f"{len(paths)} images of {root.resolve()}"
     rng = np.random.default_rng(0)  # the run's data are gone: noise still exercises the graph
     side = config["pretrained_cfg"]["input_size"][-1]
     noise = [Image.fromarray(rng.integers(0, 256, (side, side + 7, 3), np.uint8)) for _ in range(n)]

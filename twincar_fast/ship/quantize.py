@@ -20,7 +20,7 @@ import numpy as np
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_json
 from twincar_fast.ship.card import CONFIG_JSON, read_config, training_data_root
-from twincar_fast.ship.onnx import check_images
+from twincar_fast.ship.onnx import check_images, spread_images
 from twincar_fast.ship.onnx_predict import INT8_FILE, ONNX_FILE, OnnxPredictor, require_onnx
 from twincar_fast.ship.predict import Predictor
 
@@ -45,10 +45,8 @@ def calibration_batches(
             "on this machine; prepare them there again, or keep the fp32 model.onnx"
         )
     df = read_annotations(root)
-    train = df[df["split"] == "train"]
-    rows = train.iloc[np.linspace(0, len(train) - 1, min(n, len(train))).astype(int)]
-    boxes = rows[["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]].to_numpy().tolist()
-    items = [fp32._item(p, b) for p, b in zip(rows["path"], boxes, strict=True)]
+    paths, boxes = spread_images(df[df["split"] == "train"], n)
+    items = [fp32.preprocess.item_array(p, b) for p, b in zip(paths, boxes, strict=True)]
     return [
         np.ascontiguousarray(np.stack(items[i : i + bs]).transpose(0, 3, 1, 2))
         for i in range(0, len(items), bs)
