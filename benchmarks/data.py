@@ -133,6 +133,41 @@ def repeated_dataset(prepared: str | os.PathLike, times: int) -> Path:
     return out
 
 
+def cars_sized_dataset(
+    spec: BenchData,
+    root: str | os.PathLike = DEFAULT_ROOT,
+    n_classes: int = 196,
+    n_train: int = 8144,
+    n_test: int = 8041,
+) -> Path:
+    """A set shaped like Stanford Cars (`n_classes` classes, 8,144 train and 8,041 test rows)
+    over the distinct JPEGs of `spec`'s set, each file listed several times under one class.
+
+    For the GPU check's end-to-end runs: the shapes a real run meets (196 outputs, an epoch of
+    8,144 images, a test pass of 8,041), not a learnable task (a class's test files are other
+    drawings than its training files). Written once beside the bench set, then reused.
+    """
+    prepared = bench_dataset(spec, root)
+    out = prepared.parent / f"cars{n_classes}-{n_train}-{n_test}"
+    if (out / "annotations.csv").is_file():
+        return out
+    df = pd.read_csv(prepared / "annotations.csv")
+    names = [f"Synthetic Car {k:03d}" for k in range(n_classes)]
+    parts = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        files = df[df["split"] == split].reset_index(drop=True)
+        ids = np.arange(len(files)) % n_classes
+        files = files.assign(class_id=ids, label=[names[k] for k in ids])
+        parts.append(files.iloc[np.arange(n) % len(files)])
+    rows = pd.concat(parts, ignore_index=True)
+    rows["image"] = [os.path.relpath(prepared / p, out) for p in rows["image"]]
+    with atomic_dir(out) as tmp:
+        rows.to_csv(tmp / "annotations.csv", index=False)
+        classes = pd.DataFrame({"class_id": range(n_classes), "label": names})
+        classes.to_csv(tmp / "classes.csv", index=False)
+    return out
+
+
 def _cost_file(presized: Path) -> Path:
     """Where the one-time cost of a presized copy is kept."""
     return presized.parent / f"{presized.name}_seconds.txt"

@@ -140,6 +140,10 @@ def _to_limit(turns: dict[str, list[dict]]) -> dict:
                 k: round(statistics.median(e["train_seconds"] for e in v), 3)
                 for k, v in sides.items()
             },
+            "valid_only": {  # the validation pass apart: it must not be what holds a GPU back
+                k: round(statistics.median(e["seconds"] - e["train_seconds"] for e in v), 3)
+                for k, v in sides.items()
+            },
         },
     }
 

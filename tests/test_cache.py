@@ -369,6 +369,52 @@ def test_batched_loader_gathers_on_the_device_or_from_host_memory(tiny_data, tmp
         build_dls(cfg)
 
 
+def tensors_in(b) -> list[torch.Tensor]:
+    """Every tensor in a batch's tuples, lists and dicts."""
+    if isinstance(b, torch.Tensor):
+        return [b]
+    if isinstance(b, dict):
+        b = list(b.values())
+    return [t for o in b for t in tensors_in(o)] if isinstance(b, (list, tuple)) else []
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["pixels-on-device", "host-canvas"])
+def test_batched_loader_hands_fastai_cpu_batches_whatever_the_device(
+    tiny_data, tmp_path, monkeypatch, on_device
+):
+    """What the loader yields before fastai's `to_device` (and pinning) is on the CPU; the gather
+    and the augmentation run after it, on the device. `meta` stands in for a GPU: the cache's
+    pixels and the training device are both there, as `data.cache_device` puts them on CUDA."""
+    import fastai.data.load as load
+
+    cfg = make_tiny_cfg(tiny_data, tmp_path)
+    cfg.data.cache_aug = "batched"
+    dls = build_dls(cfg)
+    handed = []
+
+    def to_device(b, device=None, non_blocking=False):
+        handed.append({t.device.type for t in tensors_in(b)})
+        return real(b, device, non_blocking)
+
+    real = load.to_device
+    monkeypatch.setattr(load, "to_device", to_device)
+    meta = torch.empty(len(dls.train.cache.pixels), dtype=torch.uint8, device="meta")
+    dl = dls.train.new(pixels=meta if on_device else None, device="meta")
+    xb, yb = dl.one_batch()
+    assert handed and all(devices == {"cpu"} for devices in handed)
+    assert xb.device.type == "meta" and yb.device.type == "meta"
+    assert xb.shape == (8, 3, 32, 32) and xb.dtype == torch.float32  # augmented, normalized
+
+
+def test_batched_batches_are_pinned_only_for_a_cuda_device(tiny_data, tmp_path, monkeypatch):
+    cfg = make_tiny_cfg(tiny_data, tmp_path)
+    cfg.data.cache_aug = "batched"
+    train = build_dls(cfg).train
+    assert not train.pin_memory and not train._pin()  # build_dls pins for CUDA only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.new(pin_memory=True)._pin() and not train._pin()
+
+
 def test_validation_beside_the_cache_is_the_exact_path_in_threads(tiny_data, tmp_path):
     cfg = make_tiny_cfg(tiny_data, tmp_path)
     cfg.data = dataclasses.replace(cfg.data, bbox_crop=True, num_workers=2)

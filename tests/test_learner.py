@@ -33,7 +33,12 @@ from twincar_fast.model.learner import (
     param_groups,
     splitter,
 )
-from twincar_fast.model.precision import apply_speedups, cpu_has_bf16, precision_for
+from twincar_fast.model.precision import (
+    apply_speedups,
+    cpu_has_bf16,
+    device_info,
+    precision_for,
+)
 
 RESNET_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
@@ -201,6 +206,23 @@ def test_mixed_precision_resolved_per_device(tiny_cfg):
         precision_for(dataclasses.replace(t, mixed_precision="fp16"), torch.device("cuda"))
         == "fp16"
     )
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-gpu", "t4-v100"])
+def test_cuda_auto_precision_is_bf16_or_fp16_with_a_grad_scaler(tiny_cfg, dls, monkeypatch, bf16):
+    """auto on CUDA: bf16 autocast where the GPU has it (A100, H100), else fp16 with fastai's
+    GradScaler (T4, V100: Colab's and Kaggle's); summary.json's machine says which."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cuda = torch.device("cuda")
+    assert precision_for(tiny_cfg.train, cuda) == ("bf16" if bf16 else "fp16")
+    learn = create_learner(tiny_cfg, dls)
+    apply_speedups(learn, tiny_cfg.train, cuda)
+    assert learn.mixed_precision.amp_mode == (AMPMode.BF16 if bf16 else AMPMode.FP16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    info = device_info(tiny_cfg.train, cuda)
+    assert info["precision"] == ("bf16 autocast" if bf16 else "fp16 autocast + GradScaler")
+    assert info["device"] == "cuda:0" and info["processor"] == "Tesla T4"
 
 
 def test_cuda_speedups_are_wired(tiny_cfg, dls):

@@ -5,8 +5,10 @@ path changes, as in fastai's tabular loaders: a batch of indices becomes a batch
 go. Each image is cut from the memory map and, in training, warped and recoloured by `CpuAugment`
 (the same draws and ranges as the item stage) in a thread pool (OpenCV and NumPy release the GIL),
 one batch ahead of the one the model is on, without worker processes; or (`batched`, the GPU's
-path) the batch is laid on one canvas and augmented in a few batched ops on the training device
-(`BatchAugment`), from a copy of the cache in GPU memory or from pinned host memory. Batches
+path) the loader only lays the batch on one host canvas (pinned for a CUDA device) with its draws,
+or, for a cache copied to GPU memory, hands over where each image lies in it, and `DeviceAugment`
+gathers and augments it in a few batched ops after fastai's `to_device`, as its batch transforms
+run. What the loader yields is always on the CPU: the CPU and the GPU run the same code. Batches
 without augmentation get the validation geometry (centre crop, squish or pad to img_size).
 
 Validation, and any loader over other data (`test_dl`, an exported learner's empty loaders), is a
@@ -28,7 +30,7 @@ from fastai.torch_core import TensorCategory, TensorImage
 
 from twincar_fast.data.cache import ImageCache
 from twincar_fast.data.cpu_aug import CpuAugment
-from twincar_fast.data.device_aug import BatchAugment
+from twincar_fast.data.device_aug import BatchAugment, DeviceAugment, PendingAugment
 from twincar_fast.data.geometry import resize_window
 from twincar_fast.errors import ConfigError
 
@@ -138,6 +140,7 @@ class CachedDL(_PooledDL):
         # batched: augment on the device; `pixels`: the cache's payload already there (or None)
         self.batched, self.pixels = batched and augment is not None, pixels
         self.batch_aug = BatchAugment(augment) if self.batched else None
+        kwargs["after_batch"] = self._with_device_step(kwargs.get("after_batch"))
         super().__init__(dataset, threads, **kwargs)
         items = dataset.items
         self.slots = cache.slots(items["path"]) if len(items) else np.zeros(0, dtype=np.int64)
@@ -154,6 +157,13 @@ class CachedDL(_PooledDL):
         cls = cls or ThreadedDL
         kwargs.setdefault("threads" if issubclass(cls, ThreadedDL) else "num_workers", self.threads)
         return super().new(dataset, cls, **kwargs)
+
+    def _with_device_step(self, after_batch) -> list:
+        """The batch transforms with this loader's `DeviceAugment` first (batched), in place of
+        any other loader's (`new` hands the same pipeline on)."""
+        tfms = getattr(after_batch, "fs", after_batch) or []
+        tfms = [t for t in tfms if not isinstance(t, DeviceAugment)]
+        return [DeviceAugment(self.batch_aug, self.pixels), *tfms] if self.batched else tfms
 
     def get_idxs(self) -> list[int]:
         """fastai's order, or (training with `wgts`) draws weighted as fastai's `WeightedDL`."""
@@ -192,19 +202,16 @@ class CachedDL(_PooledDL):
         return xb, jobs, labels, None
 
     def _start_canvas(self, slots: np.ndarray, seeds: list, labels: torch.Tensor) -> tuple:
-        """Start a batched batch: its draws, and its images on one zero canvas (top-left each),
-        filled on the device from `pixels` or in the pool into pinned host memory."""
+        """Start a batched batch: its draws, and its images on one zero host canvas (top-left
+        each, filled in the pool) or, for a cache in GPU memory, where each lies in it."""
         index = self.cache.index[slots]  # offset, height, width
         draws = self.batch_aug.draw([(int(h), int(w)) for _, h, w in index], seeds)
         shape = (len(slots), 3, int(index[:, 1].max()), int(index[:, 2].max()))
-        if self.pixels is not None:
-            canvas = torch.zeros(shape, dtype=torch.uint8, device=self.pixels.device)
-            for j, (off, h, w) in enumerate(index.tolist()):
-                img = self.pixels[off : off + h * w * 3].view(h, w, 3).permute(2, 0, 1)
-                canvas[j, :, :h, :w] = img
-            return canvas, [], labels, draws
-        pin = self.device is not None and self.device.type == "cuda"
-        canvas = torch.zeros(shape, dtype=torch.uint8, pin_memory=pin)
+        pending = PendingAugment(draws, *shape[2:])
+        if self.pixels is not None:  # gathered there by DeviceAugment, after the transfer
+            return torch.from_numpy(index), [], labels, pending
+        # pinned for a CUDA device, so the copy is asynchronous (and fastai's pinning a no-op)
+        canvas = torch.zeros(shape, dtype=torch.uint8, pin_memory=self._pin())
         out = canvas.numpy()
 
         def place(j: int, slot: int) -> None:
@@ -212,15 +219,19 @@ class CachedDL(_PooledDL):
             out[j, :, : img.shape[0], : img.shape[1]] = img.transpose(2, 0, 1)
 
         jobs = [self.pool.submit(place, j, int(slot)) for j, slot in enumerate(slots)]
-        return canvas, jobs, labels, draws
+        return canvas, jobs, labels, pending
 
-    def _collect(self, xb: torch.Tensor, jobs: list[Future], yb: torch.Tensor, draws) -> tuple:
-        """Wait for a batch's images; (TensorImage uint8, TensorCategory), augmented on the
-        device when batched."""
+    def _pin(self) -> bool:
+        """Whether batches go to page-locked memory: fastai pins them for a CUDA device."""
+        return bool(self.pin_memory) and torch.cuda.is_available()
+
+    def _collect(self, xb: torch.Tensor, jobs: list[Future], yb: torch.Tensor, pending) -> tuple:
+        """Wait for a batch's images: (TensorImage uint8, TensorCategory), or for the batched
+        path (canvas or cache places, `PendingAugment`, TensorCategory); all on the CPU."""
         for job in jobs:
             job.result()  # re-raises a worker's error here
-        if draws is not None:
-            xb = self.batch_aug(xb.to(self.device or "cpu", non_blocking=True), draws)
+        if pending is not None:
+            return xb, pending, TensorCategory(yb)
         return TensorImage(xb), TensorCategory(yb)
 
     def _finish(self, job: tuple) -> tuple:

@@ -8,6 +8,12 @@ matrix per image in one `einsum`, and a separable Gaussian blur with a sigma per
 follow the CPU path: mirrored (BORDER_REFLECT_101) for crop and squish, black for pad; crops over
 twice the output size are area-averaged first, as there. It differs from the CPU path by rounding
 (one resample in float, rounded once at the end).
+
+It runs where fastai runs batch transforms: after the loader has handed over a CPU batch and
+`to_device` has moved it (`DeviceAugment`, the first step of `after_batch`). The loader's batch
+holds the host canvas (or, for a cache already in GPU memory, each image's place in it) and a
+`PendingAugment` with the draws; the gather from GPU memory and every pixel op happen after the
+transfer, so the CPU and the GPU run the same code on different devices.
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+from fastai.torch_core import TensorImage
+from fasttransform import ItemTransform
 
 from twincar_fast.data.cpu_aug import CpuAugment, colour_matrix, warp_matrix
 
-__all__ = ["BatchAugment", "blur_batch"]
+__all__ = ["BatchAugment", "DeviceAugment", "PendingAugment", "blur_batch", "gather_canvas"]
 
 _GRAY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as the CPU path's colour map
 
@@ -98,6 +107,53 @@ class BatchAugment:
             return x
         sigma = torch.as_tensor(sigmas, device=x.device, dtype=x.dtype)
         return blur_batch(x, sigma, math.ceil(3 * float(sigmas.max())))
+
+
+@dataclass
+class PendingAugment:
+    """A training batch's draws, carried beside its pixels through fastai's transfer untouched
+    (NumPy arrays: `to_device` and pinning leave them on the host, where the loop needs them)."""
+
+    draws: dict  # BatchAugment.draw's arrays
+    height: int  # the canvas: the batch's tallest and widest cached image
+    width: int
+
+
+def gather_canvas(
+    pixels: torch.Tensor, index: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """B × 3 × height × width uint8 canvas, image i (offset, h, w in `index`, row i) cut from the
+    flat HWC `pixels` into its top-left corner, zeros elsewhere: one gather on `pixels`' device."""
+    dev = pixels.device
+    off, h, w = (t[:, None, None] for t in index.to(dev).unbind(1))
+    ys = torch.arange(height, device=dev)[None, :, None]
+    xs = torch.arange(width, device=dev)[None, None, :]
+    inside = (ys < h) & (xs < w)  # B × H × W
+    pos = torch.where(inside, off + (ys * w + xs) * 3, 0)
+    chans = pos[:, None] + torch.arange(3, device=dev)[None, :, None, None]  # B × 3 × H × W
+    return pixels[chans] * inside[:, None]
+
+
+class DeviceAugment(ItemTransform):
+    """fastai batch transform: a batched-path batch (canvas or cache places, `PendingAugment`,
+    labels) on the device → (uint8 TensorImage augmented to size, labels); others pass as they are.
+
+    `pixels` is the cache's payload on the training device, for batches that carry places.
+    """
+
+    order = 0  # before fastai's batch transforms and Normalize: they see finished images
+
+    def __init__(self, augment: BatchAugment, pixels: torch.Tensor | None = None):
+        super().__init__()
+        self.augment, self.pixels = augment, pixels
+
+    def encodes(self, b: list):
+        if len(b) != 3 or not isinstance(b[1], PendingAugment):
+            return b
+        x, pending, y = b
+        if not x.dtype == torch.uint8:  # places (offset, h, w) in the cache held on the device
+            x = gather_canvas(self.pixels, x, pending.height, pending.width)
+        return TensorImage(self.augment(x, pending.draws)), y
 
 
 def blur_batch(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:

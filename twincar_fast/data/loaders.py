@@ -24,7 +24,7 @@ from fastai.vision.augment import (
     Saturation,
     aug_transforms,
 )
-from fastai.vision.core import PILImage, imagenet_stats
+from fastai.vision.core import PILImage
 from fasttransform import Transform
 from PIL import Image
 from rich.table import Table
@@ -37,6 +37,7 @@ from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
 from twincar_fast.data.device_aug import blur_batch
 from twincar_fast.data.images import open_region
+from twincar_fast.data.model_input import model_stats
 from twincar_fast.data.split import split_train_valid
 from twincar_fast.errors import ConfigError, DataError
 
@@ -256,12 +257,14 @@ def _colour_extras(a: AugConfig) -> list:
 
 
 def batch_transforms(cfg: ExperimentConfig) -> list:
-    """Augmentation on the device to img_size (train only; valid gets a plain resize), normalized."""
+    """Augmentation on the device to img_size (train only; valid gets a plain resize), normalized
+    with the model's own statistics (timm's `pretrained_cfg`)."""
     a, size = cfg.aug, cfg.data.img_size
     _check_colour(a)
+    stats = model_stats(cfg.model.arch)
     if aug_on_items(cfg):  # every uint8 batch comes sized from the workers, training ones augmented
-        return [FusedNormalize.from_uint8(*imagenet_stats)]
-    norm = FusedNormalize.from_stats(*imagenet_stats)
+        return [FusedNormalize.from_uint8(*stats)]
+    norm = FusedNormalize.from_stats(*stats)
     tfms = []
     if a.enabled:
         tfms = aug_transforms(

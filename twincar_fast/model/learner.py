@@ -8,7 +8,6 @@ model's stages (`feature_info`): ResNets give `stem, layer1, layer2, layer3, lay
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 from functools import partial
@@ -26,11 +25,11 @@ from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam, Lamb, OptimWrapper, RMSProp, ranger
 from fastai.vision.learner import TimmBody, add_head, create_head
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from twincar_fast.config import ExperimentConfig, ModelConfig, TrainConfig
 from twincar_fast.data import resolve_device
+from twincar_fast.data.model_input import check_arch
 from twincar_fast.errors import ConfigError
 from twincar_fast.model.hub import check_hub_reachable
 from twincar_fast.model.precision import apply_speedups
@@ -45,7 +44,6 @@ __all__ = [
     "group_names",
     "load_weights",
     "lr_for",
-    "model_stats",
     "param_groups",
     "splitter",
 ]
@@ -88,24 +86,6 @@ except ImportError:  # pragma: no cover - httpx ships with huggingface_hub
 
 
 # ---------------------------------------------------------------- model
-
-
-def check_arch(arch: str) -> None:
-    """Raise a ConfigError with close matches unless `arch` is a timm model name."""
-    if timm.is_model(arch):
-        return
-    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
-    raise ConfigError(f"model.arch: {arch!r} is not a timm model; {hint}")
-
-
-def model_stats(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalization mean and std the timm model `arch` was pretrained with."""
-    check_arch(arch)
-    cfg = timm.models.get_pretrained_cfg(arch)
-    mean = getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN
-    std = getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD
-    return tuple(mean), tuple(std)
 
 
 def _timm_body(arch: str, pretrained: bool, num_classes: int = 0) -> TimmBody:
