@@ -126,6 +126,7 @@ def tiny_overrides(size: int = 32, interpret: bool = True) -> list[str]:
     """Toy sizes for `--tiny`: one small epoch of a tiny model, a few maps (or no report: the
     demo and the baseline check draw it)."""
     return [
+        "data.cache_aug=batched",  # the GPU's augmentation path, here on the CPU
         f"eval.interpret={str(interpret).lower()}",
         "train.epochs=1",
         "train.warmup_epochs=0",

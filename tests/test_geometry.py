@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_tiny_cfg
-from fastai.vision.core import imagenet_stats
 from PIL import Image
 
 from twincar_fast.analysis.gradcam import box_masks
 from twincar_fast.data import build_dls, eval_dl
 from twincar_fast.data.geometry import InputGeometry, crop_region
+from twincar_fast.data.model_input import model_stats
 from twincar_fast.model.learner import create_learner
 
 W, H = 150, 90
@@ -57,7 +57,7 @@ def test_mapped_box_covers_the_marker_in_the_model_input(
     dl = eval_dl(dls, marked_data, "test")
     i = int(np.flatnonzero(dl.items["image"] == "images/marked.png")[0])
     x = torch.cat([b[0] for b in dl]).as_subclass(torch.Tensor)[i].float()
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in imagenet_stats)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in model_stats(cfg.model.arch))
     rgb = (x * std + mean).clamp(0, 1).numpy()
     red = (rgb[0] > 0.75) & (rgb[1] < 0.25)  # the marker's pixels in the model input
     assert red.sum() > 20

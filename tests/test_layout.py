@@ -116,3 +116,73 @@ def test_every_folder_says_what_it_is_for():
 )
 def test_the_check_catches_upward_imports(module, source, ok):
     assert (upward_imports(source, module) == []) is ok
+
+
+def _targets(node: ast.AST, module: str) -> set[str]:
+    """The package modules an import statement runs: `from pkg import sub` runs pkg and pkg.sub."""
+    out = set(_imported(node, module))
+    if isinstance(node, ast.ImportFrom):
+        for base in list(out):
+            folder = PACKAGE.parent.joinpath(*base.split("."))
+            for alias in node.names:
+                if (folder / f"{alias.name}.py").exists() or (folder / alias.name).is_dir():
+                    out.add(f"{base}.{alias.name}")
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module → the package modules it imports, at module level or inside functions."""
+    modules = _package_modules()
+    names = {name for name, _ in modules}
+    graph = {}
+    for name, path in modules:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            found |= _targets(node, name)
+        graph[name] = (found & names) - {name}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph`: its strongly connected parts of two or more modules."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                out.append(sorted(part))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles_not_even_through_imports_inside_functions():
+    graph = import_graph()
+    assert len(graph) > 20 and graph["twincar_fast.data.loaders"]  # the whole package was read
+    circles = import_circles(graph)
+    assert not circles, "import circles:\n" + "\n".join(" ↔ ".join(c) for c in circles)
+
+
+def test_the_check_finds_circles():
+    line = {"a": {"b"}, "b": {"c"}, "c": set(), "d": set()}
+    assert import_circles(line) == []
+    assert import_circles({**line, "c": {"a"}}) == [["a", "b", "c"]]
+    assert import_circles({**line, "d": {"b"}, "c": {"d"}}) == [["b", "c", "d"]]

@@ -15,11 +15,31 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-__all__ = ["InputGeometry", "crop_region", "resize_image", "resize_short_crop", "resize_window"]
+from twincar_fast.config import ExperimentConfig
+
+__all__ = [
+    "InputGeometry",
+    "aug_on_items",
+    "crop_region",
+    "presize",
+    "resize_image",
+    "resize_short_crop",
+    "resize_window",
+]
 
 Box = tuple[float, float, float, float]
 # fastai's PadMode → torchvision's padding_mode
 _PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
+
+
+def aug_on_items(cfg: ExperimentConfig) -> bool:
+    """Whether training items are augmented in the CPU workers (`aug.stage: item`)."""
+    return cfg.aug.enabled and cfg.aug.stage == "item"
+
+
+def presize(cfg: ExperimentConfig) -> int:
+    """Side of the validation items: img_size with item-stage augmentation, else item_size."""
+    return cfg.data.img_size if aug_on_items(cfg) else cfg.data.item_size
 
 
 def crop_region(box, margin: float, size: tuple[int, int]) -> Box | None:
@@ -123,8 +143,6 @@ class InputGeometry:
     @classmethod
     def from_config(cls, cfg) -> InputGeometry:
         """The validation geometry an `ExperimentConfig` trains with."""
-        from twincar_fast.data.loaders import presize
-
         d = cfg.data
         return cls(presize(cfg), d.img_size, d.resize, d.bbox_crop, d.bbox_margin)
 
@@ -133,14 +151,15 @@ class InputGeometry:
         """The validation geometry of a fastai DataLoaders built by `build_dls`."""
         from fastai.vision.augment import AffineCoordTfm, RandomResizedCropGPU, Resize
 
-        from twincar_fast.data.loaders import ImageLoader
-
         dl = dls.valid
         resize = next(t for t in dl.after_item.fs if isinstance(t, Resize))
         crops = (RandomResizedCropGPU, AffineCoordTfm)
         sizes = [t.size for t in dl.after_batch.fs if isinstance(t, crops) and t.size is not None]
         tfms = [t for p in dl.dataset.tfms for t in p.fs]
-        loader = next((t for t in tfms if isinstance(t, ImageLoader)), None)
+        # the loaders' ImageLoader, known by what it holds (it is built on this module)
+        loader = next(
+            (t for t in tfms if hasattr(t, "bbox_crop") and hasattr(t, "item_size")), None
+        )
         return cls(
             item_size=int(resize.size[0]),
             img_size=int(sizes[-1][0]) if sizes else int(resize.size[0]),  # item stage: sized

@@ -36,6 +36,7 @@ from twincar_fast.data.cache import ImageCache, open_cache
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
 from twincar_fast.data.device_aug import blur_batch
+from twincar_fast.data.geometry import aug_on_items, presize
 from twincar_fast.data.images import open_region
 from twincar_fast.data.model_input import model_stats
 from twincar_fast.data.split import split_train_valid
@@ -104,16 +105,6 @@ class CenterResize(Resize):
 
     def before_call(self, b, split_idx: int) -> None:
         self.pcts = (0.5, 0.5)
-
-
-def aug_on_items(cfg: ExperimentConfig) -> bool:
-    """Whether training items are augmented in the CPU workers (`aug.stage: item`)."""
-    return cfg.aug.enabled and cfg.aug.stage == "item"
-
-
-def presize(cfg: ExperimentConfig) -> int:
-    """Side of the validation items: img_size with item-stage augmentation, else item_size."""
-    return cfg.data.img_size if aug_on_items(cfg) else cfg.data.item_size
 
 
 def item_transforms(cfg: ExperimentConfig) -> list:
