@@ -4,7 +4,9 @@ Exports the config's prepared set to the ImageFolder timm's script reads (train/
 folder per class), each image opened, box-cropped and resized exactly as our validation loader
 does (`ImageLoader` + the validation resize), maps the config's settings to train.py flags, runs
 both sides as whole processes on the same machine and prints (and writes to `--out`/results.json)
-each side's test top-1 and wall time. timm's script comes from a local copy of the
+each side's test top-1 and wall time; `--seeds N` runs both sides with seeds 1..N, taking turns
+(ours, timm, ours, ...: a drift of the machine hits both), and prints each run and each side's
+mean ± std of test top-1 and wall time. timm's script comes from a local copy of the
 pytorch-image-models repository; it runs with `python -P` so that it imports the installed timm,
 not the copy beside it. Nothing is downloaded (unless the config asks for pretrained weights).
 """
@@ -15,6 +17,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -203,12 +206,50 @@ def run_ours(config: str, overrides: Sequence[str], out: Path) -> dict:
     return ours
 
 
+def with_seed(flags: list[str], seed: int) -> list[str]:
+    """train.py's flags with `--seed` set to `seed`."""
+    i = flags.index("--seed")
+    return [*flags[: i + 1], str(seed), *flags[i + 2 :]]
+
+
+def run_seeds(config: str, overrides: list[str], flags: list[str], repo: Path, out: Path, n: int):
+    """Both sides with seeds 1..n, taking turns; {side: [run, ...]}, each run with its seed."""
+    runs: dict[str, list[dict]] = {"ours": [], "timm": []}
+    for seed in range(1, n + 1):
+        where = {side: out / f"seed{seed}" / side for side in runs}
+        for side in ("ours", "timm") if seed % 2 else ("timm", "ours"):
+            where[side].mkdir(parents=True, exist_ok=True)
+            if side == "ours":
+                r = run_ours(config, [*overrides, f"train.seed={seed}"], where[side])
+            else:
+                r = run_timm(repo, with_seed(flags, seed), where[side])
+            runs[side].append({"seed": seed, **r})
+            print(
+                f"seed {seed:>3} {side:5s} test top-1 {r['test_acc']:.2%}  wall {r['wall_s']:.0f} s"
+            )
+    return runs
+
+
+def seed_summary(runs: list[dict]) -> dict:
+    """Mean and (sample) std of test top-1 and wall time over a side's runs."""
+    acc, wall = [r["test_acc"] for r in runs], [r["wall_s"] for r in runs]
+    spread = statistics.stdev if len(runs) > 1 else lambda _: 0.0
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "test_acc_mean": round(statistics.mean(acc), 5),
+        "test_acc_std": round(spread(acc), 5),
+        "wall_s_mean": round(statistics.mean(wall), 1),
+        "wall_s_total": round(sum(wall), 1),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Parse the command line, run both sides, print and write the comparison."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peer_timm", description=__doc__)
     parser.add_argument("config")
     parser.add_argument("--timm-repo", type=Path, required=True, help="pytorch-image-models copy")
     parser.add_argument("--out", type=Path, default=None, help="default: reports/peer_timm-<stamp>")
+    parser.add_argument("--seeds", type=int, default=0, help="both sides with seeds 1..N, in turns")
     parser.add_argument("overrides", nargs="*", help="key=value, as for twincar_fast.run")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -220,6 +261,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     flags = timm_flags(cfg, out / "imagefolder", len(read_classes(data_dir)), out)
     result = {"config": args.config, "overrides": args.overrides, "images": counts,
               "notes": mapping_notes(cfg), "timm_flags": flags}  # fmt: skip
+    if args.seeds:
+        runs = run_seeds(
+            args.config, args.overrides, flags, args.timm_repo.resolve(), out, args.seeds
+        )
+        result["runs"] = runs
+        result["summary"] = {side: seed_summary(r) for side, r in runs.items()}
+        write_json(out / "results.json", result)
+        for side, m in result["summary"].items():
+            print(
+                f"{side:5s} mean test top-1 {m['test_acc_mean']:.2%} ± {m['test_acc_std']:.2%} over "
+                f"{len(m['seeds'])} seeds, wall {m['wall_s_mean']:.0f} s a run"
+            )
+        return result
     result["ours"] = run_ours(args.config, args.overrides, out)
     result["timm"] = run_timm(args.timm_repo.resolve(), flags, out)
     write_json(out / "results.json", result)

@@ -74,3 +74,15 @@ def test_export_is_our_validation_geometry(tiny_cfg, tiny_data, tmp_path, bbox_c
     square = (np.asarray(image)[..., 0] > 180).mean()  # class 0's square is (230, 200, 40)
     # the box crop (+16% margin) leaves the car (the square) filling most of the frame
     assert square > 0.4 if bbox_crop else square < 0.15
+
+
+def test_seeds_are_set_per_run_and_summarized_as_mean_and_std():
+    from benchmarks.peer_timm import seed_summary, with_seed
+
+    flags = ["--model", "test_resnet", "--seed", "42", "--epochs", "10"]
+    assert with_seed(flags, 3) == ["--model", "test_resnet", "--seed", "3", "--epochs", "10"]
+    runs = [{"seed": s, "test_acc": a, "wall_s": w} for s, a, w in [(1, 0.9, 50), (2, 0.95, 70)]]
+    m = seed_summary(runs)
+    assert m["seeds"] == [1, 2] and m["test_acc_mean"] == 0.925 and m["wall_s_mean"] == 60
+    assert m["test_acc_std"] == round(0.05 / 2**0.5, 5) and m["wall_s_total"] == 120
+    assert seed_summary(runs[:1])["test_acc_std"] == 0.0
