@@ -92,7 +92,8 @@ def _parse(raw: Sequence[str]) -> tuple[tuple | None, str | None]:
             return None, f"box coordinate {name} {text!r} is not a finite number"
         values.append(v)
     box = tuple(values)
-    return (None, box_shape_problem(box)) if box_shape_problem(box) else (box, None)
+    problem = box_shape_problem(box)
+    return (None, problem) if problem else (box, None)
 
 
 def _match(image: str, csv: Path, by_key: dict, by_name: dict, where: str) -> str | None:

@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 
 from twincar_fast.errors import TwincarError
-from twincar_fast.files import write_json
 from twincar_fast.ship.card import CONFIG_JSON, read_config
 
-__all__ = ["SHA256_KEY", "check_sha256", "file_sha256", "record_sha256", "record_sha256_file"]
+__all__ = ["SHA256_KEY", "check_sha256", "file_sha256", "record_sha256"]
 
 SHA256_KEY = "sha256"  # config.json's twincar.sha256: {file name: hex digest}
 _BLOCK = 1 << 20
@@ -38,12 +37,6 @@ def record_sha256(config: dict, *files: Path) -> dict:
     hashes.update({Path(f).name: file_sha256(f) for f in files})
     twincar[SHA256_KEY] = hashes
     return config
-
-
-def record_sha256_file(model_dir: str | os.PathLike, *files: Path) -> None:
-    """Record the sha256 of `files` in the config.json of `model_dir` (rewritten atomically)."""
-    path = Path(model_dir) / CONFIG_JSON
-    write_json(path, record_sha256(read_config(path), *files))
 
 
 def check_sha256(path: str | os.PathLike) -> None:
