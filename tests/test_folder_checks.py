@@ -32,7 +32,7 @@ def copy_folder(folder, tmp_path, hashes: bool = True):
     copy = shutil.copytree(folder, tmp_path / "m")
     if not hashes:
         config = json.loads((copy / "config.json").read_text())
-        del config["twincar"]["sha256"]
+        config["twincar"].pop("sha256", None)
         (copy / "config.json").write_text(json.dumps(config))
     return copy
 

@@ -164,14 +164,14 @@ def _sideways(upright: Image.Image, path, fmt: str, orientation: int = 6, **kw):
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_sideways_photos_open_upright(tmp_path, orientation):
-    from twincar_fast.data.images import image_size, open_region
-
     rng = np.random.default_rng(orientation)
     upright = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
     path = _sideways(upright, tmp_path / "phone.png", "PNG", orientation)
     assert Image.open(path).size == ((H, W) if orientation != 3 else (W, H))  # as stored
-    assert image_size(path) == (W, H)
     np.testing.assert_array_equal(np.asarray(open_rgb(path)), np.asarray(upright))
+    from twincar_fast.data.images import image_size, open_region
+
+    assert image_size(path) == (W, H)
     box = (5, 3, 30, 20)  # 1-based inclusive, in the upright image's pixels
     cut = open_region(path, box)
     np.testing.assert_array_equal(np.asarray(cut), np.asarray(upright.crop((4, 2, 30, 20))))
