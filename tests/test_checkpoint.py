@@ -141,3 +141,36 @@ def test_wrong_checkpoints_are_one_line_errors(classes_csv, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(TwincarError, match="not a readable"):
         import_torchvision(tmp_path / "junk.pth", classes_csv, tmp_path / "junk")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("fc.weight", float("nan")), ("conv1.weight", float("inf"))]
+)
+def test_non_finite_weights_are_refused(classes_csv, tmp_path, capsys, key, value):
+    """Issue 29.3: NaN/inf weights made a folder that predicts nan."""
+    sd = twincar_net("linear").state_dict()
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[3] = value
+    torch.save(sd, tmp_path / "bad.pth")
+    argv = ["import-torchvision", str(tmp_path / "bad.pth"), "--classes", str(classes_csv)]
+    assert main([*argv, "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"tensor '{key}' holds 1 NaN/inf value" in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_imported_folder_records_the_weights_sha256(classes_csv, tmp_path):
+    """Issue 29.1: the hash is written where the file is, and checked on load."""
+    from twincar_fast.ship.integrity import file_sha256
+
+    torch.save(twincar_net("linear").state_dict(), tmp_path / "ok.pth")
+    out = import_torchvision(tmp_path / "ok.pth", classes_csv, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    assert config["twincar"]["sha256"] == {
+        "model.safetensors": file_sha256(out / "model.safetensors")
+    }
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-100] ^= 1
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(TwincarError, match="sha256"):
+        Predictor.from_path(out, device="cpu")

@@ -145,3 +145,42 @@ def test_open_rgb_error_is_one_line_naming_the_image(tmp_path, name):
         open_rgb(tmp_path / name)
     msg = str(info.value)
     assert str(tmp_path / name) in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------- issue 29.5: EXIF orientation
+
+
+def _sideways(upright: Image.Image, path, fmt: str, orientation: int = 6, **kw):
+    """`upright` stored turned as a phone does, with the EXIF tag that says how to show it."""
+    turn = {
+        6: Image.Transpose.ROTATE_90,
+        8: Image.Transpose.ROTATE_270,
+        3: Image.Transpose.ROTATE_180,
+    }
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(upright.transpose(turn[orientation]), path, fmt, exif=exif, **kw)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_sideways_photos_open_upright(tmp_path, orientation):
+    rng = np.random.default_rng(orientation)
+    upright = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    path = _sideways(upright, tmp_path / "phone.png", "PNG", orientation)
+    assert Image.open(path).size == ((H, W) if orientation != 3 else (W, H))  # as stored
+    np.testing.assert_array_equal(np.asarray(open_rgb(path)), np.asarray(upright))
+    from twincar_fast.data.images import image_size, open_region
+
+    assert image_size(path) == (W, H)
+    box = (5, 3, 30, 20)  # 1-based inclusive, in the upright image's pixels
+    cut = open_region(path, box)
+    np.testing.assert_array_equal(np.asarray(cut), np.asarray(upright.crop((4, 2, 30, 20))))
+
+
+def test_draft_sizes_are_those_of_the_upright_jpeg(tmp_path):
+    upright = Image.open(io.BytesIO(_noise_jpeg((400, 300))))
+    path = _sideways(upright, tmp_path / "phone.jpg", "JPEG", quality=90)
+    seen = []
+    small = open_rgb(path, draft=lambda size: seen.append(size) or (100, 75))
+    assert seen == [(400, 300)] and small.size == (100, 75)  # 1/4 scale, upright
+    assert open_rgb(path).size == (400, 300)

@@ -121,6 +121,9 @@ def test_int8_copy_is_calibrated_on_training_images_and_checked(shipped_onnx, tm
     same, n = map(int, record["top1_equal"].split("/"))
     assert n == min(64, counts["test"]) and same >= 0.8 * n and record["min_top1"] == 0.8
     assert record["calibration"] == f"{min(64, counts['train'])} training images"
+    from twincar_fast.ship.integrity import file_sha256  # issue 29.1: checked on every load
+
+    assert config["twincar"]["sha256"]["model.int8.onnx"] == file_sha256(copy / "model.int8.onnx")
     paths = valid_paths(learn)
     p8 = Predictor.from_path(copy, backend="onnx-int8").predict_proba(paths)
     p32 = Predictor.from_path(copy, device="cpu").predict_proba(paths)

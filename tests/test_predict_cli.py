@@ -99,3 +99,37 @@ def test_paths_that_match_nothing_are_one_line_errors(shipped, tmp_path, capsys)
         assert main(["predict", str(folder), arg]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_a_sideways_phone_photo_is_predicted_upright(shipped, tmp_path):
+    """Issue 29.5: EXIF orientation 6 (stored turned a quarter) is applied before predicting."""
+    learn, folder = shipped
+    upright = Image.open(sorted(learn.dls.valid.items["path"])[0]).convert("RGB")
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # show turned 90° clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "no_exif.png")
+    predictor = Predictor.from_path(folder, device="cpu")
+    names = ["upright.png", "phone.png", "no_exif.png"]
+    probs = predictor.predict_proba([str(tmp_path / n) for n in names])
+    np.testing.assert_allclose(probs[1], probs[0], atol=1e-5)
+    assert np.abs(probs[2] - probs[0]).max() > 1e-3  # turned pixels do change the answer
+    pil = predictor.predict_proba(Image.open(tmp_path / "phone.png"))  # as the app may give it
+    np.testing.assert_allclose(pil[0], probs[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99", "cuda"])
+def test_devices_that_are_not_there_are_one_line(shipped, capsys, device):
+    """Issue 29.15: --device bogus and --device cuda without a GPU."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: cuda:99 stands for the missing one")
+    learn, folder = shipped
+    image = str(sorted(learn.dls.valid.items["path"])[0])
+    assert main(["predict", str(folder), image, "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"device {device!r}" in err, err
+    assert main(["predict", str(folder), image, "--device", "cuda", "--backend", "onnx"]) == 2
+    assert "runs on the CPU" in capsys.readouterr().err

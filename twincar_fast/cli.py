@@ -337,7 +337,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         type=_path,
         default=None,
         metavar="CSV",
-        help="car boxes: a CSV with columns image,x1,y1,x2,y2 (1-based inclusive pixels)",
+        help="car boxes: a CSV with columns image,x1,y1,x2,y2 (1-based inclusive pixels; image: "
+        "the path as given or the file name)",
     )
     p.add_argument(
         "--data",

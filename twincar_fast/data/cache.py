@@ -32,14 +32,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from PIL import Image
 from rich.progress import Progress
 
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations
 from twincar_fast.data.geometry import crop_region
-from twincar_fast.data.images import open_region
+from twincar_fast.data.images import image_size, open_region
 from twincar_fast.errors import ConfigError, DataError
 from twincar_fast.files import atomic_path, file_lock
 
@@ -58,7 +57,7 @@ __all__ = [
 
 _MAGIC = b"TWCACHE1"
 _HEAD = struct.Struct("<8s32sQQI")  # magic, key (sha256), images, payload bytes, CRC-32
-_VERSION = 1  # bump when the pixels a build writes change, so old caches are rebuilt
+_VERSION = 2  # bump when the pixels a build writes change (2: EXIF orientation applied)
 _CHUNK = 1 << 24  # CRC-32 in 16 MiB reads: fast, and no second copy of the file in memory
 
 
@@ -79,11 +78,7 @@ def cache_rows(data_dir: Path) -> pd.DataFrame:
 
 def _region_size(path: str, box, margin: float) -> tuple[int, int]:
     """(w, h) of the part of the image at `path` that is cached, read from its header only."""
-    try:
-        with Image.open(path) as img:
-            size = img.size
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"can't read image {path}: {e}; replace or remove the file") from None
+    size = image_size(path)  # upright, as `open_region` cuts it
     region = crop_region(box, margin, size)
     if region is None:
         return size

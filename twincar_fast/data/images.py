@@ -1,5 +1,8 @@
-"""Safe image opening: any file PIL reads becomes RGB (cut to a region, draft-decoded); unusable
-files get a one-line reason."""
+"""Safe image opening: any file PIL reads becomes RGB, upright (its EXIF orientation applied, as
+a photo viewer shows it), cut to a region, draft-decoded; unusable files get a one-line reason.
+
+Every image of training, prediction and the app is opened here, so all of them see the same upright
+pixels, and car boxes are in the upright image's pixels."""
 
 from __future__ import annotations
 
@@ -9,15 +12,48 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from twincar_fast.data.geometry import crop_region
 from twincar_fast.errors import DataError
 
-__all__ = ["image_problem", "open_region", "open_rgb"]
+__all__ = ["image_problem", "image_size", "open_region", "open_rgb", "upright"]
 
 _JPEG_FORMATS = ("JPEG", "MPO")
 _WHITE = (255, 255, 255, 255)
+_ORIENTATION = 0x0112  # the EXIF tag; 1 = upright, 2-8 = mirrored and/or turned
+_TURNED = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an open image (1 when absent or unreadable)."""
+    try:
+        value = img.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: show the pixels as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says (phone photos stored sideways); else itself."""
+    if _orientation(img) == 1:
+        return img  # no copy: most images are stored upright
+    return ImageOps.exif_transpose(img)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(w, h) of the upright image at `path` (what `open_rgb` returns), from its header only.
+
+    Raises:
+        DataError: the file is missing or not an image; the message names it.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.size[::-1] if _orientation(img) in _TURNED else img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(
+            f"can't read image {path}: {_one_line(e)}; replace or remove the file"
+        ) from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -39,22 +75,25 @@ Draft = tuple[int, int] | Callable[[tuple[int, int]], tuple[int, int] | None] | 
 
 
 def open_rgb(path: str | os.PathLike, draft: Draft = None) -> Image.Image:
-    """Open any image PIL reads as RGB; `draft=(w, h)` decodes JPEGs at a reduced scale ≥ (w, h).
+    """Open any image PIL reads as upright RGB; `draft=(w, h)` decodes JPEGs at a reduced scale
+    ≥ (w, h) (sizes of the upright image).
 
-    `draft` may also be a function of the image's full (w, h), read from the header of the same
-    open, returning (w, h) or None (full scale).
+    `draft` may also be a function of the upright image's full (w, h), read from the header of
+    the same open, returning (w, h) or None (full scale).
 
     Raises:
         DataError: the file is missing, empty, truncated or not an image; the message names it.
     """
     try:
         with Image.open(path) as img:
+            turned = _orientation(img) in _TURNED
             if callable(draft):
-                draft = draft(img.size)
+                draft = draft(img.size[::-1] if turned else img.size)
             if draft is not None and img.format in _JPEG_FORMATS:
-                img.draft("RGB", (max(1, draft[0]), max(1, draft[1])))
+                w, h = draft[::-1] if turned else draft  # the stored (sideways) image's sides
+                img.draft("RGB", (max(1, w), max(1, h)))
             img.load()
-            return _to_rgb(img)
+            return _to_rgb(upright(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(
             f"can't read image {path}: {_one_line(e)}; replace or remove the file"

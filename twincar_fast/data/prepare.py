@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import track
 
-from twincar_fast.data.images import image_problem, open_rgb
+from twincar_fast.data.images import image_problem, image_size, open_rgb
 from twincar_fast.data.layouts import BBOX, LAYOUTS, Box, Item, Source, detect_layout, read_source
 from twincar_fast.errors import DataError
 from twincar_fast.files import write_csv
@@ -57,8 +57,7 @@ def _check(item: Item, presize: int | None, staging: Path) -> tuple[str | None, 
     reason = item.problem or image_problem(item.path)
     if reason or presize is None:
         return reason, None
-    with Image.open(item.path) as img:
-        old = img.size
+    old = image_size(item.path)  # upright, as open_rgb returns it
     if min(old) <= presize:
         return None, None
     scale = presize / min(old)

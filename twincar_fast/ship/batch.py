@@ -20,47 +20,15 @@ from pathlib import Path
 import pandas as pd
 
 from twincar_fast.console import console, plain_output
-from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations
 from twincar_fast.data.images import image_problem
 from twincar_fast.data.layouts import IMAGE_SUFFIXES
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
+from twincar_fast.ship.boxes import image_boxes
 from twincar_fast.ship.inputs import BACKENDS, box_warning
 from twincar_fast.ship.predict import Predictor
 
-__all__ = ["collect_images", "predict_files", "read_boxes", "results_table", "shorten_left"]
-
-_BOX_CSV = ["image", "x1", "y1", "x2", "y2"]
-
-
-def _key(path: str | os.PathLike) -> str:
-    """An image's match key: its resolved absolute path."""
-    return str(Path(path).expanduser().resolve())
-
-
-def read_boxes(csv: str | os.PathLike | None = None, data: str | os.PathLike | None = None) -> dict:
-    """Car boxes by resolved image path, from a boxes CSV and/or a prepared set's annotations."""
-    boxes: dict[str, tuple] = {}
-    if data is not None:
-        df = read_annotations(data)
-        for path, *box in df[["path", *BBOX_COLUMNS]].itertuples(index=False):
-            boxes[_key(path)] = tuple(box)
-    if csv is not None:
-        csv = Path(csv)
-        if not csv.is_file():
-            raise TwincarError(f"--boxes {csv}: file not found")
-        df = pd.read_csv(csv)
-        missing = [c for c in _BOX_CSV if c not in df.columns]
-        if missing:
-            raise TwincarError(
-                f"--boxes {csv}: missing column(s) {', '.join(missing)}; "
-                "columns must be image,x1,y1,x2,y2 (1-based inclusive pixels)"
-            )
-        for image, *box in df[_BOX_CSV].itertuples(index=False):
-            p = Path(str(image))
-            boxes[_key(p if p.is_absolute() else csv.parent / p)] = tuple(box)
-            boxes.setdefault(_key(p), tuple(box))  # relative to the working folder, too
-    return boxes
+__all__ = ["collect_images", "predict_files", "results_table", "shorten_left"]
 
 
 def shorten_left(text: str, width: int) -> str:
@@ -108,7 +76,7 @@ def _print(rows: list[dict], model: Path, top_k: int) -> None:
     for r in rows:
         image = shorten_left(r["image"], width)
         if "error" in r:
-            table.add_row(image, "[red]unreadable[/red]", "", r["error"])
+            table.add_row(image, "[red]error[/red]", "", r["error"])
             continue
         others = ", ".join(f"{t['label']} {t['prob']:.2f}" for t in r["topk"])
         table.add_row(image, r["label"], f"{r['prob']:.3f}", others)
@@ -172,7 +140,7 @@ def _predict_rows(
 ) -> list[dict]:
     """Result rows in the order of `paths`: predictions of the readable ones, errors of the rest."""
     good = [p for p in paths if problems[str(p)] is None]
-    wanted = [known.get(_key(p)) for p in good]
+    wanted = [known.get(str(p)) for p in good]
     no_box = sum(b is None for b in wanted)
     if predictor.preprocess.bbox_crop and no_box:
         print(f"warning: {box_warning(no_box, len(good))}", file=sys.stderr)  # stdout: the data
@@ -221,15 +189,19 @@ def predict_files(
     _check_args(top_k, out, cam, batch_size, backend)
     paths = collect_images(images)  # before loading the model: a typo shouldn't cost a load
     problems = {str(p): image_problem(p) for p in paths}
+    readable = [str(p) for p in paths if problems[str(p)] is None]
+    found = image_boxes(paths, boxes, data, readable)
+    if found.warning(boxes):
+        print(f"warning: {found.warning(boxes)}", file=sys.stderr)
+    problems.update({p: problems[p] or why for p, why in found.problems.items()})
     if paths and all(problems.values()):
-        first = paths[0]
-        raise TwincarError(f"can't read image {first}: {problems[str(first)]}; nothing to predict")
-    known = read_boxes(boxes, data) if boxes is not None or data is not None else {}
+        first = str(paths[0])
+        raise TwincarError(f"{first}: {problems[first]}; nothing to predict")
     predictor = Predictor.from_path(
         model, device=device, trust_pickle=trust_pickle, backend=backend
     )
     predictor.batch_size = batch_size
-    rows = _predict_rows(predictor, paths, problems, known, top_k, tta)
+    rows = _predict_rows(predictor, paths, problems, found.boxes, top_k, tta)
     if cam is not None:
         from twincar_fast.ship.cam import write_cams
 
@@ -240,7 +212,10 @@ def predict_files(
         print(f"predictions → {_write(Path(out), rows, top_k)}", file=sys.stderr)
     failed = sum("error" in r for r in rows)
     if failed:
-        print(f"{failed} of {len(rows)} image(s) could not be read (listed above)", file=sys.stderr)
+        print(
+            f"{failed} of {len(rows)} image(s) could not be read or have a bad box (listed above)",
+            file=sys.stderr,
+        )
     return rows
 
 

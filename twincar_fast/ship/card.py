@@ -39,8 +39,14 @@ CONFIG_JSON = "config.json"
 LEGACY_JSON = "model.json"  # folders exported before config.json
 FORMAT = "twincar_fast/model-v2"
 # informational parts of the twincar section: recorded, never needed to rebuild the model
-_INFO = ("metrics", "data_hash", "versions", "onnx", "onnx_int8", "source", "training")
+_INFO = (
+    "metrics", "data_hash", "versions", "onnx", "onnx_int8", "source", "training", "sha256"
+)  # fmt: skip
 # our resize method → timm's crop_mode (`border`: timm's pad-to-square mode)
+# pixels are scaled to [0, 1] before normalizing: a mean outside it fits no image; a std above
+# 0.5 is already wider than any such data (1: no scaling), and one near 0 turns noise into inf
+_STAT_RANGES = {"mean": (0.0, 1.0), "std": (1e-3, 10.0)}
+MAX_SIDE = 4096  # img_size / item_size: far above any trained input; bounds memory per image
 _CROP_MODES = {"crop": "center", "squish": "squash", "pad": "border", "short": "center"}
 
 
@@ -76,13 +82,17 @@ def _check_card(c: ModelCard, where: str) -> None:
     check_key(len(c.classes) >= 2, where, "classes", "must list at least 2 classes")
     n = c.n_classes
     check_key(n is None or n == len(c.classes), where, "n_classes", "must be len(classes)")
-    check_key(c.img_size >= 16, where, "img_size", f"must be at least 16, got {c.img_size}")
+    names = "label_names" if where.endswith(CONFIG_JSON) else "classes"
+    twice = sorted({x for x in c.classes if c.classes.count(x) > 1})
+    check_key(not twice, where, names, f"must name each class once; repeated: {twice[:3]}")
+    size = f"must be in [16, {MAX_SIDE}] (pixels a model can take)"
+    check_key(16 <= c.img_size <= MAX_SIDE, where, "img_size", f"{size}, got {c.img_size}")
     check_key(c.item_size >= c.img_size, where, "item_size", "must be ≥ img_size")
-    for key in ("mean", "std"):
+    check_key(c.item_size <= MAX_SIDE, where, "item_size", f"{size}, got {c.item_size}")
+    for key, (lo, hi) in _STAT_RANGES.items():
         v = getattr(c, key)
-        ok = len(v) == 3 and all(math.isfinite(x) for x in v)
-        check_key(ok, where, key, f"must be 3 finite numbers (R, G, B), got {v}")
-    check_key(min(c.std) > 0, where, "std", f"must be positive, got {c.std}")
+        ok = len(v) == 3 and all(math.isfinite(x) and lo <= x <= hi for x in v)
+        check_key(ok, where, key, f"must be 3 numbers (R, G, B) in [{lo:g}, {hi:g}], got {v}")
     check_key(c.head_hidden >= 1, where, "head_hidden", "must be at least 1")
     check_key(0 <= c.head_dropout < 1, where, "head_dropout", "must be in [0, 1)")
     ok = math.isfinite(c.bbox_margin) and c.bbox_margin >= 0
@@ -110,6 +120,10 @@ def read_config(path: str | os.PathLike) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TwincarError(f"{path}: not valid JSON ({e}); re-export the model") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise TwincarError(
+            f"{path}: nested too deeply to be a model config; re-export the model"
+        ) from None
     if not isinstance(data, dict):
         raise TwincarError(f"{path}: must be a JSON object, got {type(data).__name__}")
     return data

@@ -9,7 +9,6 @@ folder then loads with plain timm too) or TwinCar's MLP `fc` (`fc.0` Linear, ReL
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from twincar_fast.data.dataset import read_classes
 from twincar_fast.errors import TwincarError
 from twincar_fast.ship.card import ModelCard
 from twincar_fast.ship.export import save_safetensors, versions, write_model_config
+from twincar_fast.ship.integrity import file_sha256
 
 __all__ = ["TWINCAR_PREPROCESSING", "import_torchvision", "read_checkpoint"]
 
@@ -50,6 +50,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             sd = sd[key]
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise TwincarError(f"{path}: holds no state dict of tensors")
+    for key, v in sd.items():  # a NaN or inf weight makes every prediction nan
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise TwincarError(
+                f"{path}: tensor '{key}' holds {bad} NaN/inf value(s) of {v.numel()}; "
+                "this checkpoint is damaged or diverged: import a good one"
+            )
     return {re.sub(r"^module\.", "", k): v for k, v in sd.items()}  # DataParallel saves
 
 
@@ -134,10 +141,12 @@ def import_torchvision(
         **TWINCAR_PREPROCESSING,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model, out / "model.safetensors", layout)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    source = {"checkpoint": str(path.resolve()), "sha256": digest, "head": head}
-    write_model_config(
-        out, card, model[0].model.num_features, {"source": source, "versions": versions()}
-    )
+    weights = save_safetensors(model, out / "model.safetensors", layout)
+    source = {"checkpoint": str(path.resolve()), "sha256": file_sha256(path), "head": head}
+    info = {
+        "source": source,
+        "versions": versions(),
+        "sha256": {weights.name: file_sha256(weights)},
+    }
+    write_model_config(out, card, model[0].model.num_features, info)
     return out

@@ -31,6 +31,7 @@ from twincar_fast.ship.card import (
     read_model_card,
     to_timm_keys,
 )
+from twincar_fast.ship.integrity import file_sha256
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
 
 __all__ = [
@@ -203,6 +204,7 @@ def export_model(
         "data_hash": data_hash(cfg.data.root),
         "versions": versions(),
         "training": config_to_dict(cfg),
+        "sha256": {paths["safetensors"].name: file_sha256(paths["safetensors"])},  # checked on load
     }
     paths.update(write_model_config(model_dir, card, model[0].model.num_features, info))
     return paths

@@ -18,8 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from twincar_fast.data.geometry import InputGeometry, resize_image, resize_short_crop
-from twincar_fast.data.images import open_region
+from twincar_fast.data.geometry import (
+    InputGeometry,
+    crop_region,
+    resize_image,
+    resize_short_crop,
+)
+from twincar_fast.data.images import image_size, open_region, upright
 from twincar_fast.errors import TwincarError
 
 __all__ = [
@@ -30,6 +35,8 @@ __all__ = [
     "items_ahead",
     "as_box",
     "as_list",
+    "box_problem",
+    "box_shape_problem",
     "box_warning",
     "check_boxes",
     "results",
@@ -59,13 +66,16 @@ class ItemPrep:
         `box` (x1, y1, x2, y2; 1-based inclusive) grown by the margin when `bbox_crop`."""
         box = box if self.bbox_crop else None
         if isinstance(image, Image.Image):
-            image = image.convert("RGB")
+            image = upright(image).convert("RGB")
             if box is None:
                 return image
+            _require_box(box, image.size, "the image")
             return image.crop(tuple(int(v) for v in self.geometry.crop(image.size, box)))
         path = Path(image)
         if not path.is_file():
             raise TwincarError(f"image not found: {path} (check the path)")
+        if box is not None:
+            _require_box(box, image_size(path), str(path))
         min_side = self.item_size if self.draft else None
         return open_region(path, box, self.bbox_margin, min_side)
 
@@ -91,6 +101,13 @@ class ItemPrep:
         )
 
 
+def _require_box(box, size: tuple[int, int], where: str) -> None:
+    """A one-line error when `box` can't be cut from the image (a bad box is never the whole)."""
+    problem = box_problem(box, size)
+    if problem is not None:
+        raise TwincarError(f"{where}: {problem}")
+
+
 def box_warning(missing: int, n: int) -> str:
     """The one warning line for images fed whole to a model trained on car-box crops."""
     return (
@@ -100,14 +117,45 @@ def box_warning(missing: int, n: int) -> str:
     )
 
 
+def box_shape_problem(box: tuple[float, ...]) -> str | None:
+    """Why 4 finite coordinates are no car box (inverted or empty), or None."""
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        return (
+            f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is empty or inverted: "
+            "need x1 < x2 and y1 < y2 (1-based inclusive pixels)"
+        )
+    return None
+
+
+def box_problem(box: tuple[float, ...], size: tuple[int, int]) -> str | None:
+    """Why a box can't be cut from an image of `size` (w, h): inverted, empty or outside it."""
+    problem = box_shape_problem(box)
+    if problem is None and crop_region(box, 0.0, size) is None:
+        x1, y1, x2, y2 = box
+        problem = f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the {size[0]}×{size[1]} image"
+    return problem
+
+
 def as_box(box) -> tuple[float, float, float, float] | None:
-    """A box as 4 finite floats, or None (missing, NaN)."""
+    """A box as 4 finite floats with x1 < x2, y1 < y2, or None (missing: None or all NaN); a
+    one-line error for anything else (a wrong box must not quietly become the whole image)."""
     if box is None:
         return None
-    values = tuple(float(v) for v in box)
+    try:
+        values = tuple(float(v) for v in box)
+    except (TypeError, ValueError):
+        raise TwincarError(f"box {box!r}: give 4 numbers x1, y1, x2, y2") from None
     if len(values) != 4:
         raise TwincarError(f"box {box!r}: give 4 numbers x1, y1, x2, y2")
-    return values if all(math.isfinite(v) for v in values) else None
+    if all(math.isnan(v) for v in values):
+        return None
+    if not all(math.isfinite(v) for v in values):
+        raise TwincarError(f"box {box!r}: coordinates must be finite numbers (or all NaN: no box)")
+    problem = box_shape_problem(values)
+    if problem is not None:
+        raise TwincarError(problem)
+    return values
 
 
 def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

@@ -21,6 +21,7 @@ from torch import nn
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_json
 from twincar_fast.ship.card import CONFIG_JSON, read_config, training_data_root
+from twincar_fast.ship.integrity import record_sha256
 from twincar_fast.ship.onnx_predict import ONNX_FILE, OnnxPredictor, require_onnx
 from twincar_fast.ship.predict import Predictor, Preprocess, resample
 
@@ -143,5 +144,5 @@ def export_onnx(
         **check,
         "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
-    write_json(config_path, config)
+    write_json(config_path, record_sha256(config, out))  # checked on every load
     return out

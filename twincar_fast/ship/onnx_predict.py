@@ -16,6 +16,7 @@ import numpy as np
 from twincar_fast.errors import TwincarError
 from twincar_fast.ship.card import read_model_card
 from twincar_fast.ship.inputs import ImageInput, ItemPrep, PredictMixin
+from twincar_fast.ship.integrity import check_sha256
 
 __all__ = ["INT8_FILE", "ONNX_FILE", "OnnxPredictor", "require_onnx", "softmax"]
 
@@ -39,6 +40,57 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+def _session(path: Path, num_threads: int | None):
+    """An onnxruntime CPU session of `path`; a one-line error for a file that isn't a model."""
+    require_onnx("onnxruntime")
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    # no busy-waiting between runs: the threads that decode the next images (and a torch
+    # model in the same process) need those cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if num_threads:
+        opts.intra_op_num_threads = num_threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise TwincarError(
+            f"{path}: not a usable ONNX model (empty, truncated or damaged: {reason}); "
+            f"re-export it with `twincar export {path.parent} --format onnx --force`"
+        ) from None
+
+
+def _check_graph(session, path: Path, n_classes: int, prep: ItemPrep) -> str:
+    """The graph's input name, once its input and output fit config.json (one-line error else)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    side = prep.input_size
+    expect_in = ["batch", 3, side, side]
+    problem = None
+    if len(inputs) != 1 or len(outputs) < 1:
+        problem = f"{len(inputs)} input(s) and {len(outputs)} output(s), not 1 and 1"
+    elif inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
+        problem = f"input {inputs[0].type} {inputs[0].shape}, not uint8 N×3×{side}×{side}"
+    elif any(
+        isinstance(d, int) and d != e for d, e in zip(inputs[0].shape, expect_in, strict=True)
+    ):
+        problem = f"input of shape {inputs[0].shape}, but config.json gives items of {side} px"
+    else:
+        out = outputs[0].shape[-1] if outputs[0].shape else None
+        if not isinstance(out, int):  # a symbolic class axis: ask the graph itself
+            x = np.zeros((1, 3, side, side), np.uint8)
+            out = session.run(None, {inputs[0].name: x})[0].shape[-1]
+        if out != n_classes:
+            problem = f"{out} outputs, but config.json lists {n_classes} classes"
+    if problem is not None:
+        raise TwincarError(
+            f"{path}: this ONNX graph is not the folder's model ({problem}); re-export it with "
+            f"`twincar export {path.parent} --format onnx --force`"
+        )
+    return inputs[0].name
+
+
 class OnnxPredictor(PredictMixin):
     """A `model.onnx`, its classes and the CPU half of its preprocessing, run by onnxruntime."""
 
@@ -50,18 +102,8 @@ class OnnxPredictor(PredictMixin):
         batch_size: int = 32,
         num_threads: int | None = None,
     ):
-        require_onnx("onnxruntime")
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        # no busy-waiting between runs: the threads that decode the next images (and a torch
-        # model in the same process) need those cores
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if num_threads:
-            opts.intra_op_num_threads = num_threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.session = _session(Path(path), num_threads)
+        self.input_name = _check_graph(self.session, Path(path), len(classes), preprocess)
         self.classes = list(classes)
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -85,6 +127,7 @@ class OnnxPredictor(PredictMixin):
                 f"--format onnx{how}` (needs pip install 'twincar-fast[onnx]')"
             )
         card = read_model_card(onnx_file.parent)
+        check_sha256(onnx_file)
         keys = ("item_size", "img_size", "mean", "std", "resize", "pad_mode", "draft")
         prep = ItemPrep(
             **{k: getattr(card, k) for k in keys},

@@ -19,18 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from twincar_fast.ship.onnx_predict import OnnxPredictor
 
-from twincar_fast.data.geometry import InputGeometry
 from twincar_fast.errors import TwincarError
 from twincar_fast.ship.inputs import BACKENDS, ImageInput, ItemPrep, PredictMixin
 
-__all__ = ["Predictor", "Preprocess", "require_trust", "resample"]
+# torch is imported inside the functions that use it: `Predictor.from_path(..., backend="onnx")`
+# (the public path to the ONNX predictor) must work where torch is not installed
+
+__all__ = ["Predictor", "Preprocess", "require_trust", "resample", "torch_device"]
 
 _MODEL_FILES = ("model.safetensors", "learner.pkl")
 
@@ -41,10 +43,14 @@ class Preprocess(ItemPrep):
 
     def item(self, image: ImageInput, box=None) -> torch.Tensor:
         """One presized uint8 CHW tensor, as fastai's validation `Resize(item_size)` makes it."""
+        import torch
+
         return torch.from_numpy(self.item_array(image, box).copy()).permute(2, 0, 1)
 
     def batch(self, items: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Stacked items as a normalized float batch of `img_size`, as the validation batch tfms."""
+        import torch
+
         x = torch.stack(list(items)).to(device, non_blocking=True).float().div_(255.0)
         x = resample(x, self.img_size)
         mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
@@ -57,6 +63,7 @@ class Preprocess(ItemPrep):
         from fastai.data.transforms import Normalize
         from fastai.vision.augment import Resize
 
+        from twincar_fast.data.geometry import InputGeometry
         from twincar_fast.data.loaders import ImageLoader
 
         dl = dls.valid
@@ -84,6 +91,8 @@ def resample(x: torch.Tensor, size: int) -> torch.Tensor:
     Like fastai's `_grid_sample`, an image more than twice the target size is first area-averaged
     down so the bilinear step doesn't alias.
     """
+    import torch.nn.functional as F
+
     if x.shape[-2:] == (size, size):
         return x
     d = min(x.shape[-2] / size, x.shape[-1] / size) / 2
@@ -92,9 +101,29 @@ def resample(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
 
 
-def _default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def torch_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to run on (default: CUDA when available); one-line errors for a name
+    torch doesn't know or a GPU this machine lacks."""
+    import torch
+
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise TwincarError(
+            f"device {device!r}: not a device torch knows; give cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise TwincarError(
+                f"device {device!r}: this machine has {count} usable CUDA GPU(s); "
+                "use device cpu" + (f" or cuda:0 … cuda:{count - 1}" if count else "")
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise TwincarError(f"device {device!r}: no MPS (Apple GPU) here; use device cpu")
+    return dev
 
 
 class Predictor(PredictMixin):
@@ -109,7 +138,9 @@ class Predictor(PredictMixin):
         batch_size: int = 32,
         num_threads: int | None = None,
     ):
-        self.device = torch.device(device) if device else _default_device()
+        import torch
+
+        self.device = torch_device(device)
         self.classes = list(classes)
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -137,9 +168,15 @@ class Predictor(PredictMixin):
         if backend in ("onnx", "onnx-int8"):
             from twincar_fast.ship.onnx_predict import OnnxPredictor
 
+            if device not in (None, "", "cpu"):
+                raise TwincarError(
+                    f"device {device!r}: the {backend} backend runs on the CPU (onnxruntime); "
+                    "leave the device out, or use backend torch"
+                )
             return OnnxPredictor.from_path(path, int8=backend == "onnx-int8")
         if backend != "torch":
             raise TwincarError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        device = torch_device(device)  # before the load: a wrong name shouldn't cost one
         path = _model_file(Path(path))
         if path.suffix == ".pkl":
             require_trust(path, trust_pickle)
@@ -154,6 +191,8 @@ class Predictor(PredictMixin):
 
     def _batch_proba(self, items: list[torch.Tensor], tta: bool) -> np.ndarray:
         """Probabilities of one batch of items (with the flip averaged in when `tta`)."""
+        import torch
+
         with torch.inference_mode():
             x = self.preprocess.batch(items, self.device)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -202,8 +241,10 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
     from twincar_fast.model.learner import create_model
     from twincar_fast.ship.card import read_model_card
     from twincar_fast.ship.export import load_safetensors
+    from twincar_fast.ship.integrity import check_sha256
 
     card = read_model_card(path.parent)
+    check_sha256(path)
     model_cfg = ModelConfig(
         arch=card.arch,
         pretrained=False,

@@ -20,6 +20,7 @@ import numpy as np
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_json
 from twincar_fast.ship.card import CONFIG_JSON, read_config, training_data_root
+from twincar_fast.ship.integrity import record_sha256
 from twincar_fast.ship.onnx import check_images, spread_images
 from twincar_fast.ship.onnx_predict import INT8_FILE, ONNX_FILE, OnnxPredictor, require_onnx
 from twincar_fast.ship.predict import Predictor
@@ -145,5 +146,5 @@ def quantize_onnx(
         "min_top1": min_top1,
         **check,
     }
-    write_json(config_path, config)
+    write_json(config_path, record_sha256(config, out))  # checked on every load
     return out, check

@@ -30,6 +30,7 @@ from twincar_fast.errors import TwincarError
 from twincar_fast.files import new_run_name
 from twincar_fast.model.learner import create_learner
 from twincar_fast.ship.export import MODEL_FILES, ModelCard, load_safetensors, read_model_card
+from twincar_fast.ship.integrity import check_sha256
 from twincar_fast.ship.predict import Predictor, require_trust
 
 __all__ = ["evaluate", "evaluate_predictor", "load_safe_learner"]
@@ -59,6 +60,7 @@ def load_safe_learner(
     """A Learner over `data_dir` with the weights of a model.safetensors (no pickle involved)."""
     path = Path(safetensors)
     card = read_model_card(path.parent)
+    check_sha256(path)
     check_classes(card.classes, data_dir)
     cfg = copy.deepcopy(cfg) if cfg is not None else _card_config(card)
     cfg.model = dataclasses.replace(cfg.model, pretrained=False, weights=None)
