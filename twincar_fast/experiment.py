@@ -352,7 +352,9 @@ def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) 
     values = [
         f"{k} {best[k]:.4f}" for k in dict.fromkeys([cfg.train.monitor, "valid_acc"]) if k in best
     ]
-    console.print(f"{line}{': ' if values else ' '}{', '.join(values)} {took}", markup=False)
+    console.print(
+        f"{line}: {', '.join(values)} {took}" if values else f"{line} {took}", markup=False
+    )
     test = summary.get("test")
     if test:
         console.print(
