@@ -68,7 +68,7 @@ def test_end_of_run_prints_the_test_result_and_the_report(terminal_run):
         f"top-5 {test['test_top5']:.4f}" in tail and f"macro F1 {test['test_f1_macro']:.4f}" in tail
     )
     assert str(result.report_dir / "eval_test.json") in tail
-    assert "evaluating the best model on the test split: done in" in out
+    assert re.search(r"evaluating the model of epoch \d+ on the test split: done in", out)
     machine = json.loads((result.report_dir / "summary.json").read_text())["machine"]
     assert machine["device"] == "cpu" and machine["precision"] in ("fp32", "bf16 autocast")
     assert f"cpu → cpu, {machine['precision']}" in out  # the device row of the first table
@@ -109,3 +109,16 @@ def test_importing_the_package_prints_no_torch_jit_notice(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("torch.jit.script` is deprecated") == 1, proc.stderr[-2000:]
+
+
+def test_output_paths_stay_aligned_after_a_long_name(capsys):
+    from twincar_fast.console import print_paths
+
+    print_paths(
+        "outputs", {"metrics": "r/metrics.csv", "best_checkpoint": "m/best.pth", "index": "r/i"}
+    )
+    lines = capsys.readouterr().out.splitlines()[1:]
+    starts = {
+        ln.index(p) for ln, p in zip(lines, ["r/metrics.csv", "m/best.pth", "r/i"], strict=True)
+    }
+    assert len(starts) == 1, lines  # every path in one column

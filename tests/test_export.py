@@ -4,6 +4,7 @@ model.safetensors + model.json rebuild the same network without fastai's pickle.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from twincar_fast.data.loaders import presize
 from twincar_fast.experiment import run_experiment
 from twincar_fast.model.learner import create_model
 from twincar_fast.ship.card import read_model_card
+from twincar_fast.ship.checkpoint import import_torchvision
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
 
 LOAD_AND_PREDICT = """
@@ -59,7 +61,10 @@ def test_export_writes_the_model_folder(exported):
     assert card["metrics"]["valid_acc"] == pytest.approx(res.summary["best"]["valid_acc"])
     assert len(card["data_hash"]) == 64 and card["versions"]["timm"]
     readme = (res.model_dir / "README.md").read_text()
-    assert "## Metrics" in readme and "valid_acc" in readme and CLASS_NAMES[3] in readme
+    assert "## Metrics" in readme and "| metric | valid (epoch 0) |" in readme
+    assert (
+        f"| acc | {res.summary['best']['valid_acc']:.4f} |" in readme and CLASS_NAMES[3] in readme
+    )
     # the learner keeps training after export: its run callbacks and metrics are back
     assert any(isinstance(cb, EpochMetrics) for cb in res.learn.cbs)
     assert len(res.learn.metrics) == 14
@@ -97,3 +102,40 @@ def test_safetensors_rebuild_gives_the_same_logits(exported):
     trained = res.learn.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), trained(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_model_card_names_the_version_and_the_library_that_loads_it(head, tiny_data, tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    if head == "linear":
+        net.fc = torch.nn.Linear(512, len(CLASS_NAMES))
+    else:  # TwinCar's MLP head: timm has no such classifier
+        net.fc = torch.nn.Sequential(
+            torch.nn.Linear(512, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+            torch.nn.Linear(16, len(CLASS_NAMES)),
+        )  # fmt: skip
+    torch.save(net.state_dict(), tmp_path / "ckpt.pth")
+    out = import_torchvision(
+        tmp_path / "ckpt.pth", tiny_data / "classes.csv", tmp_path / "m", arch="resnet18"
+    )
+    version = importlib.metadata.version("twincar-fast")
+    config = json.loads((out / "config.json").read_text())
+    assert config["twincar"]["twincar_fast"] == version  # was "" in imported folders
+    readme = (out / "README.md").read_text()
+    assert f"exported by twincar_fast {version}." in readme
+    if head == "linear":  # timm's own classifier and key names: timm loads it
+        assert "library_name: timm" in readme and 'timm.create_model("local-dir:' in readme
+    else:
+        assert "library_name: timm" not in readme and "timm.create_model" not in readme
+        line = next(ln for ln in readme.splitlines() if "needs twincar_fast" in ln)
+        assert line.startswith("This mlp head needs twincar_fast to load") and "timm alone" in line
+
+
+def test_run_exported_mlp_head_card_says_it_needs_twincar_fast(exported):
+    res, cfg, _ = exported
+    assert cfg.model.head == "mlp"
+    readme = (res.model_dir / "README.md").read_text()
+    assert "library_name: timm" not in readme and "This mlp head needs twincar_fast" in readme

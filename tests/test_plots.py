@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -166,3 +168,78 @@ def test_top_losses_and_confused_examples_open_the_images(tmp_path):
     assert_png(plots.plot_top_losses(preds, tmp_path, tmp_path / "top.png", n=6))
     pairs = plots.most_confused(preds, 4)
     assert_png(plots.plot_confused_examples(preds, pairs, tmp_path, tmp_path / "pairs.png"))
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures `plots.save_figure` writes, by file name, kept open for a look at them."""
+    figures = {}
+    original = plots.save_figure
+
+    def keep(fig, path, dpi=plots.DPI):
+        figures[Path(path).name] = fig
+        with monkeypatch.context() as m:
+            m.setattr(plots.plt, "close", lambda fig: None)  # still written, left open
+            return original(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    yield figures
+    for fig in figures.values():
+        plots.plt.close(fig)
+
+
+def test_curves_without_a_validation_split_say_so_and_mark_the_kept_epoch(tmp_path, drawn):
+    df = metrics_frame(4)
+    for col in [c for c in df if c.startswith("valid_")]:
+        df[col] = np.nan  # data.valid_pct: 0
+    df.to_csv(tmp_path / "metrics.csv", index=False)
+    (tmp_path / "summary.json").write_text('{"kept_epoch": 3, "best_epoch": 3}')
+    paths = plots.plot_curves(tmp_path / "metrics.csv", tmp_path / "figures")
+    assert [p.name for p in paths] == ["accuracy.png", "loss.png"]
+    ax = drawn["accuracy.png"].axes[0]
+    assert ax.get_title() == "Train accuracy (no validation split: the test split judges the run)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train accuracy", "kept epoch 3"]
+    assert drawn["loss.png"].axes[0].get_title() == "Train loss (no validation split)"
+    df = metrics_frame(4)
+    df.to_csv(tmp_path / "metrics.csv", index=False)
+    plots.plot_curves(tmp_path / "metrics.csv", tmp_path / "figures")
+    assert drawn["accuracy.png"].axes[0].get_title() == "Accuracy and macro F1"
+
+
+@pytest.mark.parametrize(
+    ("n", "shape"), [(9, (3, 3)), (16, (4, 4)), (10, (2, 5)), (12, (3, 4)), (3, (1, 3))]
+)
+def test_top_losses_grid_leaves_no_empty_panel_when_it_can(tmp_path, drawn, n, shape):
+    assert plots.grid_shape(n) == shape
+    preds = synthetic_predictions(4, [(0, 1)])
+    rng = np.random.default_rng(0)
+    for img in preds["image"]:
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / img)
+    plots.plot_top_losses(preds, tmp_path, tmp_path / "top.png", n=n)
+    axes = drawn["top.png"].axes
+    assert len(axes) == n  # 9 images: a 3×3 grid, not 4 columns with 3 empty panels
+    assert all(ax.images for ax in axes)
+
+
+def test_class_f1_bars_are_coloured_by_value_not_by_rank(tmp_path, drawn):
+    f1 = [1.0, 1.0, 1.0, 0.99, 0.98, 0.97]  # the demo: its "worst" classes are good ones
+    per_class = pd.DataFrame(
+        {"class_id": range(6), "label": class_names(6), "f1": f1, "support": 40}
+    )
+    plots.plot_class_f1(per_class, tmp_path / "f1.png", k=3)
+    top, bottom = drawn["f1.png"].axes
+    assert "lowest F1" in bottom.get_title() and "worst" not in bottom.get_title()
+    for ax in (top, bottom):
+        for bar in ax.patches:
+            r, g, b, _ = bar.get_facecolor()
+            assert g > r + 0.2, (bar.get_width(), bar.get_facecolor())  # F1 ≥ 0.97: green
+    low = plots.f1_colors([0.1])[0]
+    assert low[0] > low[1] + 0.3  # a bad class is red
+    np.testing.assert_allclose(plots.f1_colors([0.98]), plots.f1_colors([0.98]))
+
+
+def test_wrapped_titles_never_break_at_a_hyphen():
+    text = "Twins #1: Dynamo Alpha Wagon 2009 vs Dynamo Alpha Wagon 2012 (centroid 0.91). Finer-CAM"
+    for width in range(20, 100):
+        lines = plots.wrap(text, width).splitlines()
+        assert not any(ln.endswith("-") for ln in lines), (width, lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -217,3 +218,59 @@ def test_test_split_problems_are_found_before_training(tiny_cfg, tmp_path):
     with pytest.raises(TwincarError, match=r"1 test image\(s\) are empty files"):
         run_experiment(tiny_cfg)
     assert not Path(tiny_cfg.reports_dir).exists() or not list(Path(tiny_cfg.reports_dir).iterdir())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """One finished 1-epoch tiny run, read-only (copy it to change it)."""
+    from conftest import make_tiny_cfg
+
+    cfg = make_tiny_cfg(tiny_data, tmp_path_factory.mktemp("compare_runs"))
+    cfg.train = dataclasses.replace(cfg.train, epochs=1)
+    return run_experiment(cfg).report_dir
+
+
+def test_compare_lists_damaged_runs_and_compares_the_rest(finished_run, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for name in ("a-good", "b-garbage-summary", "c-empty-metrics"):
+        shutil.copytree(finished_run, sweep / name)
+    (sweep / "b-garbage-summary" / "summary.json").write_text("{not json")
+    (sweep / "c-empty-metrics" / "metrics.csv").write_text("")
+    assert main(["compare", str(sweep), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "Traceback" not in out
+    assert re.search(
+        r"damaged run left out: \S*b-garbage-summary \(summary.json is unreadable", out
+    )
+    assert re.search(r"damaged run left out: \S*c-empty-metrics \(metrics.csv is unreadable", out)
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert list(table["run"]) == ["a-good"]
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "b-garbage-summary" in page and "c-empty-metrics" in page
+    for name in ("a-good", "b-garbage-summary"):  # all damaged: one line, exit 2
+        shutil.rmtree(sweep / name)
+    assert main(["compare", str(sweep), "--out", str(tmp_path / "cmp2")]) != 0
+    assert "no run to compare" in capsys.readouterr().err
+
+
+def test_compare_figures_read_plainly(tmp_path):
+    import optuna
+
+    from twincar_fast.lab.compare import optuna_figures, parallel_figure
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    dist = optuna.distributions.CategoricalDistribution(["3e-3", "1e-2"])
+    for lr, value in (("3e-3", 2.41), ("1e-2", 2.49)):
+        study.add_trial(
+            optuna.trial.create_trial(params={"train.lr": lr}, distributions={"train.lr": dist}, value=value)
+        )  # fmt: skip
+    images, notes = optuna_figures(tmp_path)
+    assert list(images) == ["s: parallel"]  # one parameter: no importance bar at 1.00
+    assert "searches one parameter (train.lr)" in notes[0]
+    fig = parallel_figure(study)
+    lines = next(c for c in fig.axes[0].collections if hasattr(c, "get_segments"))
+    colors = lines.to_rgba(lines.get_array())
+    assert len(colors) == 2 and (colors[:, :3].min(1) < 0.9).all(), colors  # none near-white
+    lo, hi = fig.axes[0].get_ylim()
+    assert lo < 2.41 and hi > 2.49  # neither trial drawn on the frame's edge

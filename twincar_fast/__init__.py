@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.metadata
 import importlib.util
 import sys
 import warnings
@@ -22,7 +23,10 @@ if TYPE_CHECKING:
     from twincar_fast.model.learner import create_learner
     from twincar_fast.ship.predict import Predictor
 
-__version__ = "0.1.0"
+try:  # one source for the version: the installed distribution's (pyproject.toml)
+    __version__ = importlib.metadata.version("twincar-fast")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 class _QuietFastaiLayers(importlib.abc.MetaPathFinder):

@@ -82,7 +82,7 @@ def print_config(cfg: ExperimentConfig, run: str, machine: dict | None = None) -
 
 
 def _fmt(value: float) -> str:
-    """A metric value with 4 decimals (nan as '-')."""
+    """A metric value with 4 decimals (nan, an epoch without that column, as '-')."""
     return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
@@ -142,7 +142,8 @@ def step(title: str) -> Iterator[None]:
 
 
 def print_paths(title: str, paths: dict[str, str | Path]) -> None:
-    """A titled list of output paths, one per line."""
+    """A titled list of output paths, one per line, the paths aligned after the longest name."""
     console.print(f"[bold]{title}[/bold]")
+    width = max((len(k) for k in paths), default=0)
     for key, path in paths.items():
-        console.print(f"  {key:<12} {path}", soft_wrap=True, markup=False)
+        console.print(f"  {key:<{width}}  {path}", soft_wrap=True, markup=False)

@@ -1,4 +1,4 @@
-"""One experiment: seed → data → learner → fit → evaluate → interpret → export, in a run folder; lr_find.
+"""One experiment: seed → data → learner → fit → evaluate → interpret → export, in a run folder.
 
 A run writes `reports/<run>/` (config.yaml, env.json, classes.csv, metrics.csv, valid_preds.npz,
 summary.json, the test evaluation and the report) and `models/<run>/` (learner.pkl,
@@ -9,7 +9,6 @@ interrupted run in the same folders from its last finished epoch, optimizer stat
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -22,28 +21,28 @@ import numpy as np
 import pandas as pd
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback  # noqa: F401 - patches Learner.no_bar
-from fastai.callback.schedule import minimum, slide, valley
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, set_seed
 
 from twincar_fast.analysis.evaluate import evaluate_learner
 from twincar_fast.analysis.interpret import interpret_learner
+from twincar_fast.analysis.metrics import METRIC_NAMES
+from twincar_fast.analysis.report import read_json
 from twincar_fast.analysis.twins import copy_twins
-from twincar_fast.config import ExperimentConfig, save_config, validate
+from twincar_fast.config import ExperimentConfig, validate
 from twincar_fast.console import (
     console,
     eval_bars,
-    plain_output,
     print_config,
     print_paths,
-    quiet_if_plain,
     step,
 )
 from twincar_fast.data import build_dls, check_split, ensure_dataset, print_data_summary
 from twincar_fast.errors import TwincarError
-from twincar_fast.files import atomic_path, new_run_name, write_json
+from twincar_fast.files import atomic_path, write_json
 from twincar_fast.model.learner import create_learner
 from twincar_fast.model.precision import device_info
+from twincar_fast.ship.card import record_results
 from twincar_fast.ship.export import export_model
 from twincar_fast.train.callbacks import SaveRun, load_checkpoint
 from twincar_fast.train.distributed import (
@@ -56,6 +55,7 @@ from twincar_fast.train.distributed import (
 )
 from twincar_fast.train.fit import check_console_columns, check_monitor, fit_run
 from twincar_fast.train.folders import missing_steps
+from twincar_fast.train.lr_find import lr_find_figure, lr_find_report, run_lr_find
 from twincar_fast.train.runs import (
     RunFolders,
     create_run_folders,
@@ -101,19 +101,37 @@ def save_valid_preds(learn: Learner, path: Path) -> Path:
     return path
 
 
+def kept_because(cfg: ExperimentConfig) -> str:
+    """Why a run keeps the epoch it keeps: the words of summary.json, the report and the card."""
+    if cfg.data.valid_pct == 0:
+        return "the last epoch, as there is no validation split (data.valid_pct: 0) to choose by"
+    if cfg.train.checkpoint == "last":
+        return "the last epoch (train.checkpoint: last)"
+    return f"the best {cfg.train.monitor} on the validation split (train.monitor)"
+
+
+def _finite(row: dict) -> dict:
+    """A metrics.csv row without its empty (NaN) columns: no validation split, no EMA, ..."""
+    return {k: v for k, v in row.items() if not (isinstance(v, float) and not np.isfinite(v))}
+
+
 def _summary(
     cfg: ExperimentConfig, saver: SaveRun, wall: float, paths: dict[str, Path], machine: dict
 ) -> dict:
-    """summary.json: best epoch and metrics, final metrics, timing, the machine, output paths."""
-    rows, m = saver.rows, saver.epoch_metrics
+    """summary.json: the kept epoch and why, its metrics, final metrics, timing, the machine, paths."""
+    rows, m, kept = saver.rows, saver.epoch_metrics, saver.best_epoch
     total = cfg.train.head_epochs + cfg.train.epochs
+    judged = {}  # without a validation split no epoch is judged: no monitor, no best value
+    if cfg.data.valid_pct > 0:
+        judged = {"monitor": cfg.train.monitor, "best_value": rows[kept].get(cfg.train.monitor)}
     return {
         "run": paths["report_dir"].name,
-        "monitor": cfg.train.monitor,
-        "best_epoch": saver.best_epoch,
-        "best_value": saver.best,
-        "best": rows[saver.best_epoch],
-        "final": rows[-1],
+        "kept_epoch": kept,
+        "kept_because": kept_because(cfg),
+        **judged,
+        "best_epoch": kept,
+        "best": _finite(rows[kept]),
+        "final": _finite(rows[-1]),
         "epochs_run": len(rows),
         "epochs_planned": total,
         "stopped_early": len(rows) < total,
@@ -124,6 +142,27 @@ def _summary(
         "machine": machine,  # device, precision, threads: what the figures depend on
         "paths": {k: str(v) for k, v in paths.items()},
     }
+
+
+def _record_test(cfg: ExperimentConfig, folders: RunFolders, summary: dict) -> dict:
+    """The test split's headline into summary.json, and the kept epoch and test metrics into
+    the model card, once the run is evaluated; the summary."""
+    test = read_json(folders.report_dir / "eval_test.json")
+    if test:
+        keys = ("acc", "top5", "f1_macro", "loss")
+        summary["test"] = {"n_images": test["n_images"], **{k: test[f"test_{k}"] for k in keys}}
+        write_json(folders.report_dir / "summary.json", summary)
+    results = {
+        "epoch": summary.get("kept_epoch", summary["best_epoch"]),  # (runs of older versions)
+        "kept_because": summary.get("kept_because") or kept_because(cfg),
+    }
+    names = ["loss", *METRIC_NAMES]
+    results.update({f"test_{n}": test[f"test_{n}"] for n in names if f"test_{n}" in test})
+    if test:
+        results["test_images"] = test["n_images"]
+    if (folders.model_dir / "config.json").is_file():
+        record_results(folders.model_dir, results)
+    return summary
 
 
 def _fit_or_hint(
@@ -151,7 +190,7 @@ def _save_outputs(
     paths = {"report_dir": folders.report_dir, "model_dir": folders.model_dir}
     rows = saver.rows
     best = rows[saver.best_epoch] if rows and saver.best_epoch is not None else {}
-    metrics = {k: v for k, v in best.items() if k.startswith("valid_") or k == "epoch"}
+    metrics = {k: v for k, v in _finite(best).items() if k.startswith("valid_") or k == "epoch"}
     with step("exporting the model"):
         paths.update(export_model(learn, folders.model_dir, cfg, metrics))
     if len(learn.dls.valid_ds):  # data.valid_pct: 0 has no validation split
@@ -225,7 +264,8 @@ def run_experiment(
             if trained is None:  # a rank other than 0: the fit was its part
                 return RunResult(folders.name, folders.report_dir, folders.model_dir, {}, learn)
             summary, paths = trained
-        _report(learn, cfg, folders, data_dir, paths)
+        _report(learn, cfg, folders, data_dir, paths, summary)
+        summary = _record_test(cfg, folders, summary)
         _print_result(cfg, summary, paths)
         ended["paths"] = paths  # the trackers get the outputs of a run that ended well
         return RunResult(folders.name, folders.report_dir, folders.model_dir, summary, learn)
@@ -273,14 +313,20 @@ def _train(
 
 
 def _report(
-    learn: Learner, cfg: ExperimentConfig, folders: RunFolders, data_dir: Path, paths: dict
+    learn: Learner,
+    cfg: ExperimentConfig,
+    folders: RunFolders,
+    data_dir: Path,
+    paths: dict,
+    summary: dict,
 ) -> None:
-    """Evaluate the best model on the test split and draw the report, the steps still missing."""
+    """Evaluate the kept model on the test split and draw the report, the steps still missing."""
     r = folders.report_dir
     missing = missing_steps(r, cfg)
+    kept = summary.get("kept_epoch", summary.get("best_epoch"))
     try:
         if "test evaluation" in missing:
-            with step("evaluating the best model on the test split"):
+            with step(f"evaluating the model of epoch {kept} on the test split"):
                 evaluate_learner(learn, data_dir, "test", r, cfg, paths.get("learner"))
         if "report" in missing:
             paths["index"] = interpret_learner(learn, cfg, r, data_dir)
@@ -299,119 +345,31 @@ def _report(
 
 
 def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) -> None:
-    """The best epoch, the test result and the report to open, then the output paths."""
+    """The kept epoch and why, the test result and the report to open, then the output paths."""
     best, took = summary["best"], f"({summary['epochs_run']} epochs, {summary['wall_time_s']:.0f}s)"
-    if cfg.data.valid_pct == 0:
-        line = f"kept the last epoch, {summary['best_epoch']}: no validation split {took}"
-    else:
-        kept = "last" if cfg.train.checkpoint == "last" else "best"
-        line = (
-            f"{kept} epoch {summary['best_epoch']}: {cfg.train.monitor} "
-            f"{best[cfg.train.monitor]:.4f}, valid_acc {best['valid_acc']:.4f} {took}"
-        )
-    console.print(line, markup=False)
-    if "eval_test" in paths:
-        test = json.loads(Path(paths["eval_test"]).read_text())
+    kept = summary.get("kept_epoch", summary["best_epoch"])
+    line = f"kept epoch {kept}, {summary.get('kept_because') or kept_because(cfg)}"
+    values = [
+        f"{k} {best[k]:.4f}" for k in dict.fromkeys([cfg.train.monitor, "valid_acc"]) if k in best
+    ]
+    console.print(
+        f"{line}: {', '.join(values)} {took}" if values else f"{line} {took}", markup=False
+    )
+    test = summary.get("test")
+    if test:
         console.print(
-            f"test split ({test['n_images']} images): acc {test['test_acc']:.4f}, "
-            f"top-5 {test['test_top5']:.4f}, macro F1 {test['test_f1_macro']:.4f}",
+            f"test split ({test['n_images']} images): acc {test['acc']:.4f}, "
+            f"top-5 {test['top5']:.4f}, macro F1 {test['f1_macro']:.4f}",
             markup=False,
             style="bold",
         )
-        if "test_acc_tta" in test:
+        tta = read_json(Path(paths["eval_test"])) if "eval_test" in paths else {}
+        if "test_acc_tta" in tta:
             console.print(
-                f"with TTA ({test['tta']}): acc {test['test_acc_tta']:.4f}, "
-                f"top-5 {test['test_top5_tta']:.4f}, macro F1 {test['test_f1_macro_tta']:.4f}",
+                f"with TTA ({tta['tta']}): acc {tta['test_acc_tta']:.4f}, "
+                f"top-5 {tta['test_top5_tta']:.4f}, macro F1 {tta['test_f1_macro_tta']:.4f}",
                 markup=False,
             )
     print_paths("outputs", paths)
     if "index" in paths:
         console.print(f"open the report: {paths['index']}", markup=False, style="bold")
-
-
-# ---------------------------------------------------------------- lr_find
-
-
-def lr_find_figure(learn: Learner, result: dict):
-    """fastai's lr_find plot, each point labelled with its name and LR as lr_find.json has them."""
-    lrs = np.asarray(learn.recorder.lrs, dtype=float)
-    losses = np.asarray([float(v) for v in learn.recorder.losses])
-    names = {"valley": "valley", "slide": "slide", "minimum": "minimum (lowest loss)"}
-    points, labels = [], []
-    for key, label in names.items():
-        x = result[key]
-        points.append((x, float(np.interp(np.log10(x), np.log10(lrs), losses))))
-        labels.append(f"{label} {x:.1e}")
-    import matplotlib.pyplot as plt
-
-    learn.recorder.plot_lr_find(suggestions=points, nms=labels)  # draws; returns no figure
-    return plt.gcf()
-
-
-def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100) -> dict:
-    """fastai's `lr_find` (valley, slide, minimum) → lr_find.png + lr_find.json in `out_dir`.
-
-    `minimum` is the LR of the lowest loss, the plot's point of that name; fastai's own
-    suggestion, a tenth of it, is `minimum_div10`. Weights and optimizer state are left as they
-    were (fastai restores them; the optimizer's hyper-parameters, which `fit` resets to
-    `learn.lr`, are restored here too).
-    """
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hypers = copy.deepcopy(learn.opt.hypers) if learn.opt is not None else None
-    old_path, old_model_dir = learn.path, learn.model_dir
-    learn.path, learn.model_dir = out_dir, "."  # fastai's temporary save lands in out_dir
-    try:
-        with quiet_if_plain(learn):
-            found = learn.lr_find(
-                num_it=num_it, suggest_funcs=(valley, slide, minimum), show_plot=False
-            )
-    except IndexError:  # fastai's suggestions need about 20 recorded steps
-        n = len(learn.recorder.losses)
-        raise TwincarError(
-            f"lr_find: only {n} steps before the loss diverged, too few to suggest an LR; "
-            "try again with more steps or a smaller batch size"
-        ) from None
-    finally:
-        learn.path, learn.model_dir = old_path, old_model_dir
-        if hypers is not None:
-            learn.opt.hypers = hypers
-        if not plain_output():
-            console.print()  # end the line of a bar that stopped early (the loss diverged)
-    result = {k: float(v) for k, v in found._asdict().items()}
-    result["minimum_div10"] = result["minimum"]  # fastai's suggestion: lowest-loss LR / 10
-    result["minimum"] *= 10
-    fig = lr_find_figure(learn, result)
-    with atomic_path(out_dir / "lr_find.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    result.update(num_it=num_it, plot=str(out_dir / "lr_find.png"))
-    write_json(out_dir / "lr_find.json", result)
-    return result
-
-
-def run_lr_find(cfg: ExperimentConfig) -> dict:
-    """`twincar lr-find`: lr_find on the configured learner, saved to reports/<name>-lrfind-<stamp>/."""
-    if distributed():  # fastai's lr_find under DDP hangs (fastai #3688)
-        raise TwincarError(
-            "lr-find runs in one process: start `twincar lr-find CONFIG` without a launcher, then "
-            "train with several"
-        )
-    set_seed(cfg.train.seed, reproducible=True)
-    data_dir = ensure_dataset(cfg)
-    learn = create_learner(cfg, build_dls(cfg, data_dir))
-    reports = Path(cfg.reports_dir)
-    out = reports / new_run_name(f"{cfg.name or 'run'}-lrfind", [reports])
-    out.mkdir(parents=True)
-    save_config(cfg, out / "config.yaml")
-    result = lr_find_report(learn, out)
-    console.print(
-        f"lr_find: valley {result['valley']:.1e}, slide {result['slide']:.1e}, "
-        f"minimum (lowest loss) {result['minimum']:.1e}, minimum/10 {result['minimum_div10']:.1e}"
-        f"  (set train.lr, e.g. train.lr={result['valley']:.1e})",
-        markup=False,
-    )
-    print_paths("outputs", {"plot": out / "lr_find.png", "suggestions": out / "lr_find.json"})
-    return result

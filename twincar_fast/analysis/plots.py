@@ -8,6 +8,7 @@ each other sit side by side, and a zoom shows the most-confused block with class
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from collections.abc import Callable
@@ -55,8 +56,9 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = DPI) -> Pat
 
 
 def wrap(text: str, width: int = 28) -> str:
-    """Break a long class name over lines of at most `width` characters."""
-    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+    """Break a long class name over lines of at most `width` characters (at spaces only)."""
+    # never at a hyphen: "Finer-CAM" or "Mercedes-Benz" split over two lines reads as two words
+    return "\n".join(textwrap.wrap(str(text), width, break_on_hyphens=False)) or str(text)
 
 
 # ---------------------------------------------------------------- training curves
@@ -84,13 +86,39 @@ CURVES = {
         [("valid_acc", "top-1"), ("valid_top3", "top-3"), ("valid_top5", "top-5")],
     ),
 }
+# the title of a figure that has no validation curve (data.valid_pct: 0): what it does show
+TRAIN_ONLY_TITLES = {
+    "accuracy.png": "Train accuracy (no validation split: the test split judges the run)",
+    "loss.png": "Train loss (no validation split)",
+}
+
+
+def curve_title(name: str, columns: list[str]) -> str:
+    """The title of curve figure `name` drawing metrics.csv `columns`."""
+    if not any(c.startswith("valid_") for c in columns) and name in TRAIN_ONLY_TITLES:
+        return TRAIN_ONLY_TITLES[name]
+    return CURVES[name][0]
+
+
+def _kept_epoch(metrics_csv: Path) -> int | None:
+    """The epoch whose weights the run kept (summary.json beside metrics.csv), if recorded."""
+    try:
+        summary = json.loads((metrics_csv.parent / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kept = (
+        summary.get("kept_epoch", summary.get("best_epoch")) if isinstance(summary, dict) else None
+    )
+    return kept if isinstance(kept, int) else None
 
 
 def plot_curves(metrics_csv: str | os.PathLike, fig_dir: str | os.PathLike) -> list[Path]:
-    """Accuracy/F1, loss, precision/recall and top-k curves per epoch from metrics.csv."""
+    """Accuracy/F1, loss, precision/recall and top-k curves per epoch from metrics.csv, the kept
+    epoch (summary.json's) marked."""
     df = pd.read_csv(metrics_csv)
+    kept = _kept_epoch(Path(metrics_csv))
     out = []
-    for name, (title, ylabel, series) in CURVES.items():
+    for name, (_, ylabel, series) in CURVES.items():
         present = [(c, lab) for c, lab in series if c in df and df[c].notna().any()]
         if df.empty or not present:
             continue
@@ -98,7 +126,9 @@ def plot_curves(metrics_csv: str | os.PathLike, fig_dir: str | os.PathLike) -> l
         for k, (col, label) in enumerate(present):
             style = "--" if "weighted" in col or "top5" in col else "-"  # overlapping twins show
             ax.plot(df["epoch"], df[col], style, marker="o", ms=3, label=label, zorder=3 - k / 9)
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        if kept is not None and (df["epoch"] == kept).any():
+            ax.axvline(kept, color="0.5", ls=":", lw=1, label=f"kept epoch {kept}")
+        ax.set(title=curve_title(name, [c for c, _ in present]), xlabel="epoch", ylabel=ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
@@ -109,23 +139,32 @@ def plot_curves(metrics_csv: str | os.PathLike, fig_dir: str | os.PathLike) -> l
 # ---------------------------------------------------------------- per-class scores
 
 
+F1_CMAP = "RdYlGn"  # red (F1 0) through yellow to green (F1 1), the same in both panels
+
+
+def f1_colors(f1: np.ndarray | pd.Series) -> np.ndarray:
+    """RGBA bar colours by F1 value on one fixed 0-1 scale (a 0.98 class is green wherever it ranks)."""
+    return plt.get_cmap(F1_CMAP)(np.clip(np.asarray(f1, dtype=float), 0, 1))
+
+
 def plot_class_f1(per_class: pd.DataFrame, path: str | os.PathLike, k: int = 20) -> Path:
-    """Horizontal bars of the `k` best and `k` worst classes by F1 (support beside each bar)."""
+    """Horizontal bars of the `k` highest and `k` lowest classes by F1 (support beside each bar),
+    coloured by F1 value."""
     df = per_class[per_class["support"] > 0].sort_values(["f1", "label"], kind="stable")
     k = max(1, min(k, (len(df) + 1) // 2))
-    panels = [("best", df.tail(k)), ("worst", df.head(k).iloc[::-1])]
+    panels = [("highest", df.tail(k)), ("lowest", df.head(k).iloc[::-1])]
     fig, axes = plt.subplots(2, 1, figsize=(9, 0.28 * 2 * k + 2.2))
     for ax, (which, part) in zip(axes, panels, strict=True):
         y = np.arange(len(part))
-        ax.barh(y, part["f1"], color="tab:green" if which == "best" else "tab:red", alpha=0.8)
+        ax.barh(y, part["f1"], color=f1_colors(part["f1"]), alpha=0.9)
         ax.set_yticks(y, part["label"], fontsize=8)
-        ax.invert_yaxis() if which == "worst" else None
+        ax.invert_yaxis() if which == "lowest" else None
         for yi, (f1, n) in enumerate(zip(part["f1"], part["support"], strict=True)):
             ax.text(min(f1, 1.0) + 0.01, yi, f"{f1:.2f} (n={n})", va="center", fontsize=7)
         ax.set_xlim(0, 1.18)
-        ax.set_title(f"{k} {which} classes by F1", fontsize=10)
+        ax.set_title(f"The {k} classes with the {which} F1", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-    axes[-1].set_xlabel("F1")
+    axes[-1].set_xlabel("F1 (bar colour: red 0 → yellow 0.5 → green 1)")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -302,6 +341,15 @@ def plot_confused_examples(
     return save_figure(fig, path)
 
 
+def grid_shape(n: int, widths: tuple[int, ...] = (4, 3, 5)) -> tuple[int, int]:
+    """(rows, columns) for `n` panels: of `widths` (preferred first), the one leaving the fewest
+    empty panels (9 → 3×3, 10 → 2×5, 16 → 4×4)."""
+    if n <= max(widths):
+        return 1, max(n, 1)
+    cols = min(widths, key=lambda c: (-n % c, widths.index(c)))
+    return -(-n // cols), cols
+
+
 def plot_top_losses(
     preds: pd.DataFrame,
     data_dir: str | os.PathLike,
@@ -313,8 +361,7 @@ def plot_top_losses(
     (`view`: as in `_open`)."""
     data_dir = Path(data_dir)
     top = preds.sort_values("loss", ascending=False, kind="stable").head(max(1, n))
-    cols = min(4, len(top))
-    nrows = -(-len(top) // cols)
+    nrows, cols = grid_shape(len(top))
     first = _open(data_dir, top.iloc[0].image, view)
     aspect = first.height / first.width  # rows as tall as the images and their 3 title lines
     fig, axes = plt.subplots(

@@ -26,7 +26,7 @@ FIGURES = {
     "loss": "Train and valid loss per epoch",
     "precision_recall": "Valid macro precision and recall per epoch",
     "topk": "Valid top-1, top-3 and top-5 accuracy per epoch",
-    "class_f1": "The best and the worst classes by F1",
+    "class_f1": "The classes with the highest and the lowest F1, each bar coloured by its F1",
     "confusion": "Confusion matrix, rows normalized, confused classes clustered together",
     "confusion_zoom": "Zoom on the most-confused block of classes",
     "most_confused": "Most-confused pairs: an image of A predicted as B beside a real B, "
@@ -38,6 +38,11 @@ FIGURES = {
     "gradcam_parts": "Grad-CAM++ and the box of the part that tells the classes apart, on the "
     "model's input: demo set only",
 }
+# the captions of the curves without a validation split (data.valid_pct: 0): what they do show
+TRAIN_ONLY = {
+    "accuracy": "Train accuracy per epoch (no validation split: the test split above judges the run)",
+    "loss": "Train loss per epoch (no validation split)",
+}
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
@@ -46,6 +51,7 @@ th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numer
 figure{margin:1em 0;border:1px solid #eee;padding:.5em}
 figure img{max-width:100%;max-height:900px;object-fit:contain}
 figcaption{color:#555;font-size:.9em}pre{background:#f7f7f7;padding:.8em;overflow-x:auto}
+.wide{overflow-x:auto;max-width:100%}.wide table{font-size:.85em}
 """
 
 
@@ -75,7 +81,7 @@ def headline_metrics(report_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per metric (loss first) with a column per split: valid, test."""
     report_dir = Path(report_dir)
     best = read_json(report_dir / "summary.json").get("best_epoch")
-    label = "valid (best epoch)" if best is None else f"valid (best epoch {best})"
+    label = "valid (kept epoch)" if best is None else f"valid (kept epoch {best})"
     sources = {label: ("valid", _valid_row(report_dir))}
     for split in ("test", "valid"):
         data = read_json(report_dir / f"eval_{split}.json")
@@ -109,13 +115,24 @@ def _table(df: pd.DataFrame, digits: int = 4) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _caption(stem: str) -> str:
-    """The caption of a figure file stem such as `confusion_test`."""
+def _caption(stem: str, has_valid: bool = True) -> str:
+    """The caption of a figure file stem such as `confusion_test` (`has_valid`: metrics.csv has
+    validation values, else the curves' captions say what they show instead)."""
     for key in sorted(FIGURES, key=len, reverse=True):
         for split in ("", "_test", "_valid"):
             if stem == key + split:
-                return FIGURES[key] + (f"; {split[1:]} split" if split else "")
+                text = FIGURES[key] if has_valid else TRAIN_ONLY.get(key, FIGURES[key])
+                return text + (f"; {split[1:]} split" if split else "")
     return stem.replace("_", " ")
+
+
+def has_validation(report_dir: Path) -> bool:
+    """Whether the run's metrics.csv holds any validation value (not so for data.valid_pct: 0)."""
+    path = report_dir / "metrics.csv"
+    if not path.is_file():
+        return False
+    df = pd.read_csv(path)
+    return "valid_loss" in df and bool(df["valid_loss"].notna().any())
 
 
 def _figure_order(path: Path) -> tuple:
@@ -131,8 +148,10 @@ def _figures_html(report_dir: Path) -> str:
     figs = sorted((report_dir / "figures").glob("*.png"), key=_figure_order)
     if not figs:
         return "<p>No figures yet (run <code>twincar interpret</code>).</p>"
+    valid = has_validation(report_dir)
     return "\n".join(
-        _figure_tag(f.relative_to(report_dir).as_posix(), _caption(f.stem), f.stem) for f in figs
+        _figure_tag(f.relative_to(report_dir).as_posix(), _caption(f.stem, valid), f.stem)
+        for f in figs
     )
 
 
@@ -159,11 +178,16 @@ def _files_html(report_dir: Path) -> str:
 
 
 def _summary_html(report_dir: Path) -> str:
-    """Key facts of summary.json (best epoch, monitor, times) as a small table."""
+    """Key facts of summary.json (the kept epoch and why, monitor, times) as a small table."""
     s = read_json(report_dir / "summary.json")
-    keys = ["monitor", "best_epoch", "best_value", "epochs_run", "stopped_early", "wall_time_s"]
+    keys = ["kept_epoch", "kept_because"] if "kept_epoch" in s else ["best_epoch"]
+    keys += ["monitor", "best_value", "epochs_run", "stopped_early", "wall_time_s"]
     keys += ["train_images_per_s"]
-    rows = [(k, _short(s[k])) for k in keys if k in s and not isinstance(s[k], (dict, list))]
+    rows = [
+        (k, _short(s[k]))
+        for k in keys
+        if s.get(k) is not None and not isinstance(s[k], (dict, list))  # null: nothing to show
+    ]
     machine = s.get("machine")
     if isinstance(machine, dict):
         rows.append(("machine", ", ".join(str(machine.get(k, "?")) for k in _MACHINE)))
@@ -203,11 +227,12 @@ def _headline_text(report_dir: Path) -> str:
                 f"macro F1 {e[f'{split}_f1_macro']:.3f}."
             )
     row = _valid_row(report_dir)
-    if row:
+    if row and pd.notna(row.get("valid_acc")):  # data.valid_pct: 0 has no validation values
         out.append(
             f"Validation during training (epoch {int(row['epoch'])}): accuracy "
             f"{row['valid_acc']:.2%}, macro F1 {row['valid_f1_macro']:.3f}."
         )
+    out += _kept_text(read_json(report_dir / "summary.json"))
     for split in ("test", "valid"):
         path = report_dir / f"gradcam_parts_{split}.csv"
         if path.is_file():
@@ -219,9 +244,24 @@ def _headline_text(report_dir: Path) -> str:
     return "".join(f"<p>{html.escape(t)}</p>" for t in out)
 
 
-TWIN_COLUMNS = ["rank", "class_a", "class_b", "score", "confusion_a_as_b", "confusion_b_as_a",
-                "centroid_cosine", "n_a_as_b", "n_b_as_a", "drop_finer", "drop_gradcam",
-                "part_ratio_finer", "part_ratio_gradcam", "designed_twin"]  # fmt: skip
+def _kept_text(summary: dict) -> list[str]:
+    """The sentence saying which epoch's weights the run kept and why (summary.json)."""
+    kept, why, n = summary.get("kept_epoch"), summary.get("kept_because"), summary.get("epochs_run")
+    if kept is None or not why:
+        return []
+    of = f" of epochs 0-{n - 1}" if isinstance(n, int) and n > 0 else ""
+    return [f"The model is epoch {kept}{of}: {why}."]
+
+
+# twins.csv column -> the page's header: short words that wrap, so the table fits its column
+TWIN_COLUMNS = {
+    "rank": "#", "class_a": "class A", "class_b": "class B", "score": "score",
+    "confusion_a_as_b": "A seen as B", "confusion_b_as_a": "B seen as A",
+    "centroid_cosine": "centroid cosine", "n_a_as_b": "images A→B", "n_b_as_a": "images B→A",
+    "drop_finer": "drop Finer-CAM", "drop_gradcam": "drop Grad-CAM++",
+    "part_ratio_finer": "part ratio Finer-CAM", "part_ratio_gradcam": "part ratio Grad-CAM++",
+    "designed_twin": "designed twin",
+}  # fmt: skip
 
 
 def _ratio(value) -> str:
@@ -267,7 +307,8 @@ def _twins_html(report_dir: Path) -> str:
         return head + f"<p>{html.escape(summary['message'])}</p>"
     pairs = pd.read_csv(report_dir / "twins.csv")
     text = "".join(f"<p>{html.escape(t)}</p>" for t in _twins_text(summary))
-    table = _table(pairs[[c for c in TWIN_COLUMNS if c in pairs]], digits=3)
+    shown = pairs[[c for c in TWIN_COLUMNS if c in pairs]].rename(columns=TWIN_COLUMNS)
+    table = f'<div class="wide">{_table(shown, digits=3)}</div>'  # scrolls rather than spills
     figs = [
         _figure_tag(r.figure, f"Twins #{r.rank}: {r.class_a} vs {r.class_b}", f"twins_{r.rank}")
         for r in pairs.itertuples()

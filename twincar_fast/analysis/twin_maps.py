@@ -167,10 +167,10 @@ def plot_pair(learn: Learner, pm: PairMaps, pair: pd.Series, path: Path) -> Path
         idx = np.flatnonzero(pm.targets == c)[:FIGURE_IMAGES]
         rows.append(sum((_cells(learn, pm, int(i), vocab) for i in idx), []))
     rows = [r for r in rows if r]
-    title = (
+    facts = (
         f"Twins #{pair['rank']}: {pair['class_a']} vs {pair['class_b']} "
         f"(mixed up {pair['confusion_a_as_b']:.0%} / {pair['confusion_b_as_a']:.0%}, "
-        f"centroid cosine {pair['centroid_cosine']:.2f}). Finer-CAM: the target's evidence "
-        "minus its twin's; white box: the part that differs (demo set)"
+        f"centroid cosine {pair['centroid_cosine']:.2f})"
     )
-    return plots.plot_panels(rows, path, plots.wrap(title, 110))
+    legend = "Finer-CAM: the target's evidence minus its twin's; white box: the part that differs"
+    return plots.plot_panels(rows, path, f"{plots.wrap(facts, 110)}\n{legend} (demo set)")

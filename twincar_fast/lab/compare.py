@@ -17,6 +17,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from rich.console import Console
@@ -55,26 +56,54 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     return runs
 
 
+def _read(path: Path, parse):
+    """`parse(text)` of the file at `path`; a TwincarError naming the file and what is wrong."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())[:100] or type(e).__name__
+        raise TwincarError(f"{path.name} is unreadable ({reason})") from None
+
+
 def run_record(run: Path) -> tuple[dict, dict]:
-    """(flat config, metrics) of one finished run, values as its files hold them."""
-    flat = flat_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    """(flat config, metrics) of one finished run, values as its files hold them; a TwincarError
+    naming the damaged file otherwise."""
+    flat = flat_dict(_read(run / "config.yaml", yaml.safe_load) or {})
     cfg = {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}  # hashable
-    s = json.loads((run / "summary.json").read_text())
+    s = _read(run / "summary.json", json.loads)
     test = run / "eval_test.json"
-    tested = json.loads(test.read_text()) if test.is_file() else {}
-    m = {
-        "best_epoch": s["best_epoch"],
-        "best_valid_loss": s["best"].get("valid_loss"),
-        "best_valid_acc": s["best"].get("valid_acc"),
-        "final_valid_loss": s["final"].get("valid_loss"),
-        "final_valid_acc": s["final"].get("valid_acc"),
-        "test_acc": tested.get("test_acc"),
-        "test_acc_tta": tested.get("test_acc_tta"),  # eval.tta
-        "epochs": s["epochs_run"],
-        "wall_time_s": s["wall_time_s"],
-        "images_per_s": s["train_images_per_s"],
-    }
+    tested = _read(test, json.loads) if test.is_file() else {}
+    try:
+        m = {
+            "best_epoch": s.get("kept_epoch", s["best_epoch"]),
+            "best_valid_loss": s["best"].get("valid_loss"),
+            "best_valid_acc": s["best"].get("valid_acc"),
+            "final_valid_loss": s["final"].get("valid_loss"),
+            "final_valid_acc": s["final"].get("valid_acc"),
+            "test_acc": tested.get("test_acc"),
+            "test_acc_tta": tested.get("test_acc_tta"),  # eval.tta
+            "epochs": s["epochs_run"],
+            "wall_time_s": s["wall_time_s"],
+            "images_per_s": s["train_images_per_s"],
+        }
+    except (KeyError, TypeError, AttributeError) as e:  # valid JSON of another shape
+        raise TwincarError(
+            f"summary.json lacks the run's results ({type(e).__name__} {e})"
+        ) from None
+    _read(run / "metrics.csv", lambda text: pd.read_csv(io.StringIO(text)))  # the curves' source
     return cfg, m
+
+
+def split_damaged(runs: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(the runs whose files read, [(damaged run, what is wrong with it)])."""
+    good, damaged = [], []
+    for run in runs:
+        try:
+            run_record(run)
+            good.append(run)
+        except TwincarError as e:
+            damaged.append((run, str(e)))
+    return good, damaged
 
 
 def compare_table(runs: list[Path]) -> tuple[pd.DataFrame, list[str]]:
@@ -156,49 +185,96 @@ def _png(fig) -> str:
 
 
 def curves_figure(runs: list[Path], labels: list[str]):
-    """valid_acc and valid_loss per epoch of every run, overlaid."""
+    """Accuracy and loss per epoch of every run, overlaid: the validation curves, or the
+    training ones when no run has a validation split."""
     import matplotlib.pyplot as plt
 
+    tables = [pd.read_csv(run / "metrics.csv") for run in runs]
+    has_valid = any("valid_loss" in m and m["valid_loss"].notna().any() for m in tables)
+    split = "valid" if has_valid else "train"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for run, label in zip(runs, labels, strict=True):
-        m = pd.read_csv(run / "metrics.csv")
-        for ax, col in zip(axes, ("valid_acc", "valid_loss"), strict=True):
-            ax.plot(m["epoch"], m[col], marker="o", label=label)
-    for ax, col in zip(axes, ("valid_acc", "valid_loss"), strict=True):
-        ax.set(xlabel="epoch", ylabel=col, title=col)
+    for m, label in zip(tables, labels, strict=True):
+        for ax, col in zip(axes, (f"{split}_acc", f"{split}_loss"), strict=True):
+            if col in m:
+                ax.plot(m["epoch"], m[col], marker="o", label=label)
+    for ax, col in zip(axes, (f"{split}_acc", f"{split}_loss"), strict=True):
+        title = col if has_valid else f"{col} (no run has a validation split)"
+        ax.set(xlabel="epoch", ylabel=col, title=title)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return fig
 
 
-def optuna_figures(sweep_dir: Path) -> dict[str, str]:
-    """Optuna's importance and parallel-coordinate plots of a sweep's SQLite study, as PNGs."""
+def parallel_figure(study):
+    """Optuna's parallel-coordinate plot, every trial visible: a colour scale without its
+    near-white end, thicker lines, and room above and below the extreme trials."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import LinearSegmentedColormap
+    from optuna.visualization import matplotlib as ovm
+
+    ax = ovm.plot_parallel_coordinate(study)
+    fig = ax.figure
+    # viridis without its pale yellow end: the extreme trial stays as visible as the others
+    dark = plt.get_cmap("viridis")(np.linspace(0, 0.85, 256))
+    cmap = LinearSegmentedColormap.from_list("viridis_dark", dark)
+    for coll in ax.collections:
+        if isinstance(coll, LineCollection):
+            coll.set_cmap(cmap)
+            coll.set_linewidth(2.5)
+    for a in fig.axes:  # the objective axis and each parameter's twin, padded alike
+        if a is not ax and a.get_label() == "<colorbar>":
+            continue
+        lo, hi = a.get_ylim()
+        pad = (hi - lo) * 0.06
+        a.set_ylim(lo - pad, hi + pad)
+    return fig
+
+
+def optuna_figures(sweep_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """Optuna's importance and parallel-coordinate plots of a sweep's SQLite study, as PNGs, and
+    the notes that say why a plot is left out."""
     db = sweep_dir / "study.db"
     if not db.is_file():
-        return {}
+        return {}, []
     import optuna
     from optuna.visualization import matplotlib as ovm
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
-    out = {}
-    for study in optuna.get_all_study_summaries(storage):
-        s = optuna.load_study(study_name=study.study_name, storage=storage)
-        for title, plot in (
-            ("importance", ovm.plot_param_importances),
-            ("parallel", ovm.plot_parallel_coordinate),
-        ):
+    out, notes = {}, []
+    for summary in optuna.get_all_study_summaries(storage):
+        s = optuna.load_study(study_name=summary.study_name, storage=storage)
+        params = sorted({p for t in s.get_trials(deepcopy=False) for p in t.params})
+        plots = {"parallel": parallel_figure}
+        if len(params) > 1:
+            plots = {"importance": lambda st: ovm.plot_param_importances(st).figure, **plots}
+        else:  # one searched parameter takes all the importance: a bar at 1.00 tells nothing
+            notes.append(
+                f"{s.study_name}: no parameter-importance plot: the sweep searches one parameter "
+                f"({', '.join(params) or 'none'}), which has all the importance by definition"
+            )
+        for title, plot in plots.items():
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Optuna's "experimental" notice
-                    out[f"{s.study_name}: {title}"] = _png(plot(s).figure)
+                    out[f"{s.study_name}: {title}"] = _png(plot(s))
             except (ValueError, RuntimeError) as e:  # too few finished trials, one value only
-                console.print(f"no {title} plot for {s.study_name}: {e}", markup=False)
-    return out
+                notes.append(f"{s.study_name}: no {title} plot ({e})")
+    return out, notes
 
 
-def _html(title: str, df: pd.DataFrame, seeds: pd.DataFrame | None, images: dict[str, str]) -> str:
-    """compare.html: the table, mean ± std, then the figures, one self-contained page."""
-    parts = [f"<h1>{html.escape(title)}</h1>", df.to_html(index=False, float_format="%.4f")]
+def _html(
+    title: str,
+    df: pd.DataFrame,
+    seeds: pd.DataFrame | None,
+    images: dict[str, str],
+    notes: list[str],
+) -> str:
+    """compare.html: the damaged runs and notes, the table, mean ± std, then the figures."""
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
+    parts.append(df.to_html(index=False, float_format="%.4f", na_rep=""))
     if seeds is not None:
         parts += ["<h2>mean ± std over seeds</h2>", seeds.to_html(index=False)]
     for name, png in images.items():
@@ -206,7 +282,10 @@ def _html(title: str, df: pd.DataFrame, seeds: pd.DataFrame | None, images: dict
             f"<h2>{html.escape(name)}</h2>",
             f'<img alt="{html.escape(name)}" src="data:image/png;base64,{png}">',
         ]
-    style = "body{font-family:sans-serif;margin:2em;font-size:13px}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
+    style = (
+        "body{font-family:sans-serif;margin:2em;font-size:13px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}.note{color:#8a4b00}"
+    )
     return f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>{''.join(parts)}"
 
 
@@ -219,12 +298,25 @@ def _default_out(dirs: list[Path]) -> Path:
 
 
 def compare_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
-    """Compare the runs in `dirs`: print the table, write compare.csv and compare.html to `out`."""
+    """Compare the runs in `dirs`: print the table, write compare.csv and compare.html to `out`.
+
+    A run whose files don't read (garbage summary.json, empty metrics.csv, ...) is listed as
+    damaged, with the reason, and the others are compared.
+    """
     dirs = [Path(d) for d in dirs]
-    runs = find_runs(dirs)
+    runs, damaged = split_damaged(find_runs(dirs))
+    notes = [f"damaged run left out: {r} ({why})" for r, why in damaged]
+    for note in notes:
+        console.print(note, markup=False, style="bold red")
+    if not runs:
+        raise TwincarError(
+            f"no run to compare: all {len(damaged)} are damaged (see above); re-run or remove them"
+        )
     df, differ = compare_table(runs)
     seeds = seed_summary(df, differ)
-    print_table(df, f"{len(runs)} runs")
+    print_table(
+        df, f"{len(runs)} runs" + (f" ({len(damaged)} damaged, left out)" if damaged else "")
+    )
     if seeds is not None:
         print_table(seeds, "mean ± std over seeds")
     out = Path(out) if out is not None else _default_out(dirs)
@@ -235,11 +327,13 @@ def compare_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = 
     images = {"validation curves": _png(curves_figure(runs, labels))}
     for d in dirs:
         if not _is_run(d):
-            images.update(optuna_figures(d))
+            found, why = optuna_figures(d)
+            images.update(found)
+            notes += why
+            for note in why:
+                console.print(note, markup=False)
     write_csv(out / "compare.csv", df)
-    write_text(
-        out / "compare.html",
-        _html(f"compare: {', '.join(d.name for d in dirs)}", df, seeds, images),
-    )
+    title = f"compare: {', '.join(d.name for d in dirs)}"
+    write_text(out / "compare.html", _html(title, df, seeds, images, notes))
     print_paths("outputs", {"table": out / "compare.csv", "page": out / "compare.html"})
     return out

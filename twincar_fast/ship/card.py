@@ -18,8 +18,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from twincar_fast import __version__
 from twincar_fast.config import HeadName, build_typed, check_key
 from twincar_fast.errors import TwincarError
+from twincar_fast.files import write_json, write_text
 
 __all__ = [
     "CONFIG_JSON",
@@ -31,6 +33,7 @@ __all__ = [
     "model_readme",
     "read_config",
     "read_model_card",
+    "record_results",
     "to_timm_keys",
     "training_data_root",
 ]
@@ -191,6 +194,7 @@ def hub_config(card: ModelCard, num_features: int, info: dict[str, Any] | None =
     skip = ("arch", "classes", "mean", "std", "n_classes")
     twincar = {f.name: getattr(card, f.name) for f in fields(card) if f.name not in skip}
     twincar["format"] = FORMAT
+    twincar["twincar_fast"] = card.twincar_fast or __version__  # imports set none: this one writes
     return {
         "architecture": card.arch,
         "num_classes": n,
@@ -223,10 +227,58 @@ def from_timm_keys(state: dict, classifier: str) -> dict:
     }
 
 
+def _number(value: Any) -> bool:
+    """Whether `value` is a finite number (not a bool, not NaN: nothing to print for those)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return ok and math.isfinite(value)
+
+
 def _metrics_table(metrics: dict) -> str:
-    """The run's metrics as a Markdown table."""
-    rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
-    return "\n".join(["| metric | value |", "| --- | --- |", *rows]) if rows else "(none recorded)"
+    """The run's `valid_*`/`test_*` metrics as a Markdown table, a column per split."""
+    splits = [p for p in ("valid", "test") if any(k.startswith(f"{p}_") for k in metrics)]
+    names: list[str] = []
+    for key, value in metrics.items():
+        split, _, name = key.partition("_")
+        if split in splits and _number(value) and name != "images" and name not in names:
+            names.append(name)
+    if not names:
+        return "(none recorded)"
+    head = [f"valid (epoch {metrics['epoch']})" if s == "valid" else s for s in splits]
+    if _number(metrics.get("test_images")):
+        head[-1] = f"test ({metrics['test_images']} images)"
+    rows = [
+        f"| {n} | "
+        + " | ".join(
+            f"{metrics[f'{s}_{n}']:.4f}" if _number(metrics.get(f"{s}_{n}")) else "–"
+            for s in splits
+        )
+        + " |"
+        for n in names
+    ]
+    return "\n".join([f"| metric | {' | '.join(head)} |", "|---" * (len(splits) + 1) + "|", *rows])
+
+
+def _kept_line(metrics: dict) -> str:
+    """Which epoch's weights these are and why (recorded once the run finished)."""
+    if "epoch" not in metrics:
+        return ""
+    why = metrics.get("kept_because")
+    return f"The weights of epoch {metrics['epoch']}" + (f": {why}." if why else ".") + "\n\n"
+
+
+def _loading(tc: dict) -> tuple[str, str]:
+    """(front-matter library line, how to load it): timm's only for timm's own head and keys."""
+    if tc.get("weights_layout") == "timm":
+        note = (
+            '`timm.create_model("local-dir:<this folder>", pretrained=True)` loads it with timm '
+            "alone (timm's own classifier head)."
+        )
+        return "library_name: timm\n", note
+    note = (
+        f"This {tc.get('head', 'mlp')} head needs twincar_fast to load "
+        "(`twincar_fast.Predictor.from_path(folder)`); timm alone cannot."
+    )
+    return "", note
 
 
 def model_readme(config: dict, card: ModelCard) -> str:
@@ -234,20 +286,15 @@ def model_readme(config: dict, card: ModelCard) -> str:
     tc = config["twincar"]
     classes = "\n".join(f"{i}. {c}" for i, c in enumerate(config["label_names"]))
     training = json.dumps(tc.get("training", {}), indent=2)
-    timm_note = (
-        '`timm.create_model("local-dir:<this folder>", pretrained=True)` loads it with timm '
-        "alone (timm's own classifier head)."
-        if tc.get("weights_layout") == "timm"
-        else "Rebuild it with twincar_fast (`Predictor.from_path`): its head is not timm's."
-    )
+    library, loading = _loading(tc)
+    metrics = tc.get("metrics", {})
     return f"""---
-library_name: timm
-tags: [image-classification, fine-grained, stanford-cars, twincar_fast]
+{library}tags: [image-classification, fine-grained, stanford-cars, twincar_fast]
 ---
 # {config["architecture"]} for car make/model recognition ({config["num_classes"]} classes)
 
-A fine-grained car classifier exported by twincar_fast {tc.get("twincar_fast", "")}.
-{timm_note} `learner.pkl`, if present, is a pickle: load it only when you trust its source.
+A fine-grained car classifier exported by twincar_fast {tc.get("twincar_fast") or __version__}.
+{loading} `learner.pkl`, if present, is a pickle: load it only when you trust its source.
 
 ## Intended use
 Recognising the make, model and year of a car in a photo among the classes listed below. It knows
@@ -258,7 +305,7 @@ no other classes and is not meant for decisions about people, insurance or law e
 mean {card.mean}, std {card.std}; car-box crops: {card.bbox_crop} (margin {card.bbox_margin}).
 
 ## Metrics
-{_metrics_table(tc.get("metrics", {}))}
+{_kept_line(metrics)}{_metrics_table(metrics)}
 
 ## Training config
 ```json
@@ -268,3 +315,16 @@ mean {card.mean}, std {card.std}; car-box crops: {card.bbox_crop} (margin {card.
 ## Classes
 {classes}
 """
+
+
+def record_results(model_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
+    """Add a finished run's results (kept epoch and why, test metrics) to the folder's config.json
+    metrics and rewrite its README.md; non-finite values are left out."""
+    path = Path(model_dir) / CONFIG_JSON
+    config = read_config(path)
+    card = read_model_card(path)
+    new = {k: v for k, v in results.items() if isinstance(v, str) or _number(v)}
+    config["twincar"]["metrics"] = {**config["twincar"].get("metrics", {}), **new}
+    write_json(path, config)
+    write_text(Path(model_dir) / "README.md", model_readme(config, card))
+    return path
