@@ -36,6 +36,23 @@ EPILOG = """common commands:
 # ---------------------------------------------------------------- subcommands
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser: `key=value` overrides may come anywhere on the line, also after
+    the flags (argparse's intermixed parsing), when the subcommand takes overrides."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        takes_overrides = any(a.dest == "overrides" for a in self._actions)
+        if self._inside or not takes_overrides:
+            return super().parse_known_args(args, namespace)
+        self._inside = True  # the intermixed parse calls parse_known_args itself, twice
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def _path(text: str) -> Path:
     """A path argument, `~` expanded (also when the shell didn't)."""
     return Path(text).expanduser()
@@ -455,7 +472,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
         help=help,
-        description=help + ". Fixed overrides (key=value) go right after CONFIG.",
+        description=help + ". Fixed overrides (key=value) go anywhere on the line.",
         epilog="example: twincar sweep experiments/demo.yaml data.valid_pct=0.1 "
         "--grid train.lr=3e-3,1e-2 model.arch=test_resnet,resnet18 --seeds 2",
     )
@@ -503,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's lines
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     _add_run(sub, "run", "train, evaluate, interpret and export one experiment")
     _add_run(sub, "train", "same as run (train, evaluate, interpret, export); --resume continues")
     _add_lr_find(sub)

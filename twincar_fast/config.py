@@ -27,6 +27,7 @@ __all__ = [
     "AugConfig",
     "build_typed",
     "check_key",
+    "check_name",
     "DataConfig",
     "EvalConfig",
     "ExperimentConfig",
@@ -55,6 +56,8 @@ class DataConfig:
     valid_pct: float = 0.1  # share of the train split held out for validation, per class; 0 = train
     # on every train image, no validation: the last epoch is kept (train.checkpoint: last)
     split_seed: int = 42  # seed of the stratified train/valid split
+    allow_empty_classes: bool = False  # a class of classes.csv with no training image is refused
+    # before training (the model would ship a class it never saw); true trains anyway
     item_size: int = 320  # aug.stage batch: items are presized to this before batch augmentation
     img_size: int = (
         224  # size of the training and evaluation crops (with a schedule: its last size)
@@ -418,15 +421,20 @@ def check_key(ok: bool, file: str, key: str, msg: str) -> None:
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # one folder name: never `..` or a path
 
 
+def check_name(name: str | None, where: str) -> None:
+    """ConfigError unless `name` is one plain folder name (a run's or a sweep's); `where` names
+    the key or flag it came from."""
+    if name is not None and not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where} must be a plain folder name (letters, digits, . _ -; no / or ..), "
+            f"got {name!r}"
+        )
+
+
 def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     """Check value ranges and cross-field rules; raise ConfigError naming the file and key."""
     d, a, m, t, e = cfg.data, cfg.aug, cfg.model, cfg.train, cfg.eval
-    check_key(
-        cfg.name is None or bool(_NAME.fullmatch(cfg.name)),
-        file,
-        "name",
-        f"must be a plain folder name (letters, digits, . _ -; no / or ..), got {cfg.name!r}",
-    )
+    check_name(cfg.name, f"{file}: key 'name'")
     check_key(0 <= d.valid_pct < 1, file, "data.valid_pct", f"must be in [0, 1), got {d.valid_pct}")
     if d.valid_pct == 0:  # nothing to monitor: no early stopping, plateau or best-epoch choice
         for key in ("early_stopping", "plateau_patience"):
