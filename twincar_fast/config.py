@@ -35,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "config_to_dict",
     "expand_paths",
+    "fit_to_epochs",
     "flat_dict",
     "load_config",
     "parse_overrides",
@@ -303,16 +304,80 @@ def load_config(
     """
     path = Path(path)
     data = _resolve_extends(path)
-    _build(ExperimentConfig, data, str(path), "")  # the file's own mistakes name the file ...
+    file_cfg = _build(ExperimentConfig, data, str(path), "")  # its own mistakes name the file ...
     over = parse_overrides(overrides)
     where = f"{path} + overrides" if overrides else str(path)  # ... the overrides' name them
     cfg = _build(ExperimentConfig, _merge(data, over), where, "")
     if cfg.name is None:
         cfg.name = path.stem
     expand_paths(cfg)
-    if check:
+    if check:  # a run shortened on the command line: the file's epoch-dependent keys follow
+        _say_fitted(path, over, fit_to_epochs(cfg, file_cfg, over))
         validate(cfg, where)
     return cfg
+
+
+# ---------------------------------------------------------------- a shorter run from the command line
+
+
+def _given(over: dict, key: str) -> bool:
+    """Whether the overrides set the dotted `key`."""
+    node: Any = over
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _squeezed(rows: list[list[int]], old: int, new: int) -> list[list[int]]:
+    """An [[epoch, value], ...] schedule planned over `old` epochs, its epochs scaled to `new`
+    (an epoch reached by two entries keeps the later one, so the schedule still ends the same)."""
+    out: dict[int, int] = {}
+    for epoch, value in rows:
+        out[epoch * new // old] = value
+    return [[e, v] for e, v in sorted(out.items())]
+
+
+def fit_to_epochs(cfg: ExperimentConfig, file_cfg: ExperimentConfig, over: dict) -> list[str]:
+    """Fit the file's epoch-dependent keys to epochs shortened on the command line (in place).
+
+    Only when the overrides set `train.epochs` or `train.head_epochs` and not the key itself: the
+    warm-up is clamped to epochs - 1 (0 for one epoch); `aug.mix_off_epochs` and a schedule's
+    epochs are scaled to the run's (a schedule still ends at the same size); each only when it is
+    out of range. What was changed, as phrases.
+    """
+    if not (_given(over, "train.epochs") or _given(over, "train.head_epochs")):
+        return []
+    t, d, a = cfg.train, cfg.data, cfg.aug
+    total, old = t.head_epochs + t.epochs, file_cfg.train.head_epochs + file_cfg.train.epochs
+    notes = []
+    if not _given(over, "train.warmup_epochs") and t.epochs >= 1 and t.warmup_epochs >= t.epochs:
+        notes.append(f"train.warmup_epochs {t.warmup_epochs:g} → {t.epochs - 1}")
+        t.warmup_epochs = float(t.epochs - 1)
+    if not _given(over, "aug.mix_off_epochs") and old > 0 and a.mix_off_epochs > total:
+        notes.append(f"aug.mix_off_epochs {a.mix_off_epochs} → {a.mix_off_epochs * total // old}")
+        a.mix_off_epochs = a.mix_off_epochs * total // old
+    for key in ("img_size_schedule", "batch_size_schedule"):
+        rows = getattr(d, key)
+        valid_rows = all(len(r) == 2 for r in rows) and old > 0 and total >= 1
+        if _given(over, f"data.{key}") or not valid_rows or not rows or rows[-1][0] < total:
+            continue
+        setattr(d, key, _squeezed(rows, old, total))
+        notes.append(f"data.{key} {rows} → {getattr(d, key)}")
+    return notes
+
+
+def _say_fitted(path: Path, over: dict, notes: list[str]) -> None:
+    """One line saying which of the file's keys were fitted to the shorter run (rank 0 only)."""
+    if not notes or os.environ.get("RANK", "0") != "0":
+        return
+    t = over.get("train", {})
+    given = ", ".join(f"train.{k}={t[k]}" for k in ("epochs", "head_epochs") if k in t)
+    print(
+        f"{path}: fitted to {given} from the command line: {'; '.join(notes)} "
+        "(set them on the command line to choose other values)"
+    )
 
 
 def expand_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -478,7 +543,10 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     check_key(t.epochs >= 1, file, "train.epochs", f"must be at least 1, got {t.epochs}")
     check_key(0 <= t.head_epochs, file, "train.head_epochs", "must be ≥ 0")
     check_key(
-        0 <= t.warmup_epochs < t.epochs, file, "train.warmup_epochs", "must be in [0, epochs)"
+        0 <= t.warmup_epochs < t.epochs,
+        file,
+        "train.warmup_epochs",
+        f"must be in [0, epochs) = [0, {t.epochs}), got {t.warmup_epochs:g}",
     )
     check_key(
         not (t.warmup_epochs and t.schedule == "one_cycle"),
