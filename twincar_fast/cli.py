@@ -7,12 +7,13 @@ arguments and calls into the package. User mistakes (`TwincarError`) print one l
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from twincar_fast.config import load_config
-from twincar_fast.errors import TwincarError
+from twincar_fast.errors import ConfigError, TwincarError
 
 DESCRIPTION = """Fine-grained car recognition (Stanford Cars 196) with fastai + timm.
 One experiment YAML trains, evaluates, interprets and exports a model; the other commands
@@ -70,7 +71,8 @@ def _run(args: argparse.Namespace) -> int | None:
         from twincar_fast.train.distributed import launch
 
         resume = ["--resume", str(args.resume)] if args.resume is not None else []
-        return launch(args.processes, [str(args.config), *args.overrides, *resume])
+        argv = [str(args.config), *args.overrides, *resume]
+        return launch(args.processes, argv, cfg, args.resume)
     from twincar_fast.experiment import run_experiment
 
     run_experiment(cfg, resume=args.resume)
@@ -548,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = func(args)
     except TwincarError as e:
-        print(f"twincar: error: {e}", file=sys.stderr)
+        if not (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"):
+            print(f"twincar: error: {e}", file=sys.stderr)  # (a config error: rank 0's line)
         return 2
     except KeyboardInterrupt:
         print("twincar: interrupted", file=sys.stderr)
