@@ -116,6 +116,30 @@ def test_same_settings_reuse_the_cache_and_changes_rebuild_it(data, tmp_path):
     assert s > 0
 
 
+def _same_size_rewrite(path: str, img: Image.Image, when: int) -> None:
+    """Write `img` to `path` as an uncompressed PNG (size fixed by its dimensions), mtime `when`."""
+    img.save(path, format="PNG", compress_level=0)
+    os.utime(path, ns=(when, when))
+
+
+def test_an_image_changed_in_place_with_its_size_and_mtime_kept_rebuilds_the_cache(data, tmp_path):
+    """Issue 29.10: the key was the file's size and mtime, so a same-size rewrite was missed."""
+    cfg = cfg_for(data, tmp_path, cache_size=16)
+    path = cache_rows(data)["path"].iloc[1]
+    img = Image.open(path).convert("RGB")
+    _same_size_rewrite(path, img, 10**18)
+    first, built = build_cache(cfg, data)
+    size = os.stat(path).st_size
+    _same_size_rewrite(path, img.transpose(Image.FLIP_LEFT_RIGHT), 10**18)
+    assert os.stat(path).st_size == size and os.stat(path).st_mtime_ns == 10**18
+    changed, rebuilt = build_cache(cfg, data)
+    assert built > 0 and rebuilt > 0 and changed.path != first.path
+    assert not np.array_equal(changed.image(1), first.image(1))
+    os.utime(path, ns=(1, 1))  # the same bytes with another mtime: the cache is reused
+    again, s = build_cache(cfg, data)
+    assert s == 0 and again.path == changed.path
+
+
 def test_a_truncated_cache_is_rebuilt_with_a_warning(data, tmp_path, capsys):
     cfg = cfg_for(data, tmp_path)
     cache, _ = build_cache(cfg, data)

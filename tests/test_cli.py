@@ -85,3 +85,11 @@ def test_run_without_arguments_asks_only_for_the_config(capsys):
         main(["run"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.endswith("required: config")
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_overrides_may_come_after_the_flags(command):
+    """Issue 31.5: `key=value` after a flag was 'unrecognized arguments' (sweep: test_sweep.py)."""
+    line = [command, "x.yaml", "a.b=1", "--processes", "2", "train.epochs=2"]
+    args = build_parser().parse_args(line)
+    assert args.overrides == ["a.b=1", "train.epochs=2"] and str(args.config) == "x.yaml"

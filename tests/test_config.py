@@ -164,3 +164,38 @@ def test_override_mistakes_are_blamed_on_the_overrides(pair):
     """Issue 12.18: a bad override is not reported as a mistake in the YAML file."""
     with pytest.raises(ConfigError, match=r"child.yaml \+ overrides: key 'train.epochs'"):
         load_config(pair, ["train.epochs=abc"])
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_run_shortened_on_the_command_line_fits_the_files_epoch_keys(epochs, capsys):
+    """Issue 31.4: demo.yaml train.epochs=2 (or 1) failed on its warm-up of 2 epochs."""
+    cfg = load_config(REPO / "experiments" / "demo.yaml", [f"train.epochs={epochs}"])
+    assert cfg.train.epochs == epochs and cfg.train.warmup_epochs == epochs - 1
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "demo.yaml" in out
+    assert f"train.warmup_epochs 2 → {epochs - 1}" in out
+    recipe = load_config(REPO / "experiments" / "demo_recipe.yaml", [f"train.epochs={epochs}"])
+    sizes = {1: [[0, 96]], 2: [[0, 80], [1, 96]]}[epochs]  # still ends at data.img_size
+    assert recipe.data.img_size_schedule == sizes and recipe.data.img_size == 96
+    highres = load_config(REPO / "experiments" / "highres.yaml", [f"train.epochs={epochs}"])
+    assert highres.aug.mix_off_epochs == 0 and highres.train.warmup_epochs == epochs - 1
+    # a value given on the command line itself is never changed: it is refused
+    with pytest.raises(ConfigError, match=r"overrides: key 'train.warmup_epochs' must be in"):
+        load_config(REPO / "experiments" / "demo.yaml", ["train.epochs=2", "train.warmup_epochs=2"])
+    capsys.readouterr()
+    cfg = load_config(REPO / "experiments" / "demo.yaml", ["train.epochs=3"])
+    assert cfg.train.warmup_epochs == 2 and not capsys.readouterr().out  # in range: kept
+
+
+def test_a_shortened_demo_style_run_trains(tiny_data, tmp_path):
+    """Issue 31.4 end to end: a warm-up of 2 epochs from the file, one epoch on the command line."""
+    from conftest import make_tiny_cfg
+
+    from twincar_fast.cli import main
+
+    cfg = make_tiny_cfg(tiny_data, tmp_path)
+    cfg.train.schedule, cfg.train.warmup_epochs, cfg.train.epochs = "cosine", 2.0, 3
+    yaml = save_config(cfg, tmp_path / "tiny.yaml")
+    assert main(["run", str(yaml), "train.epochs=1"]) == 0
+    (run,) = (tmp_path / "reports").iterdir()
+    assert load_config(run / "config.yaml").train.warmup_epochs == 0

@@ -169,3 +169,25 @@ def test_first_runs_started_together_share_one_demo_build(tmp_path):
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert len(read_annotations(root)) == 36 and not list(root.glob(".raw.*"))
+
+
+def test_a_class_without_training_images_is_refused_before_training(tiny_copy, tmp_path, capsys):
+    """Issue 29.11: a class with 0 training images trained, exit 0, and shipped in the model."""
+    from twincar_fast.cli import main
+    from twincar_fast.config import save_config
+
+    df = pd.read_csv(tiny_copy / "annotations.csv")
+    empty = CLASS_NAMES[2]
+    df = df[(df["label"] != empty) | (df["split"] == "test")]  # its test images stay
+    df.to_csv(tiny_copy / "annotations.csv", index=False)
+    cfg = make_tiny_cfg(tiny_copy, tmp_path)
+    cfg.data = dataclasses.replace(cfg.data, valid_pct=0.0)
+    cfg.train = dataclasses.replace(cfg.train, early_stopping=0, plateau_patience=0)
+    yaml = save_config(cfg, tmp_path / "tiny.yaml")
+    assert main(["train", str(yaml)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1 class(es) have no training image" in err, err
+    assert repr(empty) in err and "data.allow_empty_classes=true" in err
+    assert not (tmp_path / "reports").exists()  # refused before any run folder
+    cfg.data = dataclasses.replace(cfg.data, allow_empty_classes=True)
+    assert ensure_dataset(cfg) == tiny_copy  # accepted when the config says so

@@ -163,6 +163,77 @@ def test_killed_distributed_run_resumes_with_two_processes(tiny_data, tmp_path):
     assert len(list((tmp_path / "reports").iterdir())) == 1
 
 
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the launched process of `rank` under the `launcher` process, once it runs."""
+    import psutil
+
+    for child in psutil.Process(launcher).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def _epochs(report: Path) -> pd.DataFrame:
+    """metrics.csv without its wall times."""
+    return pd.read_csv(report / "metrics.csv").drop(columns=["time_s"])
+
+
+def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_runs_epochs(tiny_data, tmp_path):
+    """Issue 29.9: every epoch after a resume differed (ranks above 0 got new random streams),
+    and the killed job ended without the resume hint."""
+    yaml = _yaml(tiny_data, tmp_path, epochs=5)
+    whole = tmp_path / "whole"
+    r = _twincar("train", str(yaml), "reports_dir=whole/reports", "models_dir=whole/models",
+                 "--processes", "2", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (uninterrupted,) = (whole / "reports").iterdir()
+
+    cmd = [sys.executable, "-m", "twincar_fast.cli", "train", str(yaml), "--processes", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        report = None
+        while report is None and proc.poll() is None:
+            runs = list((tmp_path / "reports").glob("tiny-*/metrics.csv"))
+            report = runs[0].parent if runs else None
+            time.sleep(0.05)
+        assert report is not None, "the run never started"
+        _wait_rows(report / "metrics.csv", 2, proc)  # killed mid-fit, after 2 epochs or more
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    hint = f"--resume {report} --processes 2`"
+    assert last.startswith("twincar: error: process rank ") and last.endswith(hint), err[-3000:]
+    assert "ChildFailedError" not in err  # no launcher dump
+    before = _epochs(report)
+    assert 2 <= len(before) < 5
+
+    r = _twincar("train", str(report / "config.yaml"), "--resume", str(report),
+                 "--processes", "2", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pd.testing.assert_frame_equal(_epochs(report), _epochs(uninterrupted), rtol=1e-6)
+
+
+def test_refusals_end_in_one_line_before_or_after_the_launch(tiny_data, tmp_path):
+    """Issue 29.19: each rank printed the refusal, then the launcher a 46-line ChildFailedError."""
+    yaml = _yaml(tiny_data, tmp_path)
+    schedule = "data.img_size_schedule=[[0,32]]"  # refused for several processes: before launching
+    r = _twincar("train", str(yaml), schedule, "--processes", "2", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert r.stderr.startswith("twincar: error: data.img_size_schedule rebuilds the loaders")
+    # a config error only the launched processes find: rank 0's line, no launcher dump
+    r = _twincar("train", str(yaml), "train.monitor=nope", "--processes", "2", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert r.stderr.startswith("twincar: error: train.monitor: 'nope' is not a validation metric")
+    assert not (tmp_path / "reports").exists()
+
+
 def test_early_stopping_ends_both_ranks_at_the_same_epoch(tiny_data, tmp_path):
     # with 4 classes top-5 accuracy is 1 from the first epoch: it never improves after it
     yaml = _yaml(tiny_data, tmp_path, epochs=8, monitor="valid_top5", early_stopping=2)

@@ -19,8 +19,9 @@ from conftest import make_tiny_cfg
 from optuna.trial import TrialState
 from postgres import start_cluster
 
-from twincar_fast.cli import main
+from twincar_fast.cli import build_parser, main
 from twincar_fast.config import save_config
+from twincar_fast.lab.cli import spec_from_args
 from twincar_fast.lab.compare import compare_runs, compare_table, find_runs
 
 GRID = ["--grid", "train.lr=1e-2,3e-3", "data.batch_size=4,8"]
@@ -254,6 +255,9 @@ def test_two_workers_share_one_study_through_postgresql(sweep_yaml, tmp_path, po
             "train.epochs=two: key 'train.epochs': expected int, got 'two'",
         ),
         (["--grid", "train.lr="], "an empty space"),
+        (["--grid", "train.lr=1e-2", "--name", "../x"], "--name must be a plain folder name"),
+        (["--grid", "name=a,b"], "--grid name: each trial sets its own name, reports_dir"),
+        (["--random", "2", "--space", "reports_dir=a,b"], "--space reports_dir: each trial sets"),
         (["--random", "3"], "an empty search space"),
         (["--random", "3", "--space", "train.lr=1e-2:1e-3"], "an empty range"),
         (
@@ -278,6 +282,59 @@ def test_bad_sweep_input_is_one_line_before_any_trial(sweep_yaml, tmp_path, caps
     assert message in err
     assert "secret" not in err
     assert not list((tmp_path / "reports").glob("*/trial-*"))  # no trial started
+    assert not (tmp_path / "x").exists()  # nothing outside reports/
+
+
+def test_overrides_may_follow_the_flags(sweep_yaml):
+    """Issue 31.5: `key=value` after `--grid ...` or another flag was a grid key or unrecognized."""
+    line = ["--grid", "train.lr=3e-3,1e-2", "train.epochs=2", "--seeds", "2", "data.batch_size=4"]
+    spec = spec_from_args(build_parser().parse_args(["sweep", str(sweep_yaml), *line]))
+    assert [d.key for d in spec.dims] == ["train.lr"] and spec.seeds == 2
+    assert spec.fixed == ["data.batch_size=4", "train.epochs=2"]
+    # a one-value --grid alone stays a one-point grid
+    spec = spec_from_args(build_parser().parse_args(["sweep", str(sweep_yaml), *GRID[:2]]))
+    assert [d.key for d in spec.dims] == ["train.lr"]
+
+
+def test_an_empty_or_damaged_study_file_is_refused_not_restarted(sweep_yaml, tmp_path, capsys):
+    """Issue 29.8: a 0-byte study.db silently started a new study (every point ran again)."""
+    db = tmp_path / "reports" / "tiny-sweep" / "study.db"
+    db.parent.mkdir(parents=True)
+    for content, what in ((b"", "is empty (0 bytes)"), (b"x" * 100, "is not an SQLite database")):
+        db.write_bytes(content)
+        assert main(["sweep", str(sweep_yaml), "--grid", "train.lr=1e-2,3e-3"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{db}: the sweep's study file {what}" in err, err
+        assert db.read_bytes() == content  # left as it was
+        assert not list(db.parent.glob("trial-*"))
+
+
+def test_a_sweep_whose_only_worker_is_killed_says_what_is_left_and_exits_non_zero(
+    sweep_yaml, tmp_path
+):
+    """Issue 29.7: it exited 0 saying "1 finished, 0 failed" with trials never run."""
+    grid = ["--grid", "train.lr=1e-2,3e-3"]
+    proc = subprocess.Popen(
+        _cmd(sweep_yaml, *grid),
+        env=_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        worker = _wait_for(lambda: _training_worker(tmp_path, 0), 300, "trial 0", proc, tmp_path)
+        os.kill(worker, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "2 trial(s) still waiting" in err and "run the same command again" in err, err
+    r = subprocess.run(
+        _cmd(sweep_yaml, *grid), env=_env(), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(_trials(_study(tmp_path), TrialState.COMPLETE)) == 2
 
 
 def test_prune_stops_a_trial_worse_than_the_median_after_its_epoch(tiny_cfg):

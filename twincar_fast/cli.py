@@ -7,12 +7,13 @@ arguments and calls into the package. User mistakes (`TwincarError`) print one l
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from twincar_fast.config import load_config
-from twincar_fast.errors import TwincarError
+from twincar_fast.errors import ConfigError, TwincarError
 
 DESCRIPTION = """Fine-grained car recognition (Stanford Cars 196) with fastai + timm.
 One experiment YAML trains, evaluates, interprets and exports a model; the other commands
@@ -36,6 +37,23 @@ EPILOG = """common commands:
 # ---------------------------------------------------------------- subcommands
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser: `key=value` overrides may come anywhere on the line, also after
+    the flags (argparse's intermixed parsing), when the subcommand takes overrides."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        takes_overrides = any(a.dest == "overrides" for a in self._actions)
+        if self._inside or not takes_overrides:
+            return super().parse_known_args(args, namespace)
+        self._inside = True  # the intermixed parse calls parse_known_args itself, twice
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def _path(text: str) -> Path:
     """A path argument, `~` expanded (also when the shell didn't)."""
     return Path(text).expanduser()
@@ -53,7 +71,8 @@ def _run(args: argparse.Namespace) -> int | None:
         from twincar_fast.train.distributed import launch
 
         resume = ["--resume", str(args.resume)] if args.resume is not None else []
-        return launch(args.processes, [str(args.config), *args.overrides, *resume])
+        argv = [str(args.config), *args.overrides, *resume]
+        return launch(args.processes, argv, cfg, args.resume)
     from twincar_fast.experiment import run_experiment
 
     run_experiment(cfg, resume=args.resume)
@@ -456,7 +475,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
         help=help,
-        description=help + ". Fixed overrides (key=value) go right after CONFIG.",
+        description=help + ". Fixed overrides (key=value) go anywhere on the line.",
         epilog="example: twincar sweep experiments/demo.yaml data.valid_pct=0.1 "
         "--grid train.lr=3e-3,1e-2 model.arch=test_resnet,resnet18 --seeds 2",
     )
@@ -504,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's lines
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     _add_run(sub, "run", "train, evaluate, interpret and export one experiment")
     _add_run(sub, "train", "same as run (train, evaluate, interpret, export); --resume continues")
     _add_lr_find(sub)
@@ -530,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = func(args)
     except TwincarError as e:
-        print(f"twincar: error: {e}", file=sys.stderr)
+        if not (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"):
+            print(f"twincar: error: {e}", file=sys.stderr)  # (a config error: rank 0's line)
         return 2
     except KeyboardInterrupt:
         print("twincar: interrupted", file=sys.stderr)

@@ -27,6 +27,7 @@ __all__ = [
     "AugConfig",
     "build_typed",
     "check_key",
+    "check_name",
     "DataConfig",
     "EvalConfig",
     "ExperimentConfig",
@@ -34,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "config_to_dict",
     "expand_paths",
+    "fit_to_epochs",
     "flat_dict",
     "load_config",
     "parse_overrides",
@@ -55,6 +57,8 @@ class DataConfig:
     valid_pct: float = 0.1  # share of the train split held out for validation, per class; 0 = train
     # on every train image, no validation: the last epoch is kept (train.checkpoint: last)
     split_seed: int = 42  # seed of the stratified train/valid split
+    allow_empty_classes: bool = False  # a class of classes.csv with no training image is refused
+    # before training (the model would ship a class it never saw); true trains anyway
     item_size: int = 320  # aug.stage batch: items are presized to this before batch augmentation
     img_size: int = (
         224  # size of the training and evaluation crops (with a schedule: its last size)
@@ -300,16 +304,80 @@ def load_config(
     """
     path = Path(path)
     data = _resolve_extends(path)
-    _build(ExperimentConfig, data, str(path), "")  # the file's own mistakes name the file ...
+    file_cfg = _build(ExperimentConfig, data, str(path), "")  # its own mistakes name the file ...
     over = parse_overrides(overrides)
     where = f"{path} + overrides" if overrides else str(path)  # ... the overrides' name them
     cfg = _build(ExperimentConfig, _merge(data, over), where, "")
     if cfg.name is None:
         cfg.name = path.stem
     expand_paths(cfg)
-    if check:
+    if check:  # a run shortened on the command line: the file's epoch-dependent keys follow
+        _say_fitted(path, over, fit_to_epochs(cfg, file_cfg, over))
         validate(cfg, where)
     return cfg
+
+
+# ---------------------------------------------------------------- a shorter run from the command line
+
+
+def _given(over: dict, key: str) -> bool:
+    """Whether the overrides set the dotted `key`."""
+    node: Any = over
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _squeezed(rows: list[list[int]], old: int, new: int) -> list[list[int]]:
+    """An [[epoch, value], ...] schedule planned over `old` epochs, its epochs scaled to `new`
+    (an epoch reached by two entries keeps the later one, so the schedule still ends the same)."""
+    out: dict[int, int] = {}
+    for epoch, value in rows:
+        out[epoch * new // old] = value
+    return [[e, v] for e, v in sorted(out.items())]
+
+
+def fit_to_epochs(cfg: ExperimentConfig, file_cfg: ExperimentConfig, over: dict) -> list[str]:
+    """Fit the file's epoch-dependent keys to epochs shortened on the command line (in place).
+
+    Only when the overrides set `train.epochs` or `train.head_epochs` and not the key itself: the
+    warm-up is clamped to epochs - 1 (0 for one epoch); `aug.mix_off_epochs` and a schedule's
+    epochs are scaled to the run's (a schedule still ends at the same size); each only when it is
+    out of range. What was changed, as phrases.
+    """
+    if not (_given(over, "train.epochs") or _given(over, "train.head_epochs")):
+        return []
+    t, d, a = cfg.train, cfg.data, cfg.aug
+    total, old = t.head_epochs + t.epochs, file_cfg.train.head_epochs + file_cfg.train.epochs
+    notes = []
+    if not _given(over, "train.warmup_epochs") and t.epochs >= 1 and t.warmup_epochs >= t.epochs:
+        notes.append(f"train.warmup_epochs {t.warmup_epochs:g} → {t.epochs - 1}")
+        t.warmup_epochs = float(t.epochs - 1)
+    if not _given(over, "aug.mix_off_epochs") and old > 0 and a.mix_off_epochs > total:
+        notes.append(f"aug.mix_off_epochs {a.mix_off_epochs} → {a.mix_off_epochs * total // old}")
+        a.mix_off_epochs = a.mix_off_epochs * total // old
+    for key in ("img_size_schedule", "batch_size_schedule"):
+        rows = getattr(d, key)
+        valid_rows = all(len(r) == 2 for r in rows) and old > 0 and total >= 1
+        if _given(over, f"data.{key}") or not valid_rows or not rows or rows[-1][0] < total:
+            continue
+        setattr(d, key, _squeezed(rows, old, total))
+        notes.append(f"data.{key} {rows} → {getattr(d, key)}")
+    return notes
+
+
+def _say_fitted(path: Path, over: dict, notes: list[str]) -> None:
+    """One line saying which of the file's keys were fitted to the shorter run (rank 0 only)."""
+    if not notes or os.environ.get("RANK", "0") != "0":
+        return
+    t = over.get("train", {})
+    given = ", ".join(f"train.{k}={t[k]}" for k in ("epochs", "head_epochs") if k in t)
+    print(
+        f"{path}: fitted to {given} from the command line: {'; '.join(notes)} "
+        "(set them on the command line to choose other values)"
+    )
 
 
 def expand_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -418,15 +486,20 @@ def check_key(ok: bool, file: str, key: str, msg: str) -> None:
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # one folder name: never `..` or a path
 
 
+def check_name(name: str | None, where: str) -> None:
+    """ConfigError unless `name` is one plain folder name (a run's or a sweep's); `where` names
+    the key or flag it came from."""
+    if name is not None and not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where} must be a plain folder name (letters, digits, . _ -; no / or ..), "
+            f"got {name!r}"
+        )
+
+
 def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     """Check value ranges and cross-field rules; raise ConfigError naming the file and key."""
     d, a, m, t, e = cfg.data, cfg.aug, cfg.model, cfg.train, cfg.eval
-    check_key(
-        cfg.name is None or bool(_NAME.fullmatch(cfg.name)),
-        file,
-        "name",
-        f"must be a plain folder name (letters, digits, . _ -; no / or ..), got {cfg.name!r}",
-    )
+    check_name(cfg.name, f"{file}: key 'name'")
     check_key(0 <= d.valid_pct < 1, file, "data.valid_pct", f"must be in [0, 1), got {d.valid_pct}")
     if d.valid_pct == 0:  # nothing to monitor: no early stopping, plateau or best-epoch choice
         for key in ("early_stopping", "plateau_patience"):
@@ -470,7 +543,10 @@ def validate(cfg: ExperimentConfig, file: str = "config") -> None:
     check_key(t.epochs >= 1, file, "train.epochs", f"must be at least 1, got {t.epochs}")
     check_key(0 <= t.head_epochs, file, "train.head_epochs", "must be ≥ 0")
     check_key(
-        0 <= t.warmup_epochs < t.epochs, file, "train.warmup_epochs", "must be in [0, epochs)"
+        0 <= t.warmup_epochs < t.epochs,
+        file,
+        "train.warmup_epochs",
+        f"must be in [0, epochs) = [0, {t.epochs}), got {t.warmup_epochs:g}",
     )
     check_key(
         not (t.warmup_epochs and t.schedule == "one_cycle"),

@@ -17,6 +17,7 @@ from twincar_fast.files import file_lock
 __all__ = [
     "BBOX_COLUMNS",
     "check_split",
+    "check_train_classes",
     "ensure_dataset",
     "read_annotations",
     "read_classes",
@@ -168,8 +169,33 @@ def _build_demo(cfg: ExperimentConfig, root: Path) -> Path:
     return Path(prepare_dataset(raw, root))
 
 
+def check_train_classes(data_dir: str | os.PathLike, allow_empty: bool = False) -> None:
+    """DataError naming the classes of classes.csv with no training image (unless `allow_empty`):
+    the model would ship a class it never saw."""
+    if allow_empty:
+        return
+    df = read_annotations(data_dir)
+    seen = set(df.loc[df["split"] == "train", "label"])
+    empty = [c for c in read_classes(data_dir) if c not in seen]
+    if empty:
+        names = ", ".join(repr(c) for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise DataError(
+            f"{Path(data_dir) / 'annotations.csv'}: {len(empty)} class(es) have no training "
+            f"image: {names}; add images, drop them from classes.csv and annotations.csv, or set "
+            "data.allow_empty_classes=true to train anyway"
+        )
+
+
 def ensure_dataset(cfg: ExperimentConfig) -> Path:
-    """The prepared data folder of `cfg`; builds the demo set or prepares `data.source` if missing."""
+    """The prepared data folder of `cfg` (every class with a training image, unless
+    `data.allow_empty_classes`); builds the demo set or prepares `data.source` if missing."""
+    root = _prepared_root(cfg)
+    check_train_classes(root, cfg.data.allow_empty_classes)
+    return root
+
+
+def _prepared_root(cfg: ExperimentConfig) -> Path:
+    """The prepared data folder of `cfg`, built or prepared first if it is missing."""
     root = Path(cfg.data.root).expanduser()
     if (root / "annotations.csv").is_file():
         return root

@@ -7,7 +7,7 @@ import argparse
 from optuna.trial import TrialState
 
 from twincar_fast.errors import TwincarError
-from twincar_fast.lab.space import SearchSpec, parse_dims
+from twincar_fast.lab.space import SearchSpec, parse_dims, split_overrides
 from twincar_fast.lab.sweep import plan_sweep, run_sweep
 
 __all__ = ["spec_from_args", "sweep_command"]
@@ -18,15 +18,15 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
     if args.grid:
         if args.space:
             raise TwincarError("--space goes with --random N or --optuna N, not with --grid")
-        return SearchSpec(
-            "grid", parse_dims("--grid", args.grid, False), None, args.seeds, list(args.overrides)
-        )
+        grid, fixed = split_overrides(args.grid, False)
+        dims = parse_dims("--grid", grid, False)
+        return SearchSpec("grid", dims, None, args.seeds, [*args.overrides, *fixed])
     mode, n = ("random", args.random) if args.random is not None else ("optuna", args.optuna)
     if n < 1:
         raise TwincarError(f"--{mode} N: N must be at least 1, got {n}")
-    return SearchSpec(
-        mode, parse_dims("--space", args.space, True), n, args.seeds, list(args.overrides)
-    )
+    space, fixed = split_overrides(args.space, True)
+    dims = parse_dims("--space", space, True)
+    return SearchSpec(mode, dims, n, args.seeds, [*args.overrides, *fixed])
 
 
 def sweep_command(args: argparse.Namespace) -> int:

@@ -30,11 +30,13 @@ __all__ = [
     "grid_points",
     "parse_dims",
     "random_points",
+    "split_overrides",
     "split_values",
     "suggest",
 ]
 
 Mode = Literal["grid", "random", "optuna"]
+TRIAL_KEYS = ("name", "reports_dir", "models_dir")  # what `sweep._trial_config` sets per trial
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,22 @@ def split_values(text: str) -> list[str]:
             cur += ch
     out.append(cur.strip())
     return out
+
+
+def split_overrides(items: list[str], ranges: bool) -> tuple[list[str], list[str]]:
+    """(searched items, fixed overrides): a `KEY=VALUE` with one value (no commas, no range)
+    among `--grid`/`--space`'s items is an override, as `key=value` is anywhere on the line; they
+    stay a one-point search only when no item has two values."""
+
+    def single(item: str) -> bool:
+        raw = item.partition("=")[2]
+        is_range = ranges and ":" in raw and not raw.lstrip().startswith("[")
+        return bool(raw.strip()) and not is_range and len(split_values(raw)) == 1
+
+    searched = [i for i in items if not single(i)]
+    if not searched:
+        return list(items), []
+    return searched, [i for i in items if single(i)]
 
 
 def _parse_range(flag: str, key: str, raw: str) -> Dim:
@@ -148,6 +166,12 @@ def _check_dim(config: os.PathLike, fixed: list[str], dim: Dim, flag: str) -> Di
     """The dimension with each value parsed as the key's type; ConfigError naming the flag."""
     if dim.key in ("train.seed",):
         raise ConfigError(f"{flag} {dim.key}: seeds are swept with --seeds K, not as a key")
+    if dim.key in TRIAL_KEYS:  # each trial sets these itself: every point would be the same run
+        raise ConfigError(
+            f"{flag} {dim.key}: each trial sets its own {', '.join(TRIAL_KEYS)} "
+            "(reports/<sweep>/trial-NNN), so the points would be identical runs; sweep other "
+            "keys, and name the sweep with --name"
+        )
     values = [dim.low, dim.high] if dim.is_range else list(dim.choices)
     for v in values:
         raw = repr(v) if isinstance(v, float) else str(v)

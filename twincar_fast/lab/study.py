@@ -32,6 +32,7 @@ __all__ = [
     "open_study",
     "recover_dead_trials",
     "study_lock",
+    "trials_left",
 ]
 
 SPEC_ATTR = "twincar_spec"
@@ -58,9 +59,40 @@ def open_storage(url: str, folder: Path | None = None) -> optuna.storages.RDBSto
     kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True}
     )
+    with file_lock(folder / ".study.lock") if sqlite and folder else nullcontext():
+        if sqlite:
+            _check_sqlite_file(url)
+        return _rdb_storage(url, kwargs)
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(url: str) -> None:
+    """TwincarError when the study's SQLite file exists but is empty or not a database: SQLite
+    would quietly start a new study in it and run every finished point again."""
+    from sqlalchemy.engine import make_url
+
+    db = make_url(url).database
+    if not db or db == ":memory:" or not os.path.exists(db):
+        return
     try:
-        with file_lock(folder / ".study.lock") if sqlite and folder else nullcontext():
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        with open(db, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except OSError as e:
+        raise TwincarError(f"{db}: can't read the sweep's study ({e.strerror})") from None
+    if head != _SQLITE_MAGIC:
+        what = "is empty (0 bytes)" if not head else "is not an SQLite database"
+        raise TwincarError(
+            f"{db}: the sweep's study file {what}, so its finished trials can't be read; "
+            "restore it from a backup, or move it away to start the sweep over"
+        )
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """Optuna's RDBStorage, its connection errors as one line."""
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except ModuleNotFoundError as e:
         extra = "postgres" if "psycopg" in str(e) else "the database driver"
         raise TwincarError(
@@ -158,6 +190,14 @@ def _enqueue_points(study: optuna.Study, spec: SearchSpec, seed: int) -> None:
 def _points(study: optuna.Study) -> int:
     """How many distinct points the study has started (any state)."""
     return len({t.user_attrs.get("point") for t in study.get_trials(deepcopy=False)} - {None})
+
+
+def trials_left(study: optuna.Study, spec: SearchSpec) -> int:
+    """Trials the sweep has still to run: the waiting ones, and a TPE sweep's unsampled points."""
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if spec.mode != "optuna":
+        return waiting
+    return waiting + max(0, spec.n - _points(study)) * spec.seeds
 
 
 def claim_trial(

@@ -22,7 +22,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from twincar_fast.config import ExperimentConfig, load_config
+from twincar_fast.config import ExperimentConfig, check_name, load_config
 from twincar_fast.console import console, plain_output
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_json
@@ -33,6 +33,7 @@ from twincar_fast.lab.study import (
     open_storage,
     open_study,
     recover_dead_trials,
+    trials_left,
 )
 
 __all__ = ["Sweep", "die_with_parent", "plan_sweep", "run_sweep", "run_worker", "STORAGE_ENV"]
@@ -87,6 +88,7 @@ def plan_sweep(
         )
     if spec.seeds < 1 or (spec.n is not None and spec.n < 1):
         raise TwincarError("--seeds and the number of points must be at least 1")
+    check_name(name, "--name")
     name = name or f"{base.name}-sweep"
     reports, models = Path(base.reports_dir) / name, Path(base.models_dir) / name
     reports.mkdir(parents=True, exist_ok=True)
@@ -269,6 +271,13 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> optuna.Study:
         console.print(f"interrupted; continue with the same command (sweep {sweep.name})")
         raise
     recover_dead_trials(study, storage, Path(sweep.reports_dir))  # a worker that crashed mid-trial
+    left = trials_left(study, sweep.spec)
+    if left:  # every worker ended (killed, crashed) with trials not yet run: not a finished sweep
+        raise TwincarError(
+            f"sweep {sweep.name}: {left} trial(s) still waiting, not run: the worker(s) ended "
+            f"early (see {Path(sweep.reports_dir) / 'workers'}); run the same command again to "
+            "continue them"
+        )
     return study
 
 

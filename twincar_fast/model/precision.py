@@ -115,7 +115,11 @@ def device_info(train_cfg: TrainConfig, device: torch.device) -> dict:
     mode = precision_for(train_cfg, device)
     return {
         "device": str(device),
-        "precision": {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler"}[mode],
+        "precision": {
+            "none": "fp32",
+            "bf16": "bf16 autocast",
+            "fp16": "fp16 autocast + GradScaler",
+        }[mode],
         "torch_threads": torch.get_num_threads(),
         "processor": _processor(device),
     }

@@ -31,7 +31,14 @@ from fastai.torch_core import get_model
 from twincar_fast.analysis.metrics import METRIC_NAMES, classification_metrics
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_csv
-from twincar_fast.train.distributed import is_main, rank_tag, sum_across, unwrapped
+from twincar_fast.train.distributed import (
+    gather_objects,
+    is_main,
+    own_rng,
+    rank_tag,
+    sum_across,
+    unwrapped,
+)
 
 __all__ = [
     "MONITORS",
@@ -77,18 +84,22 @@ def epoch_skipped(learn: Learner) -> bool:
 
 
 def rng_state(learn: Learner) -> dict:
-    """Every random state the next epoch draws from: Python, NumPy, torch (CPU, CUDA), the loaders."""
-    return {
+    """Every random state the next epoch draws from: Python, NumPy, torch (CPU, CUDA), the loaders;
+    with several processes also every rank's, under "ranks" (a collective: call it on each)."""
+    own = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "dls": [unwrapped(dl).rng.getstate() for dl in learn.dls.loaders],  # shuffle generators
     }
+    return {**own, "ranks": gather_objects(own)}
 
 
 def set_rng_state(learn: Learner, state: dict) -> None:
-    """Restore a `rng_state`, so a resumed fit draws what the uninterrupted one would have."""
+    """Restore a `rng_state`, so a resumed fit draws what the uninterrupted one would have: this
+    rank's own when the same number of processes saved it (else rank 0's, as one process)."""
+    state = own_rng(learn, state)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -99,9 +110,9 @@ def set_rng_state(learn: Learner, state: dict) -> None:
 
 
 def save_checkpoint(
-    learn: Learner, path: Path, with_opt: bool = True, rng: bool = False, best: bool = False
+    learn: Learner, path: Path, with_opt: bool = True, rng: dict | None = None, best: bool = False
 ) -> Path:
-    """`learn.save`'s file (model + optimizer state, and the random states if `rng`), atomically.
+    """`learn.save`'s file (model + optimizer state, and `rng`, a `rng_state`), atomically.
 
     With weight EMA on (`train.recipe.EmaWeights`), a `best` checkpoint's model is the EMA's (the
     weights the run evaluates and ships); any other keeps the raw weights and the EMA beside them.
@@ -113,8 +124,8 @@ def save_checkpoint(
         state["ema"] = ema.state()
     if with_opt and getattr(learn, "opt", None) is not None:
         state["opt"] = learn.opt.state_dict()
-    if rng:
-        state["rng"] = rng_state(learn)
+    if rng is not None:
+        state["rng"] = rng
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
@@ -318,8 +329,9 @@ class SaveRun(TrackerCallback):
             self.best_epoch = epoch
             if main:
                 save_checkpoint(self.learn, self.best_path, best=True)
+        rng = rng_state(self.learn)  # on every rank: each one's streams are saved
         if main:
-            save_checkpoint(self.learn, self.last_path(epoch), rng=True)
+            save_checkpoint(self.learn, self.last_path(epoch), rng=rng)
         self.rows.append(self._row(epoch))
         if main:
             write_csv(self.metrics_csv, pd.DataFrame(self.rows, columns=METRICS_COLUMNS))

@@ -12,12 +12,13 @@ exports, evaluates and reports as a single process.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-import subprocess
-import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console
 from twincar_fast.errors import ConfigError, TwincarError
+from twincar_fast.train.folders import RUN_NOTE_ENV
 
 __all__ = [
     "CpuSafeDistributedDL",
@@ -40,12 +42,14 @@ __all__ = [
     "check_distributed",
     "distributed",
     "distributed_fit",
+    "gather_objects",
     "init_distributed",
     "is_main",
     "launch",
     "rank_tag",
     "rank_streams",
     "leave_group",
+    "own_rng",
     "revert_sync_bn",
     "scaled_lr",
     "sum_across",
@@ -122,6 +126,25 @@ def sum_across(values: Sequence[float | torch.Tensor]) -> list[float]:
         t = t.to(_collective_device())
         torch.distributed.all_reduce(t)
     return t.cpu().tolist()
+
+
+def gather_objects(obj) -> list | None:
+    """Every rank's `obj` in rank order, on every rank; None when single-process."""
+    if not _ready():
+        return None
+    out = [None] * num_distrib()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def own_rng(learn: Learner, state: dict) -> dict:
+    """This rank's random states from a checkpoint's `rng_state`: its own when as many processes
+    saved it (noted on `learn`, so `rank_streams` keeps them), else rank 0's."""
+    ranks = state.get("ranks")
+    if distributed() and ranks and len(ranks) == num_distrib():
+        learn.own_rng_restored = True
+        return ranks[rank_distrib()]
+    return state
 
 
 def leave_group() -> None:
@@ -218,7 +241,10 @@ class Distributed(DistributedTrainer):
 
     def before_fit(self):
         self.kinds = batchnorm_kinds(self.learn.model)
-        rank_streams(self.learn)
+        skip = getattr(getattr(self.learn, "skip_to_epoch", None), "_skip_to", 0)
+        if not (skip and getattr(self.learn, "own_rng_restored", False)):
+            rank_streams(self.learn)  # (a fit resumed mid-way goes on with each rank's own)
+        self.learn.own_rng_restored = False
         super().before_fit()
 
     def after_fit(self):
@@ -248,9 +274,10 @@ def distributed_fit(learn: Learner, cfg: ExperimentConfig) -> Iterator[None]:
             learn.add_cb(bar)
 
 
-def check_distributed(cfg: ExperimentConfig) -> None:
-    """ConfigError for what several processes can't do (yet), checked before any work."""
-    if not distributed():
+def check_distributed(cfg: ExperimentConfig, processes: int | None = None) -> None:
+    """ConfigError for what several processes can't do (yet), checked before any work: in each
+    launched process, and by `launch` for the `processes` it is about to start."""
+    if not distributed() and (processes or 1) < 2:
         return
     if cfg.train.sync_bn and not torch.cuda.is_available():
         raise ConfigError(
@@ -264,17 +291,82 @@ def check_distributed(cfg: ExperimentConfig) -> None:
         )
 
 
-def launch(processes: int, argv: Sequence[str]) -> int:
-    """Start `python -m twincar_fast.run ARGV` in `processes` processes with Accelerate's
-    launcher (one GPU each; gloo on CPUs); the launcher's exit code."""
+@contextmanager
+def _quiet_launcher() -> Iterator[None]:
+    """torch elastic's own log lines (which process failed, SIGTERM sent) off while it runs: the
+    processes print their own one-line errors, and `launch` says the rest in one line."""
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith(("torch.distributed", "accelerate"))
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _failure(error, run_dir: str | None, processes: int) -> int:
+    """The exit code of a failed launch; a one-line TwincarError unless the processes have said
+    it themselves (exit code 2: each printed its one-line error)."""
+    rank, first = error.get_first_failure()
+    if first.exitcode == 2:
+        return 2
+    how = (
+        f"was killed ({first.signal_name()})"
+        if first.exitcode < 0
+        else f"ended with exit code {first.exitcode} (see its output above)"
+    )
+    config = Path(run_dir) / "config.yaml" if run_dir else None
+    if config is None or not config.is_file():
+        raise TwincarError(
+            f"process rank {rank} of {processes} {how} before the run had started; "
+            "run the same command again"
+        )
+    raise TwincarError(
+        f"process rank {rank} of {processes} {how}; {run_dir} keeps its finished epochs: continue "
+        f"with `twincar train {config} --resume {run_dir} --processes {processes}`"
+    )
+
+
+def launch(
+    processes: int,
+    argv: Sequence[str],
+    cfg: ExperimentConfig | None = None,
+    resume: str | os.PathLike | None = None,
+) -> int:
+    """Run `python -m twincar_fast.run ARGV` in `processes` processes through Accelerate's
+    launcher (one GPU each; gloo on CPUs), in this process; their exit code (0: all ended well).
+
+    `cfg` (ARGV's config) is checked for what several processes refuse before any starts; a
+    process that fails on its own prints its one line, one that is killed gets one line here,
+    with the command that resumes the run (rank 0 notes its folder in RUN_NOTE_ENV's file).
+    """
     gpus = torch.cuda.device_count()
     if gpus and processes > gpus:
         raise TwincarError(f"--processes {processes}: this machine has {gpus} GPU(s)")
     try:
-        import accelerate  # noqa: F401 - only whether it is installed
+        from accelerate.commands.launch import launch_command, launch_command_parser
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     except ModuleNotFoundError:
         raise TwincarError(f"--processes needs Hugging Face Accelerate: {_EXTRA}") from None
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    cmd += ["--num_processes", str(processes), "--num_machines", "1"]
+    if cfg is not None:
+        check_distributed(cfg, processes)
+    cmd = ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # ours: train.mixed_precision
-    return subprocess.run([*cmd, "-m", "twincar_fast.run", *argv]).returncode
+    args = launch_command_parser().parse_args([*cmd, "-m", "twincar_fast.run", *argv])
+    with tempfile.TemporaryDirectory() as tmp, _quiet_launcher():
+        note = Path(tmp) / "run"
+        os.environ[RUN_NOTE_ENV] = str(note)  # the processes inherit it
+        try:
+            launch_command(args)
+        except ChildFailedError as e:
+            run_dir = str(resume) if resume else (note.read_text() if note.is_file() else None)
+            return _failure(e, run_dir, processes)
+        finally:
+            os.environ.pop(RUN_NOTE_ENV, None)
+    return 0

@@ -14,9 +14,20 @@ from pathlib import Path
 
 from twincar_fast.config import ExperimentConfig, config_to_dict, flat_dict, load_config
 from twincar_fast.errors import ConfigError, TwincarError
-from twincar_fast.files import check_folder, new_run_name
+from twincar_fast.files import check_folder, new_run_name, write_text
 
-__all__ = ["RunFolders", "create_run_folders", "lock_run", "missing_steps", "open_resume"]
+__all__ = [
+    "RUN_NOTE_ENV",
+    "RunFolders",
+    "create_run_folders",
+    "lock_run",
+    "missing_steps",
+    "open_resume",
+]
+
+RUN_NOTE_ENV = (
+    "TWINCAR_RUN_NOTE"  # set by `twincar train --processes`: a file to name the new run in
+)
 
 _RESUME_MAY_CHANGE = {"train.device", "data.num_workers"}  # where a run trains, not what it learns
 _LOCK = ".lock"
@@ -67,8 +78,16 @@ def create_run_folders(cfg: ExperimentConfig, now: datetime | None = None) -> Ru
         except OSError as e:
             (reports / name).rmdir()  # nothing half-way: no orphan report folder
             raise TwincarError(f"{models}: can't create a run folder here ({e.strerror})") from None
+        _note_run(reports / name)
         return RunFolders(name, reports / name, models / name)
     raise TwincarError(f"{reports}: no free run name after {_TRIES} tries; check the folder")
+
+
+def _note_run(report_dir: Path) -> None:
+    """Tell the launcher that started this process where its run lives (for a resume hint)."""
+    note = os.environ.get(RUN_NOTE_ENV)
+    if note:
+        write_text(note, str(report_dir))
 
 
 class lock_run:  # noqa: N801 - used like a function: `with lock_run(folders):`
