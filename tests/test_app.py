@@ -5,8 +5,8 @@ Debian's Chromium)."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -252,13 +252,6 @@ def test_app_options_and_a_taken_port_are_one_line_errors(boxed, capsys):
     assert "share=True" not in line + out  # Gradio's hint is not a CLI user's to act on
 
 
-def fed_pixels(page) -> np.ndarray:
-    """The model's input as the page shows it (its PNG, fetched by the browser)."""
-    src = page.locator("#fed img").first.get_attribute("src")
-    data = page.request.get(src).body()
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
 def _classify_in_page(page, timeout=60_000) -> str:
     """Click Classify and return the top label the page shows."""
     page.locator("#classify").click()
@@ -287,51 +280,8 @@ def test_a_real_browser_runs_each_example_as_predict_does(app, tiny_data, tmp_pa
             browser.close()
 
 
-def two_colours(path: Path) -> Path:
-    """A 48×32 photo, green on the left, magenta on the right: easy to find on the canvas."""
-    arr = np.zeros((32, 48, 3), np.uint8)
-    arr[:, :24] = (0, 220, 0)
-    arr[:, 24:] = (220, 0, 220)
-    Image.fromarray(arr).save(path)
-    return path
-
-
-def _image_on_canvas(page) -> tuple[float, float, float, float]:
-    """(left, top, right, bottom) of the bright two-colour photo on the editor's canvas."""
-    canvas = page.locator("#photo canvas").first
-    box = canvas.bounding_box()
-    shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"))
-    ys, xs = np.nonzero(shot.max(2) > 150)
-    sx, sy = box["width"] / shot.shape[1], box["height"] / shot.shape[0]
-    return (
-        box["x"] + xs.min() * sx,
-        box["y"] + ys.min() * sy,
-        box["x"] + xs.max() * sx,
-        box["y"] + ys.max() * sy,
-    )
-
-
-def _crop_in_page(page) -> None:
-    """Crop the photo to its middle in the editor: the image tool, Crop, drag two corner
-    handles inwards, Confirm crop."""
-    page.get_by_label("Image", exact=True).click()
-    page.get_by_label("Crop", exact=True).click()
-    page.get_by_text("Confirm crop").wait_for()
-    left, top, right, bottom = _image_on_canvas(page)
-    dx, dy = (right - left) / 4, (bottom - top) / 4
-    for (hx, hy), (tx, ty) in [
-        ((left + 1, top + 1), (left + dx, top + dy)),
-        ((right - 1, bottom - 1), (right - dx, bottom - dy)),
-    ]:
-        page.mouse.move(hx, hy)
-        page.mouse.down()
-        page.mouse.move(tx, ty, steps=8)
-        page.mouse.up()
-    page.get_by_text("Confirm crop").click()
-
-
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="no /usr/bin/chromium: apt-get install chromium")
-def test_a_real_browser_uploads_crops_and_sees_what_was_fed(app, tmp_path):
+def test_a_real_browser_uploads_and_sees_what_was_fed(app, tmp_path):
     from playwright.sync_api import sync_playwright
 
     demo, learn, folder = app
@@ -343,14 +293,14 @@ def test_a_real_browser_uploads_crops_and_sees_what_was_fed(app, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(demo.local_url)
-            assert "crop your photo to the car first" in page.inner_text("body")
+            page.get_by_text("crop your photo to the car first").wait_for()  # box-trained
             with page.expect_file_chooser() as chooser:
                 page.get_by_label("Upload", exact=True).click()
             chooser.value.set_files(image)
             assert _classify_in_page(page) == expected  # the whole upload, as the API has it
             fed = page.locator("#fed img").first
             fed.evaluate("img => img.decode()")
-            whole_src = fed.get_attribute("src")
+            assert fed.evaluate("img => img.naturalWidth") == 32  # the model's input, shown
             overlay = page.locator("#cam img").first
             overlay.evaluate("img => img.decode()")  # wait for its pixels (rejects if broken)
             assert overlay.evaluate("img => img.complete && img.naturalWidth") == 32
@@ -359,37 +309,18 @@ def test_a_real_browser_uploads_crops_and_sees_what_was_fed(app, tmp_path):
             twin.evaluate("img => img.decode()")  # loaded whole: its own file, never rewritten
             assert "runner-up" in page.locator("#twin-text").inner_text()
             page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+            page.goto(demo.local_url)
             with page.expect_file_chooser() as chooser:
-                page.get_by_label("Image", exact=True).click()
-                page.get_by_label("Upload", exact=True).click()
-            chooser.value.set_files(str(two_colours(tmp_path / "two.png")))
-            page.locator("#classify").click()
-            page.wait_for_function(
-                "src => document.querySelector('#fed img')?.src !== src", arg=whole_src
-            )
-            uncut = fed_pixels(page)
-            _crop_in_page(page)
-            page.locator("#classify").click()
-            page.wait_for_function(
-                "src => document.querySelector('#fed img')?.src !== src",
-                arg=page.locator("#fed img").first.get_attribute("src"),
-            )
-            cut = fed_pixels(page)
-            page.screenshot(path=str(tmp_path / "cropped.png"), full_page=True)
-            with page.expect_file_chooser() as chooser:
-                page.get_by_label("Image", exact=True).click()
                 page.get_by_label("Upload", exact=True).click()
             chooser.value.set_files(str(bad))
             page.locator("#classify").click()
-            page.get_by_text("This file can't be used").first.wait_for(timeout=30_000)
+            # the browser's editor can't draw a non-image, so it may send nothing: either way
+            # the app's own line, not Gradio's internal error
+            own = re.compile("This file can't be used|Upload or paste a car photo first")
+            page.get_by_text(own).first.wait_for(timeout=30_000)
             page.screenshot(path=str(tmp_path / "bad.png"), full_page=True)
         finally:
             browser.close()
-    # uncut: the whole photo squared (crop resize): both colours; cut: its middle, still both,
-    # but each colour's share of the model's input grew from the crop's centring
-    green = lambda a: (a[..., 1] > 150) & (a[..., 0] < 100)  # noqa: E731
-    assert green(uncut).any() and green(cut).any()
-    assert not np.array_equal(uncut, cut)  # the page fed the crop, not the whole photo
     keep = os.environ.get("TWINCAR_APP_SCREENSHOT")  # e.g. docs/app.png, the README's picture
     if keep:
         shutil.copy(tmp_path / "upload.png", keep)
