@@ -251,3 +251,29 @@ def test_demo_set_gradcam_falls_in_the_class_telling_part(tmp_path):
     assert parts["ratio"].mean() > 3.0  # 1 = no preference for the part
     assert (parts["ratio"] > 1).mean() > 0.9
     assert_png(result.report_dir / "figures" / "gradcam_parts_test.png")
+
+
+def test_images_take_their_boxes_and_a_box_trained_run_warns_without(tiny_data, tmp_path, capsys):
+    cfg = make_tiny_cfg(tiny_data, tmp_path)
+    cfg.data = dataclasses.replace(cfg.data, bbox_crop=True)
+    cfg.train = dataclasses.replace(cfg.train, epochs=1)
+    result = run_experiment(cfg)
+    image = str(tiny_data / "images" / "test_0_000.jpg")
+    capsys.readouterr()
+    assert main(["interpret", str(result.report_dir), "--images", image]) == 0
+    err = capsys.readouterr().err
+    assert "trained on car-box crops" in err and "1 of 1 --images have no box" in err
+    assert (
+        main(["interpret", str(result.report_dir), "--images", image, "--data", str(tiny_data)])
+        == 0
+    )
+    assert "car-box crops" not in capsys.readouterr().err  # its box from the data set
+    boxes = tmp_path / "boxes.csv"
+    pd.DataFrame([(image, 5, 9, 14, 18)], columns=["image", "x1", "y1", "x2", "y2"]).to_csv(
+        boxes, index=False
+    )
+    assert (
+        main(["interpret", str(result.report_dir), "--images", image, "--boxes", str(boxes)]) == 0
+    )
+    assert "car-box crops" not in capsys.readouterr().err
+    assert (result.report_dir / "figures" / "gradcam_images.png").is_file()

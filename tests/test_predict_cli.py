@@ -79,7 +79,7 @@ def test_cam_writes_one_overlay_per_image_and_never_replaces(shipped, photos, tm
     assert sorted(table["cam"][table["error"] == ""]) == [str(p) for p in written]
     with Image.open(written[0]) as im:
         pic = np.asarray(im)
-    assert pic.shape == (32, 32, 3) and pic.std() > 1  # img_size, a drawn heat map
+    assert pic.shape[1] >= 320 and pic.shape[0] > pic.shape[1] and pic.std() > 1  # see test_cam
     capsys.readouterr()
     assert main([*argv[:-2], "--out", str(tmp_path / "q.csv")]) == 2
     err = capsys.readouterr().err.strip()

@@ -172,9 +172,18 @@ def test_finer_cam_maps_of_the_top_pair_match_finer_cam_called_directly(run, tin
     assert not np.allclose(pm.finer, pm.gradcam)  # the twin's evidence was taken out
 
 
-def test_twins_command_redoes_the_pairs(run, capsys):
+def test_twins_command_redoes_the_pairs_only_with_force(run, capsys):
     result, _, _ = run
-    assert main(["twins", str(result.report_dir), "--pairs", "1", "--split", "test"]) == 0
+    shipped = (result.model_dir / "twins.csv").read_bytes()
+    figures = sorted((result.report_dir / "figures" / "twins").glob("*.png"))
+    argv = ["twins", str(result.report_dir), "--pairs", "1", "--split", "test"]
+    assert main(argv) == 2  # the run has twins: never replaced without --force
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--force" in err
+    assert str(result.model_dir / "twins.csv") in err
+    assert (result.model_dir / "twins.csv").read_bytes() == shipped
+    assert sorted((result.report_dir / "figures" / "twins").glob("*.png")) == figures
+    assert main([*argv, "--force"]) == 0
     assert len(pd.read_csv(result.report_dir / "twins.csv")) == 1
     assert len(list((result.report_dir / "figures" / "twins").glob("*.png"))) == 1
     assert main(["twins", str(result.report_dir), "--pairs", "0"]) == 2

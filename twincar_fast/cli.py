@@ -241,8 +241,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _interpret(args: argparse.Namespace) -> None:
     from twincar_fast.analysis.interpret import interpret_run
+    from twincar_fast.ship.batch import read_boxes
 
-    interpret_run(args.run, images=args.images, data_dir=args.data)
+    boxes = None
+    if args.images and (args.boxes is not None or args.data is not None):
+        known = read_boxes(args.boxes, args.data)  # `twincar predict`'s boxes, matched alike
+        boxes = [known.get(str(Path(f).expanduser().resolve())) for f in args.images]
+    interpret_run(args.run, images=args.images, data_dir=args.data, boxes=boxes, force=args.force)
 
 
 def _add_interpret(sub: argparse._SubParsersAction) -> None:
@@ -255,7 +260,19 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
         "--images", type=_path, nargs="*", default=None, help="Grad-CAM++ these files too"
     )
     p.add_argument(
-        "--data", type=_path, default=None, help="prepared data set (default: the run's)"
+        "--data",
+        type=_path,
+        default=None,
+        help="prepared data set (default: the run's); its boxes cut the --images it lists",
+    )
+    p.add_argument(
+        "--boxes",
+        type=_path,
+        default=None,
+        help="car boxes of the --images: a CSV image,x1,y1,x2,y2 (as for twincar predict)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="let new twins replace the model folder's twins.csv"
     )
     p.set_defaults(func=_interpret)
 
@@ -263,7 +280,7 @@ def _add_interpret(sub: argparse._SubParsersAction) -> None:
 def _twins(args: argparse.Namespace) -> None:
     from twincar_fast.analysis.twins import twins_run
 
-    twins_run(args.run, pairs=args.pairs, split=args.split, data_dir=args.data)
+    twins_run(args.run, pairs=args.pairs, split=args.split, data_dir=args.data, force=args.force)
 
 
 def _add_twins(sub: argparse._SubParsersAction) -> None:
@@ -291,6 +308,11 @@ def _add_twins(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--data", type=_path, default=None, help="prepared data set (default: the run's)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the run's twins (report table and figures, the model folder's twins.csv)",
     )
     p.set_defaults(func=_twins)
 
@@ -446,6 +468,7 @@ def _app(args: argparse.Namespace) -> None:
         trust_pickle=args.trust_pickle,
         max_file_size=args.max_file_size,
         device=args.device,
+        max_pixels=args.max_pixels,
     )
 
 
@@ -456,6 +479,13 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="default 7860")
     p.add_argument("--max-file-size", default="10mb", help="largest upload (default 10mb)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="most pixels (width × height, read from the header) an upload may have "
+        "(default 40000000)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if any)")
     _add_trust(p)
     p.set_defaults(func=_app)

@@ -14,6 +14,7 @@ that tells the classes apart. With `eval.twins` the twin pairs and their Finer-C
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from twincar_fast.analysis.twins import copy_twins, find_twins
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console, eval_bars, step
 from twincar_fast.data import check_vocab, read_annotations
+from twincar_fast.data.dataset import BBOX_COLUMNS
 from twincar_fast.data.geometry import InputGeometry
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv
@@ -128,10 +130,34 @@ def _check_images(images: Sequence[str | os.PathLike] | None) -> None:
         raise TwincarError(f"{missing[0]}: image not found; check the --images paths")
 
 
-def gradcam_files(learn: Learner, files: Sequence[Path], path: Path) -> Path:
-    """For image files: the input and the maps of its two most probable classes."""
+def _files_items(files: Sequence[Path], boxes: Sequence | None) -> pd.DataFrame:
+    """Annotations-like rows (path and car box, NaN: none) that the run's loader opens and cuts
+    exactly as it does the data set's images."""
+    boxes = list(boxes) if boxes is not None else [None] * len(files)
+    if len(boxes) != len(files):
+        raise TwincarError(f"{len(boxes)} boxes for {len(files)} --images; give one per image")
+    cells = [tuple(b) if b is not None else (np.nan,) * 4 for b in boxes]
+    df = pd.DataFrame(cells, columns=list(BBOX_COLUMNS), dtype=float)
+    return df.assign(path=[str(f) for f in files])
+
+
+def box_warning(missing: int, n: int) -> str:
+    """The warning line for --images fed whole to a model trained on car-box crops."""
+    return (
+        f"this model was trained on car-box crops (bbox_crop) but {missing} of {n} --images "
+        "have no box and are fed whole, which lowers accuracy; give boxes (--boxes boxes.csv "
+        "or --data DIR), as for `twincar predict`"
+    )
+
+
+def gradcam_files(
+    learn: Learner, files: Sequence[Path], path: Path, boxes: Sequence | None = None
+) -> Path:
+    """For image files (each cut to its car box, when given, as the run's loader cuts its
+    images): the input and the maps of its two most probable classes."""
     _check_images(files)
-    dl = learn.dls.test_dl([Path(f) for f in files], with_labels=False, bs=min(len(files), 64))
+    items = _files_items(files, boxes)
+    dl = learn.dls.test_dl(items, with_labels=False, rm_type_tfms=0, bs=min(len(files), 64))
     x = torch.cat([b[0] for b in dl])
     with eval_bars(learn):
         probs = learn.get_preds(dl=dl)[0].float().numpy()
@@ -222,6 +248,15 @@ def draw_split_figures(
     return out
 
 
+def _warn_whole(cfg: ExperimentConfig, images, boxes) -> None:
+    """Say once, on stderr, when a box-trained model gets --images without a box."""
+    if not images or not cfg.data.bbox_crop:
+        return
+    missing = len(images) if boxes is None else sum(b is None for b in boxes)
+    if missing:
+        print(f"warning: {box_warning(missing, len(images))}", file=sys.stderr)
+
+
 def model_view(cfg: ExperimentConfig, data_dir: Path):
     """(image, rgb) → what the model saw of it: the car-box crop and resize of its input."""
     geo = InputGeometry.from_config(cfg)
@@ -235,12 +270,13 @@ def model_view(cfg: ExperimentConfig, data_dir: Path):
     return view
 
 
-def _gradcam_figures(learn, report_dir, split, data_dir, cfg, images) -> list[Path]:
+def _gradcam_figures(learn, report_dir, split, data_dir, cfg, images, boxes) -> list[Path]:
     """The Grad-CAM++ figures of the split's mistakes and correct examples, and of `images`."""
     fig_dir, n = report_dir / "figures", cfg.eval.gradcam
     out = []
     if images:
-        out.append(gradcam_files(learn, [Path(f) for f in images], fig_dir / "gradcam_images.png"))
+        files = [Path(f) for f in images]
+        out.append(gradcam_files(learn, files, fig_dir / "gradcam_images.png", boxes))
     if n:
         preds = pd.read_csv(report_dir / f"predictions_{split}.csv")
         dl = split_dl(learn, data_dir, split, cfg)
@@ -267,10 +303,17 @@ def interpret_learner(
     report_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
     images: Sequence[str | os.PathLike] | None = None,
+    boxes: Sequence | None = None,
 ) -> Path:
-    """Draw every figure and table of a run from an in-memory learner; return index.html."""
+    """Draw every figure and table of a run from an in-memory learner; return index.html.
+
+    Args:
+        images: more image files to draw Grad-CAM++ maps of.
+        boxes: per image its car box (x1, y1, x2, y2; 1-based inclusive) or None (whole).
+    """
     report_dir, data_dir = Path(report_dir), Path(data_dir)
     _check_images(images)
+    _warn_whole(cfg, images, boxes)
     check_vocab(learn.dls, data_dir)
     split = "test" if cfg.eval.test else "valid"
     if not (report_dir / f"eval_{split}.json").is_file():
@@ -283,7 +326,7 @@ def interpret_learner(
                 draw_split_figures(report_dir, s, data_dir, cfg)
     if cfg.eval.gradcam or images:
         with step("Grad-CAM++ maps"):
-            _gradcam_figures(learn, report_dir, split, data_dir, cfg, images)
+            _gradcam_figures(learn, report_dir, split, data_dir, cfg, images, boxes)
     if cfg.eval.twins:
         with step("twins (Finer-CAM)"):
             find_twins(learn, cfg, report_dir, data_dir, split, cfg.eval.twins)
@@ -294,11 +337,21 @@ def interpret_run(
     run: str | os.PathLike,
     images: Sequence[str | os.PathLike] | None = None,
     data_dir: str | os.PathLike | None = None,
+    boxes: Sequence | None = None,
+    force: bool = False,
 ) -> Path:
-    """Regenerate a run's evaluation, figures and index.html from its saved model."""
+    """Regenerate a run's evaluation, figures and index.html from its saved model.
+
+    Args:
+        run: reports/<run>, models/<run> or a learner.pkl.
+        images: more image files to draw Grad-CAM++ maps of.
+        data_dir: the prepared data set (default: the run's).
+        boxes: per image its car box or None, as `twincar predict` takes them.
+        force: let new twins replace a different twins.csv in the model folder.
+    """
     _check_images(images)
     paths, cfg, data, learn = open_saved_run(run, data_dir)
-    index = interpret_learner(learn, cfg, paths.report_dir, data, images)
-    copy_twins(paths.report_dir, paths.model_dir)
+    index = interpret_learner(learn, cfg, paths.report_dir, data, images, boxes)
+    copy_twins(paths.report_dir, paths.model_dir, force=force)
     console.print(f"report of {paths.name}: {index}")
     return index

@@ -27,7 +27,12 @@ import numpy as np
 import pandas as pd
 from fastai.learner import Learner
 
-from twincar_fast.analysis.evaluate import evaluate_learner, open_saved_run, split_dl
+from twincar_fast.analysis.evaluate import (
+    evaluate_learner,
+    open_saved_run,
+    resolve_run,
+    split_dl,
+)
 from twincar_fast.analysis.report import write_index
 from twincar_fast.analysis.samples import part_boxes
 from twincar_fast.analysis.twin_maps import MASK_SHARE, pair_maps, pair_scores, plot_pair
@@ -180,14 +185,39 @@ def find_twins(
     return _write(report_dir, pairs, _summary(pairs, classes, split, list(by_split)))
 
 
-def copy_twins(report_dir: Path, model_dir: Path | None) -> Path | None:
-    """Copy the run's twins.csv into its model folder (the app's twins); its path, or None."""
+def copy_twins(report_dir: Path, model_dir: Path | None, force: bool = False) -> Path | None:
+    """Copy the run's twins.csv into its model folder (the app's twins); its path, or None.
+
+    A different twins.csv already there is replaced only with `force` (the model folder is
+    what gets shipped); an equal one is left as it is.
+    """
     src = Path(report_dir) / TWINS_CSV
     if model_dir is None or not src.is_file() or not Path(model_dir).is_dir():
         return None
-    with atomic_path(Path(model_dir) / TWINS_CSV) as tmp:
+    dest = Path(model_dir) / TWINS_CSV
+    if dest.is_file() and dest.read_bytes() == src.read_bytes():
+        return dest
+    if dest.exists() and not force:
+        raise TwincarError(
+            f"{dest} exists and differs from the new twins: pass --force to replace it"
+        )
+    with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
-    return Path(model_dir) / TWINS_CSV
+    return dest
+
+
+def _refuse_replacing(paths, force: bool) -> None:
+    """One line when `twincar twins` would replace twins of the run (the model folder's
+    twins.csv, the report's table and figures) without --force; checked before any work."""
+    if force:
+        return
+    for folder in (paths.model_dir, paths.report_dir):
+        path = Path(folder) / TWINS_CSV if folder is not None else None
+        if path is not None and path.exists():
+            raise TwincarError(
+                f"{path} exists: twincar twins never replaces a run's twins (table and figures) "
+                "without --force; pass --force to redo them"
+            )
 
 
 def twin_of(pairs: pd.DataFrame, label: str) -> tuple[str, int] | None:
@@ -203,16 +233,26 @@ def twins_run(
     pairs: int | None = None,
     split: str | None = None,
     data_dir: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> Path:
-    """`twincar twins RUN`: find and explain a saved run's twins; return its new index.html."""
+    """`twincar twins RUN`: find and explain a saved run's twins; return its new index.html.
+
+    Args:
+        run: reports/<run> or models/<run>.
+        pairs: how many pairs (default: the run's eval.twins, else 5).
+        split: the images explained (default: test when the run evaluates it, else valid).
+        data_dir: the prepared data set (default: the run's).
+        force: replace twins the run already has (report and model folder).
+    """
     if pairs is not None and pairs < 1:
         raise TwincarError(f"--pairs must be at least 1, got {pairs}")
+    _refuse_replacing(resolve_run(run), force)  # before the model is loaded or evaluated
     paths, cfg, data, learn = open_saved_run(run, data_dir, split)
     split = split or ("test" if cfg.eval.test else "valid")
     k = pairs if pairs is not None else (cfg.eval.twins or DEFAULT_PAIRS)
     with step("twins (Finer-CAM)"):
         found = find_twins(learn, cfg, paths.report_dir, data, split, k)
-    copy_twins(paths.report_dir, paths.model_dir)
+    copy_twins(paths.report_dir, paths.model_dir, force=force)
     index = write_index(paths.report_dir)
     console.print(
         f"{len(found)} twin pairs of {paths.name}: {paths.report_dir / TWINS_CSV}; report: {index}",

@@ -5,6 +5,7 @@ over the image as the model sees it, for `twincar predict --cam DIR` and the Gra
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path
 from twincar_fast.ship.predict import Predictor
 
-__all__ = ["cam_overlays", "finer_overlays", "write_cams"]
+__all__ = ["cam_overlays", "finer_overlays", "labelled", "write_cams"]
 
 
 def _inputs(predictor: Predictor, images: Sequence, boxes: Sequence | None):
@@ -57,9 +58,41 @@ def finer_overlays(
     return [overlay(r, c) for r, c in zip(rgb, cams, strict=True)]
 
 
+CAM_SIDE = (
+    384  # a written overlay's side: the model's input (96 px in the demo) is too small to read
+)
+
+
+def labelled(overlay: np.ndarray, text: str, side: int = CAM_SIDE) -> Image.Image:
+    """The overlay enlarged to `side` px (pixels kept sharp) above a caption strip of `text`."""
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.fromarray(overlay)
+    scale = max(1, round(side / max(img.size)))
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    font = ImageFont.load_default(size=max(12, img.width // 24))
+    draw = ImageDraw.Draw(img)
+    lines, line = [], ""
+    for word in text.split():  # wrapped to the image's width
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > img.width - 12:
+            lines.append(line)
+            trial = word
+        line = trial
+    lines.append(line)
+    step = int(font.size * 1.3) if hasattr(font, "size") else 16
+    out = Image.new("RGB", (img.width, img.height + step * len(lines) + 10), "white")
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((6, img.height + 5 + i * step), line, fill="black", font=font)
+    return out
+
+
 def write_cams(predictor: Predictor, rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
-    """`<n>_<name>.png` overlays of the predicted class for the rows without an error; an
-    existing file is never replaced. Each row gets its overlay's path as `cam`."""
+    """`<n>_<name>.png` overlays of the predicted class for the rows without an error, enlarged
+    and captioned with the class and its probability; an existing file is never replaced. Each
+    row gets its overlay's path as `cam`; where they went is said on stderr."""
     out_dir = Path(out_dir)
     good = [r for r in rows if "error" not in r]
     names = [out_dir / f"{i:04d}_{Path(r['image']).stem}.png" for i, r in enumerate(good)]
@@ -75,7 +108,10 @@ def write_cams(predictor: Predictor, rows: list[dict], out_dir: str | os.PathLik
         chunk_boxes = [r.get("box") for r in chunk]  # the box each prediction was cut to
         pictures = cam_overlays(predictor, images, [r["class_id"] for r in chunk], chunk_boxes)
         for r, pic, path in zip(chunk, pictures, names[start:], strict=False):
+            caption = f"Grad-CAM++ of {r['label']} (p={r['prob']:.2f})"
             with atomic_path(path) as tmp:
-                Image.fromarray(pic).save(tmp, format="PNG")
+                labelled(pic, caption).save(tmp, format="PNG")
             r["cam"] = str(path)
+    if good:
+        print(f"Grad-CAM++ overlays of {len(good)} image(s) → {out_dir}", file=sys.stderr)
     return names
