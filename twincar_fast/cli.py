@@ -241,12 +241,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _interpret(args: argparse.Namespace) -> None:
     from twincar_fast.analysis.interpret import interpret_run
-    from twincar_fast.ship.batch import read_boxes
+    from twincar_fast.errors import DataError
+    from twincar_fast.ship.boxes import image_boxes
 
     boxes = None
     if args.images and (args.boxes is not None or args.data is not None):
-        known = read_boxes(args.boxes, args.data)  # `twincar predict`'s boxes, matched alike
-        boxes = [known.get(str(Path(f).expanduser().resolve())) for f in args.images]
+        found = image_boxes(args.images, args.boxes, args.data)  # `twincar predict`'s, alike
+        if found.problems:  # one line for the first bad box, as predict lists them
+            image, why = next(iter(found.problems.items()))
+            raise DataError(f"{image}: {why}; fix or drop its row in --boxes")
+        boxes = [found.boxes.get(str(f)) for f in args.images]
     interpret_run(args.run, images=args.images, data_dir=args.data, boxes=boxes, force=args.force)
 
 
