@@ -6,7 +6,8 @@ does (`ImageLoader` + the validation resize), maps the config's settings to trai
 both sides as whole processes on the same machine and prints (and writes to `--out`/results.json)
 each side's test top-1 and wall time; `--seeds N` runs both sides with seeds 1..N, taking turns
 (ours, timm, ours, ...: a drift of the machine hits both), and prints each run and each side's
-mean ± std of test top-1 and wall time. timm's script comes from a local copy of the
+mean ± std of test top-1 and wall time (`--only ours|timm`: one side's runs, to switch one factor
+at a time; `--timm-extra "FLAGS"` adds train.py flags). timm's script comes from a local copy of the
 pytorch-image-models repository; it runs with `python -P` so that it imports the installed timm,
 not the copy beside it. Nothing is downloaded (unless the config asks for pretrained weights).
 """
@@ -35,6 +36,7 @@ from twincar_fast.model.precision import precision_for
 TIMM_OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}
 # our settings that timm's train.py has no flag for: named in the notes when they are on
 NO_TIMM_FLAG = ("max_rotate", "max_warp", "blur_p", "hue")
+SIDES = ("ours", "timm")
 
 
 def export_imagefolder(cfg: ExperimentConfig, data_dir: Path, out: Path) -> dict[str, int]:
@@ -206,23 +208,36 @@ def run_ours(config: str, overrides: Sequence[str], out: Path) -> dict:
     return ours
 
 
-def with_seed(flags: list[str], seed: int) -> list[str]:
-    """train.py's flags with `--seed` set to `seed`."""
-    i = flags.index("--seed")
-    return [*flags[: i + 1], str(seed), *flags[i + 2 :]]
+def with_flag(flags: list[str], name: str, value: object) -> list[str]:
+    """train.py's flags with the value of `name` (a flag already in them) set to `value`."""
+    i = flags.index(name)
+    return [*flags[: i + 1], str(value), *flags[i + 2 :]]
 
 
-def run_seeds(config: str, overrides: list[str], flags: list[str], repo: Path, out: Path, n: int):
-    """Both sides with seeds 1..n, taking turns; {side: [run, ...]}, each run with its seed."""
-    runs: dict[str, list[dict]] = {"ours": [], "timm": []}
+def with_seed(flags: list[str], seed: int, out: Path) -> list[str]:
+    """train.py's flags for one seed's run, writing under that run's folder `out`."""
+    return with_flag(with_flag(flags, "--seed", seed), "--output", out)
+
+
+def run_seeds(
+    config: str,
+    overrides: list[str],
+    flags: list[str],
+    repo: Path,
+    out: Path,
+    n: int,
+    sides: Sequence[str] = SIDES,
+):
+    """`sides` with seeds 1..n, taking turns; {side: [run, ...]}, each run with its seed."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for seed in range(1, n + 1):
         where = {side: out / f"seed{seed}" / side for side in runs}
-        for side in ("ours", "timm") if seed % 2 else ("timm", "ours"):
+        for side in sides if seed % 2 else sides[::-1]:
             where[side].mkdir(parents=True, exist_ok=True)
             if side == "ours":
                 r = run_ours(config, [*overrides, f"train.seed={seed}"], where[side])
             else:
-                r = run_timm(repo, with_seed(flags, seed), where[side])
+                r = run_timm(repo, with_seed(flags, seed, where[side]), where[side])
             runs[side].append({"seed": seed, **r})
             print(
                 f"seed {seed:>3} {side:5s} test top-1 {r['test_acc']:.2%}  wall {r['wall_s']:.0f} s"
@@ -250,8 +265,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--timm-repo", type=Path, required=True, help="pytorch-image-models copy")
     parser.add_argument("--out", type=Path, default=None, help="default: reports/peer_timm-<stamp>")
     parser.add_argument("--seeds", type=int, default=0, help="both sides with seeds 1..N, in turns")
+    parser.add_argument("--only", choices=SIDES, default=None, help="with --seeds: one side")
+    parser.add_argument(
+        "--timm-extra", default="", help="more train.py flags, e.g. '--sched-on-updates'"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value, as for twincar_fast.run")
     args = parser.parse_intermixed_args(argv)
+    if args.only and not args.seeds:
+        raise ConfigError("--only: give --seeds N too (one side's runs over seeds)")
     cfg = load_config(args.config, args.overrides)
     out = args.out or Path("reports") / new_run_name("peer_timm", [Path("reports")])
     out.mkdir(parents=True, exist_ok=True)
@@ -259,12 +280,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data_dir = ensure_dataset(cfg)
     counts = export_imagefolder(cfg, data_dir, out / "imagefolder")
     flags = timm_flags(cfg, out / "imagefolder", len(read_classes(data_dir)), out)
+    flags += args.timm_extra.split()  # a factor of the comparison switched on timm's side
     result = {"config": args.config, "overrides": args.overrides, "images": counts,
               "notes": mapping_notes(cfg), "timm_flags": flags}  # fmt: skip
     if args.seeds:
         runs = run_seeds(
-            args.config, args.overrides, flags, args.timm_repo.resolve(), out, args.seeds
-        )
+            args.config, args.overrides, flags, args.timm_repo.resolve(), out, args.seeds,
+            (args.only,) if args.only else SIDES,
+        )  # fmt: skip
         result["runs"] = runs
         result["summary"] = {side: seed_summary(r) for side, r in runs.items()}
         write_json(out / "results.json", result)

@@ -79,10 +79,47 @@ def test_export_is_our_validation_geometry(tiny_cfg, tiny_data, tmp_path, bbox_c
 def test_seeds_are_set_per_run_and_summarized_as_mean_and_std():
     from benchmarks.peer_timm import seed_summary, with_seed
 
-    flags = ["--model", "test_resnet", "--seed", "42", "--epochs", "10"]
-    assert with_seed(flags, 3) == ["--model", "test_resnet", "--seed", "3", "--epochs", "10"]
+    flags = ["--model", "test_resnet", "--seed", "42", "--output", "/r", "--epochs", "10"]
+    run = ["--model", "test_resnet", "--seed", "3", "--output", "/r/seed3/timm", "--epochs", "10"]
+    # each seed's train.py writes its summary.csv under its own run folder, where it is read
+    assert with_seed(flags, 3, Path("/r/seed3/timm")) == run
     runs = [{"seed": s, "test_acc": a, "wall_s": w} for s, a, w in [(1, 0.9, 50), (2, 0.95, 70)]]
     m = seed_summary(runs)
     assert m["seeds"] == [1, 2] and m["test_acc_mean"] == 0.925 and m["wall_s_mean"] == 60
     assert m["test_acc_std"] == round(0.05 / 2**0.5, 5) and m["wall_s_total"] == 120
     assert seed_summary(runs[:1])["test_acc_std"] == 0.0
+
+
+@pytest.mark.parametrize("sides", [("ours", "timm"), ("ours",), ("timm",)])
+def test_seeds_take_turns_and_only_runs_one_side(monkeypatch, tmp_path, sides):
+    import benchmarks.peer_timm as peer
+
+    calls = []
+
+    def ours(config, overrides, out):
+        calls.append(("ours", overrides[-1], out))
+        return {"test_acc": 0.9, "wall_s": 1.0}
+
+    def timm(repo, flags, out):
+        calls.append(("timm", flags[flags.index("--seed") + 1], Path(flags[-1])))
+        return {"test_acc": 0.8, "wall_s": 2.0}
+
+    monkeypatch.setattr(peer, "run_ours", ours)
+    monkeypatch.setattr(peer, "run_timm", timm)
+    flags = ["--seed", "42", "--output", str(tmp_path)]
+    runs = peer.run_seeds("c.yaml", ["x=1"], flags, tmp_path, tmp_path, 3, sides)
+    assert sorted(runs) == sorted(sides) and all(len(r) == 3 for r in runs.values())
+    expected = []
+    for seed in (1, 2, 3):
+        turn = sides if seed % 2 else sides[::-1]  # the side that went second goes first next
+        for side in turn:
+            seed_arg = f"train.seed={seed}" if side == "ours" else str(seed)
+            expected.append((side, seed_arg, tmp_path / f"seed{seed}" / side))
+    assert calls == expected
+
+
+def test_only_one_side_needs_seeds():
+    from benchmarks.peer_timm import main
+
+    with pytest.raises(ConfigError, match="--only: give --seeds N"):
+        main(["experiments/demo.yaml", "--timm-repo", "x", "--only", "ours"])
