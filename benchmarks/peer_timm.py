@@ -125,7 +125,9 @@ def timm_flags(cfg: ExperimentConfig, data_dir: Path, n_classes: int, out: Path)
              "--output", str(out), "--experiment", "timm", "--log-interval", "100000",
              "--checkpoint-hist", "1"]  # fmt: skip
     flags += _schedule_flags(cfg) + _aug_flags(cfg) + _recipe_flags(cfg)
-    if m.pretrained:
+    if m.weights:  # a local file stands in for the hub's weights on both sides
+        flags += ["--pretrained", "--pretrained-path", str(Path(m.weights).resolve())]
+    elif m.pretrained:
         flags.append("--pretrained")
     if precision != "none":
         flags += ["--amp", "--amp-dtype", "bfloat16" if precision == "bf16" else "float16"]

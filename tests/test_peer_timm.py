@@ -48,6 +48,10 @@ def test_demo_settings_map_to_train_py_flags(tmp_path):
     bf16 = flag_values(timm_flags(load_config(DEMO, ["train.mixed_precision=bf16",
                        "train.device=cpu"]), tmp_path, 12, tmp_path))  # fmt: skip
     assert bf16["--amp-dtype"] == ["bfloat16"]
+    weights = tmp_path / "w.safetensors"
+    local = flag_values(timm_flags(load_config(DEMO, [f"model.weights={weights}",
+                        "train.device=cpu"]), tmp_path, 12, tmp_path))  # fmt: skip
+    assert local["--pretrained"] == [] and local["--pretrained-path"] == [str(weights)]
 
 
 def test_settings_train_py_cannot_take_are_refused(tmp_path):
