@@ -2,7 +2,8 @@
 
 A config file holds only the keys it changes; `extends: other.yaml` (relative to the file) pulls in
 the rest, and command-line overrides such as `train.epochs=3` beat both. Every field below is
-documented by the comment beside it; `experiments/baseline.yaml` repeats those comments.
+documented by the comment beside it; `experiments/baseline.yaml` repeats those comments. The
+rules the values follow (ranges, rules between keys) are in config_rules.py, checked here once.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 their value ranges and the rules between keys (checked once by `load_config`, before torch or
 fastai load), and the fitting of epoch-dependent keys to a run shortened on the command line.
 
+Rules that need more than the config stay where that is known: the model (train.freeze, a
+train.lr per group), files and the network (model.weights, model.pretrained, model.arch in timm),
+the machine (train.device, SyncBatchNorm, data.cache_device, installed trackers), the launch (a
+size schedule with several processes) and the data (data.batch_size against the images).
 config.py holds the typed dataclasses and imports this module, so a config is typed `Any` here.
 """
 
@@ -239,18 +243,16 @@ VALUE_RULES: dict[str, Rule] = {
 
 def _columns(cfg: Any) -> Iterator[tuple[str, bool, str]]:
     """The keys that name metrics.csv columns: (key, ok, what is wrong)."""
-    monitor = cfg.train.monitor
-    yield (
-        "train.monitor",
-        monitor in MONITORS,
-        f"is {monitor!r}, not a validation column of metrics.csv; use one of {', '.join(MONITORS)}",
+    monitor, shown = cfg.train.monitor, cfg.train.console_columns
+    wrong = (
+        f"is {monitor!r}, not a validation column of metrics.csv; use one of {', '.join(MONITORS)}"
     )
-    bad = [c for c in cfg.train.console_columns if c not in _SHOWN]
-    yield (
-        "train.console_columns",
-        not bad,
-        f"names {', '.join(map(repr, bad))}: not in metrics.csv; use some of {', '.join(_SHOWN)}",
+    yield "train.monitor", monitor in MONITORS, wrong
+    bad = [c for c in shown if c not in _SHOWN]
+    wrong = (
+        f"names {', '.join(map(repr, bad))}: not in metrics.csv; use some of {', '.join(_SHOWN)}"
     )
+    yield "train.console_columns", not bad, wrong
 
 
 def _between_keys(cfg: Any) -> Iterator[tuple[str, bool, str]]:
@@ -260,26 +262,20 @@ def _between_keys(cfg: Any) -> Iterator[tuple[str, bool, str]]:
         ok = d.valid_pct > 0 or not getattr(t, key)
         yield f"train.{key}", ok, "must be 0 with data.valid_pct: 0"
     yield "data.item_size", d.item_size >= d.img_size, f"must be ≥ data.img_size ({d.img_size})"
-    yield (
-        "data.cache_device",
-        not (d.cache_aug == "threads" and d.cache_device == "cuda"),
-        "cuda keeps the cache on the GPU for data.cache_aug=batched; set that, or cache_device=auto",
+    ok = not (d.cache_aug == "threads" and d.cache_device == "cuda")
+    wrong = (
+        "cuda keeps the cache on the GPU for data.cache_aug=batched; set that, or cache_device=auto"
     )
-    yield (  # the cache holds the item stage's inputs, which fastai's batch stage doesn't read
-        "data.cache",
-        not (d.cache == "on" and a.enabled and a.stage == "batch"),
-        "is on, which needs aug.stage: item (or aug.enabled: false); or set it to auto",
-    )
-    yield (
-        "train.warmup_epochs",
-        0 <= t.warmup_epochs < t.epochs,
-        f"must be in [0, epochs) = [0, {t.epochs}), got {t.warmup_epochs:g}",
-    )
-    yield (
-        "train.warmup_epochs",
-        not (t.warmup_epochs and t.schedule == "one_cycle"),
-        "is for schedule cosine or flat (one_cycle warms up by itself); set it to 0",
-    )
+    yield "data.cache_device", ok, wrong
+    # the cache holds the item stage's inputs, which fastai's batch stage doesn't read
+    ok = not (d.cache == "on" and a.enabled and a.stage == "batch")
+    wrong = "is on, which needs aug.stage: item (or aug.enabled: false); or set it to auto"
+    yield "data.cache", ok, wrong
+    wrong = f"must be in [0, epochs) = [0, {t.epochs}), got {t.warmup_epochs:g}"
+    yield "train.warmup_epochs", 0 <= t.warmup_epochs < t.epochs, wrong
+    ok = not (t.warmup_epochs and t.schedule == "one_cycle")
+    wrong = "is for schedule cosine or flat (one_cycle warms up by itself); set it to 0"
+    yield "train.warmup_epochs", ok, wrong
     nesterov_ok = not t.nesterov or (t.optimizer == "sgd" and t.momentum > 0)
     yield "train.nesterov", nesterov_ok, "needs train.optimizer: sgd with train.momentum > 0"
     yield from _recipe_rules(cfg)
