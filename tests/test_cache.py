@@ -20,7 +20,7 @@ from conftest import N_CLASSES, N_TRAIN, make_tiny_cfg, write_tiny_prepared
 from PIL import Image
 
 from twincar_fast.cli import main as cli_main
-from twincar_fast.config import AugConfig
+from twincar_fast.config import AugConfig, validate
 from twincar_fast.data import build_dls
 from twincar_fast.data.batches import CachedDL, ThreadedDL, valid_view
 from twincar_fast.data.cache import build_cache, cache_rows, cache_size
@@ -322,9 +322,9 @@ def test_auto_leaves_a_cache_over_its_budget_off(data, tmp_path, capsys):
     cfg.aug.stage = "batch"  # presized for fastai's batch transforms: never from the cache
     cfg.data.cache_max_gb = 8
     assert not isinstance(build_dls(cfg).train, CachedDL)
-    cfg.data.cache = "on"
-    with pytest.raises(ConfigError, match="data.cache=on needs aug.stage=item"):
-        build_dls(cfg)
+    cfg.data.cache = "on"  # refused with the config, before any data loads
+    with pytest.raises(ConfigError, match=r"key 'data.cache' is on, which needs aug.stage: item"):
+        validate(cfg)
 
 
 def test_yaml_on_and_off_are_the_cache_modes(tmp_path):

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from twincar_fast.config import ExperimentConfig, load_config, parse_overrides, save_config
+from twincar_fast.config import (
+    ExperimentConfig,
+    load_config,
+    parse_overrides,
+    save_config,
+    validate,
+)
+from twincar_fast.config_rules import METRIC_NAMES, METRICS_COLUMNS, MONITORS, VALUE_RULES
 from twincar_fast.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,3 +209,58 @@ def test_a_shortened_demo_style_run_trains(tiny_data, tmp_path):
     assert main(["run", str(yaml), "train.epochs=1"]) == 0
     (run,) = (tmp_path / "reports").iterdir()
     assert load_config(run / "config.yaml").train.warmup_epochs == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [  # issue 30.4: rules that lived in train/fit.py, data/loaders.py and data/cache.py
+        (["train.monitor=valid_accuracy"], r"key 'train.monitor' is 'valid_accuracy', not a valid"),
+        (["train.console_columns=[valid_acc, nope]"], r"key 'train.console_columns' names 'nope'"),
+        (["aug.saturation=1.0"], r"key 'aug.saturation' must be in \[0, 1\), got 1.0"),
+        (["aug.hue=2"], r"key 'aug.hue' must be in \[0, 1\), got 2.0"),
+        (["aug.max_lighting=1"], r"key 'aug.max_lighting' must be in \[0, 1\)"),
+        (["data.cache=on", "aug.stage=batch"], r"key 'data.cache' is on, which needs aug.stage"),
+        (["data.cache_gpu_share=0"], r"key 'data.cache_gpu_share' must be in \(0, 1\], got 0.0"),
+        (["train.plateau_factor=1"], r"key 'train.plateau_factor' must be > 1 \(the LR is"),
+        (["data.num_workers=-1"], r"key 'data.num_workers' must be at least 0 or null, got -1"),
+        (["data.demo_size=[64]"], r"key 'data.demo_size' must be \[W, H\], each ≥ 64, got \[64\]"),
+    ],
+)
+def test_every_rule_is_checked_with_the_config(pair, overrides, message):
+    """Issue 30.4: each rule on the config alone fails `load_config` in one line naming the key."""
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(pair, overrides)
+    assert str(info.value).startswith(f"{pair} + overrides: key '")
+    assert "\n" not in str(info.value)
+    load_config(pair, ["data.cache=on", "aug.stage=batch", "aug.enabled=false"])  # no batch aug
+
+
+def test_value_rules_name_real_keys_and_the_defaults_pass():
+    """Every key of the rule table is a field; the defaults and the shipped baseline pass."""
+    cfg = ExperimentConfig()
+    for key in VALUE_RULES:
+        section, _, name = key.rpartition(".")
+        assert hasattr(getattr(cfg, section) if section else cfg, name), key
+    validate(cfg)
+    assert set(MONITORS) == {"valid_loss", *(f"valid_{m}" for m in METRIC_NAMES)}
+    assert set(cfg.train.console_columns) <= set(METRICS_COLUMNS)
+
+
+def test_a_bad_config_fails_before_torch_loads(tmp_path):
+    """Issue 30.4: the rules are checked by `load_config` before torch or fastai is imported."""
+    bad = write(tmp_path / "bad.yaml", "train:\n  monitor: nope\n")
+    code = (
+        "import sys\n"
+        "from twincar_fast.config import load_config\n"
+        "from twincar_fast.errors import ConfigError\n"
+        "try:\n"
+        f"    load_config({str(bad)!r})\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+        "print(sorted(m for m in ('torch', 'fastai', 'timm') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    error, loaded = out.stdout.splitlines()
+    assert error.startswith(f"{bad}: key 'train.monitor' is 'nope'") and loaded == "[]"

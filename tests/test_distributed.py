@@ -227,10 +227,15 @@ def test_refusals_end_in_one_line_before_or_after_the_launch(tiny_data, tmp_path
     r = _twincar("train", str(yaml), schedule, "--processes", "2", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
     assert r.stderr.startswith("twincar: error: data.img_size_schedule rebuilds the loaders")
-    # a config error only the launched processes find: rank 0's line, no launcher dump
+    # a key's value is refused with the config itself, before the launch
     r = _twincar("train", str(yaml), "train.monitor=nope", "--processes", "2", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
-    assert r.stderr.startswith("twincar: error: train.monitor: 'nope' is not a validation metric")
+    assert r.stderr.startswith(f"twincar: error: {yaml} + overrides: key 'train.monitor' is 'nope'")
+    # a config error only the launched processes find (the model's groups): rank 0's line, no
+    # launcher dump
+    r = _twincar("train", str(yaml), "train.freeze=[nope]", "--processes", "2", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert r.stderr.startswith("twincar: error: train.freeze: no parameter group 'nope'")
     assert not (tmp_path / "reports").exists()
 
 

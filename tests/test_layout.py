@@ -1,9 +1,9 @@
 """The package's stage folders import one way only: from their own folder, folders below, the base.
 
 The order, top to bottom, is the layout of ../shared/STYLE.md: entry points (run, cli, the package's
-own `__init__`), lab/, experiment, ship/, train/, model/, analysis/, data/, then the four base
-modules (config, console, files, errors). Every import is read with `ast`, those inside functions
-and under `TYPE_CHECKING` too.
+own `__init__`), lab/, experiment, ship/, train/, model/, analysis/, data/, then the base
+modules (config, config_rules, console, files, errors). Every import is read with `ast`, those
+inside functions and under `TYPE_CHECKING` too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import twincar_fast
 PACKAGE = Path(twincar_fast.__file__).parent
 LAYERS = ["entry", "lab", "experiment", "ship", "train", "model", "analysis", "data", "base"]
 ENTRY = {"run", "cli", "__init__"}
-BASE = {"config", "console", "files", "errors"}
+BASE = {"config", "config_rules", "console", "files", "errors"}
 
 
 def layer_of(module: str) -> str:

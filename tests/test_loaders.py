@@ -21,6 +21,7 @@ from PIL import Image
 from scipy.stats import chisquare
 
 import twincar_fast.data.images as images
+from twincar_fast.config import validate
 from twincar_fast.data import (
     build_dls,
     eval_dl,
@@ -122,9 +123,9 @@ def test_data_summary(tiny_cfg, capsys):
 
 
 def test_colour_jitter_of_one_or_more_is_a_config_error(tiny_cfg):
-    tiny_cfg.aug.hue = 1.0
-    with pytest.raises(ConfigError, match="aug.hue"):
-        build_dls(tiny_cfg)
+    tiny_cfg.aug.hue = 1.0  # refused with the config (config_rules), before any data loads
+    with pytest.raises(ConfigError, match=r"key 'aug.hue' must be in \[0, 1\)"):
+        validate(tiny_cfg)
 
 
 def test_default_workers_and_device(tiny_cfg):

@@ -2,24 +2,28 @@
 
 A config file holds only the keys it changes; `extends: other.yaml` (relative to the file) pulls in
 the rest, and command-line overrides such as `train.epochs=3` beat both. Every field below is
-documented by the comment beside it; `experiments/baseline.yaml` repeats those comments.
+documented by the comment beside it; `experiments/baseline.yaml` repeats those comments. The
+rules the values follow (ranges, rules between keys) are in config_rules.py, checked here once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 import yaml
 
+from twincar_fast.config_rules import (
+    build_typed,
+    check_key,
+    check_name,
+    fit_to_epochs,
+    validate,
+)
 from twincar_fast.errors import ConfigError
 from twincar_fast.files import write_text
 
@@ -40,6 +44,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "save_config",
+    "validate",
 ]
 
 
@@ -304,10 +309,10 @@ def load_config(
     """
     path = Path(path)
     data = _resolve_extends(path)
-    file_cfg = _build(ExperimentConfig, data, str(path), "")  # its own mistakes name the file ...
+    file_cfg = build_typed(ExperimentConfig, data, str(path))  # its own mistakes name the file ...
     over = parse_overrides(overrides)
     where = f"{path} + overrides" if overrides else str(path)  # ... the overrides' name them
-    cfg = _build(ExperimentConfig, _merge(data, over), where, "")
+    cfg = build_typed(ExperimentConfig, _merge(data, over), where)
     if cfg.name is None:
         cfg.name = path.stem
     expand_paths(cfg)
@@ -315,57 +320,6 @@ def load_config(
         _say_fitted(path, over, fit_to_epochs(cfg, file_cfg, over))
         validate(cfg, where)
     return cfg
-
-
-# ---------------------------------------------------------------- a shorter run from the command line
-
-
-def _given(over: dict, key: str) -> bool:
-    """Whether the overrides set the dotted `key`."""
-    node: Any = over
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _squeezed(rows: list[list[int]], old: int, new: int) -> list[list[int]]:
-    """An [[epoch, value], ...] schedule planned over `old` epochs, its epochs scaled to `new`
-    (an epoch reached by two entries keeps the later one, so the schedule still ends the same)."""
-    out: dict[int, int] = {}
-    for epoch, value in rows:
-        out[epoch * new // old] = value
-    return [[e, v] for e, v in sorted(out.items())]
-
-
-def fit_to_epochs(cfg: ExperimentConfig, file_cfg: ExperimentConfig, over: dict) -> list[str]:
-    """Fit the file's epoch-dependent keys to epochs shortened on the command line (in place).
-
-    Only when the overrides set `train.epochs` or `train.head_epochs` and not the key itself: the
-    warm-up is clamped to epochs - 1 (0 for one epoch); `aug.mix_off_epochs` and a schedule's
-    epochs are scaled to the run's (a schedule still ends at the same size); each only when it is
-    out of range. What was changed, as phrases.
-    """
-    if not (_given(over, "train.epochs") or _given(over, "train.head_epochs")):
-        return []
-    t, d, a = cfg.train, cfg.data, cfg.aug
-    total, old = t.head_epochs + t.epochs, file_cfg.train.head_epochs + file_cfg.train.epochs
-    notes = []
-    if not _given(over, "train.warmup_epochs") and t.epochs >= 1 and t.warmup_epochs >= t.epochs:
-        notes.append(f"train.warmup_epochs {t.warmup_epochs:g} → {t.epochs - 1}")
-        t.warmup_epochs = float(t.epochs - 1)
-    if not _given(over, "aug.mix_off_epochs") and old > 0 and a.mix_off_epochs > total:
-        notes.append(f"aug.mix_off_epochs {a.mix_off_epochs} → {a.mix_off_epochs * total // old}")
-        a.mix_off_epochs = a.mix_off_epochs * total // old
-    for key in ("img_size_schedule", "batch_size_schedule"):
-        rows = getattr(d, key)
-        valid_rows = all(len(r) == 2 for r in rows) and old > 0 and total >= 1
-        if _given(over, f"data.{key}") or not valid_rows or not rows or rows[-1][0] < total:
-            continue
-        setattr(d, key, _squeezed(rows, old, total))
-        notes.append(f"data.{key} {rows} → {getattr(d, key)}")
-    return notes
 
 
 def _say_fitted(path: Path, over: dict, notes: list[str]) -> None:
@@ -389,262 +343,6 @@ def expand_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         if getattr(obj, key) is not None:
             setattr(obj, key, os.path.expanduser(getattr(obj, key)))
     return cfg
-
-
-# ---------------------------------------------------------------- typing
-
-
-def _type_name(tp: Any) -> str:
-    """A readable name for a type hint."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the type hint `tp` and return it converted (int → float only)."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
-            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a bool
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is str and isinstance(value, str):
-        return value
-    raise bad
-
-
-def build_typed(cls: type, data: Any, where: str) -> Any:
-    """Dataclass `cls` from a mapping, typed and checked like a config (ConfigError naming `where`)."""
-    return _build(cls, data, where, "")
-
-
-def _build(cls: type, data: Any, file: str, prefix: str) -> Any:
-    """Build dataclass `cls` from a mapping, naming the file and key of any mistake."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = (
-                f"; did you mean '{prefix}{close[0]}'?"
-                if close
-                else f"; valid keys: {', '.join(names)}"
-            )
-            raise ConfigError(f"{file}: unknown key '{prefix}{key}'{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, file, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, tp, f"{file}: key '{prefix}{key}'")
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------- validation
-
-
-def check_key(ok: bool, file: str, key: str, msg: str) -> None:
-    """Raise a ConfigError naming the file and key unless `ok`."""
-    if not ok:
-        raise ConfigError(f"{file}: key '{key}' {msg}")
-
-
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # one folder name: never `..` or a path
-
-
-def check_name(name: str | None, where: str) -> None:
-    """ConfigError unless `name` is one plain folder name (a run's or a sweep's); `where` names
-    the key or flag it came from."""
-    if name is not None and not _NAME.fullmatch(name):
-        raise ConfigError(
-            f"{where} must be a plain folder name (letters, digits, . _ -; no / or ..), "
-            f"got {name!r}"
-        )
-
-
-def validate(cfg: ExperimentConfig, file: str = "config") -> None:
-    """Check value ranges and cross-field rules; raise ConfigError naming the file and key."""
-    d, a, m, t, e = cfg.data, cfg.aug, cfg.model, cfg.train, cfg.eval
-    check_name(cfg.name, f"{file}: key 'name'")
-    check_key(0 <= d.valid_pct < 1, file, "data.valid_pct", f"must be in [0, 1), got {d.valid_pct}")
-    if d.valid_pct == 0:  # nothing to monitor: no early stopping, plateau or best-epoch choice
-        for key in ("early_stopping", "plateau_patience"):
-            check_key(not getattr(t, key), file, f"train.{key}", "must be 0 with data.valid_pct: 0")
-    check_key(d.img_size >= 16, file, "data.img_size", f"must be at least 16, got {d.img_size}")
-    check_key(
-        d.item_size >= d.img_size, file, "data.item_size", f"must be ≥ data.img_size ({d.img_size})"
-    )
-    check_key(d.batch_size >= 1, file, "data.batch_size", f"must be at least 1, got {d.batch_size}")
-    check_key(
-        d.num_workers is None or d.num_workers >= 0, file, "data.num_workers", "must be ≥ 0 or null"
-    )
-    check_key(d.bbox_margin >= 0, file, "data.bbox_margin", f"must be ≥ 0, got {d.bbox_margin}")
-    check_key(d.cache_size is None or d.cache_size >= 16, file, "data.cache_size", "must be ≥ 16")
-    check_key(d.cache_max_gb > 0, file, "data.cache_max_gb", f"must be > 0, got {d.cache_max_gb}")
-    check_key(0 < d.cache_gpu_share <= 1, file, "data.cache_gpu_share", "must be in (0, 1]")
-    check_key(
-        not (d.cache_aug == "threads" and d.cache_device == "cuda"),
-        file,
-        "data.cache_device",
-        "cuda keeps the cache on the GPU for data.cache_aug=batched; set that, or cache_device=auto",
-    )
-    check_key(
-        d.demo_classes >= 2, file, "data.demo_classes", f"must be at least 2, got {d.demo_classes}"
-    )
-    check_key(d.demo_per_class >= 2, file, "data.demo_per_class", "must be at least 2")
-    check_key(
-        len(d.demo_size) == 2 and min(d.demo_size) >= 64,
-        file,
-        "data.demo_size",
-        "must be [W, H], each ≥ 64",
-    )
-    check_key(0 < a.min_scale <= 1, file, "aug.min_scale", f"must be in (0, 1], got {a.min_scale}")
-    check_key(a.max_zoom >= 1, file, "aug.max_zoom", f"must be ≥ 1, got {a.max_zoom}")
-    for key in ("max_rotate", "max_warp", "max_lighting", "saturation", "hue", "blur_sigma"):
-        check_key(getattr(a, key) >= 0, file, f"aug.{key}", f"must be ≥ 0, got {getattr(a, key)}")
-    for key in ("blur_p", "p_affine", "p_lighting"):
-        check_key(0 <= getattr(a, key) <= 1, file, f"aug.{key}", "must be a probability in [0, 1]")
-    check_key(m.head_hidden >= 1, file, "model.head_hidden", "must be at least 1")
-    check_key(0 <= m.head_dropout < 1, file, "model.head_dropout", "must be in [0, 1)")
-    check_key(t.epochs >= 1, file, "train.epochs", f"must be at least 1, got {t.epochs}")
-    check_key(0 <= t.head_epochs, file, "train.head_epochs", "must be ≥ 0")
-    check_key(
-        0 <= t.warmup_epochs < t.epochs,
-        file,
-        "train.warmup_epochs",
-        f"must be in [0, epochs) = [0, {t.epochs}), got {t.warmup_epochs:g}",
-    )
-    check_key(
-        not (t.warmup_epochs and t.schedule == "one_cycle"),
-        file,
-        "train.warmup_epochs",
-        "is for schedule cosine or flat (one_cycle warms up by itself); set it to 0",
-    )
-    lrs = t.lr if isinstance(t.lr, list) else [t.lr]
-    check_key(
-        len(lrs) >= 1 and all(math.isfinite(lr) and lr > 0 for lr in lrs),
-        file,
-        "train.lr",
-        f"must be finite and positive, got {t.lr}",
-    )
-    check_key(0 <= t.label_smoothing < 1, file, "train.label_smoothing", "must be in [0, 1)")
-    check_key(t.weight_decay >= 0, file, "train.weight_decay", "must be ≥ 0")
-    check_key(t.early_stopping >= 0, file, "train.early_stopping", "must be ≥ 0 (0 = off)")
-    check_key(t.plateau_patience >= 0, file, "train.plateau_patience", "must be ≥ 0 (0 = off)")
-    check_key(
-        t.plateau_factor > 1, file, "train.plateau_factor", "must be > 1 (the LR is divided by it)"
-    )
-    check_key(t.grad_accum >= 1, file, "train.grad_accum", "must be at least 1")
-    for key in ("top_losses", "gradcam", "confusion_zoom", "most_confused", "twins"):
-        check_key(getattr(e, key) >= 0, file, f"eval.{key}", "must be ≥ 0")
-    check_key(len(set(cfg.log)) == len(cfg.log), file, "log", f"names a tracker twice: {cfg.log}")
-    _validate_recipe(cfg, file)
-
-
-def _check_schedule(rows: list[list[int]], total: int, file: str, key: str, least: int) -> None:
-    """An epoch → value schedule: [epoch, value] pairs from epoch 0, epochs increasing and < total."""
-    check_key(
-        all(len(r) == 2 for r in rows), file, key, f"entries must be [epoch, value] pairs: {rows}"
-    )
-    if not rows:
-        return
-    epochs = [e for e, _ in rows]
-    check_key(epochs[0] == 0, file, key, f"must start at epoch 0 (it starts at {epochs[0]})")
-    check_key(
-        all(b > a for a, b in zip(epochs, epochs[1:], strict=False)),
-        file,
-        key,
-        f"epochs must increase from entry to entry, got {epochs}",
-    )
-    check_key(
-        epochs[-1] < total,
-        file,
-        key,
-        f"epoch {epochs[-1]} is past the run's {total} epochs (train.head_epochs + train.epochs)",
-    )
-    check_key(all(v >= least for _, v in rows), file, key, f"values must be at least {least}")
-
-
-def _validate_recipe(cfg: ExperimentConfig, file: str) -> None:
-    """The high-resolution recipe's keys: schedules, EMA, mixing, SGD momentum."""
-    d, a, t = cfg.data, cfg.aug, cfg.train
-    total = t.head_epochs + t.epochs
-    _check_schedule(d.img_size_schedule, total, file, "data.img_size_schedule", 16)
-    _check_schedule(d.batch_size_schedule, total, file, "data.batch_size_schedule", 1)
-    if d.img_size_schedule:
-        last = d.img_size_schedule[-1][1]
-        check_key(
-            last == d.img_size,
-            file,
-            "data.img_size_schedule",
-            f"ends at size {last} but data.img_size is {d.img_size}; set data.img_size: {last} "
-            "(the size the model is evaluated and exported at)",
-        )
-    check_key(0 <= t.ema < 1, file, "train.ema", f"is a decay in [0, 1) (0 = off), got {t.ema}")
-    check_key(0 <= t.momentum < 1, file, "train.momentum", "must be in [0, 1)")
-    check_key(
-        not t.nesterov or (t.optimizer == "sgd" and t.momentum > 0),
-        file,
-        "train.nesterov",
-        "needs train.optimizer: sgd with train.momentum > 0",
-    )
-    for key in ("mixup", "cutmix"):
-        check_key(getattr(a, key) >= 0, file, f"aug.{key}", "is an alpha ≥ 0 (0 = off)")
-    mixing = a.mixup > 0 or a.cutmix > 0
-    check_key(
-        not mixing or a.enabled,
-        file,
-        "aug.mixup" if a.mixup > 0 else "aug.cutmix",
-        "mixes augmented batches, but aug.enabled is false; set aug.enabled: true or the alpha to 0",
-    )
-    check_key(0 <= a.mix_prob <= 1, file, "aug.mix_prob", "must be a probability in [0, 1]")
-    check_key(
-        0 <= a.mix_off_epochs <= total,
-        file,
-        "aug.mix_off_epochs",
-        f"must be in [0, {total}] (the run's epochs)",
-    )
-    bs = [d.batch_size, *(b for _, b in d.batch_size_schedule)]
-    check_key(
-        not mixing or all(b % 2 == 0 for b in bs),
-        file,
-        "data.batch_size",
-        f"must be even with mixup/CutMix (timm's Mixup pairs each batch with its reverse), got {bs}",
-    )
 
 
 # ---------------------------------------------------------------- saving

@@ -53,7 +53,7 @@ from twincar_fast.train.distributed import (
     is_main,
     leave_group,
 )
-from twincar_fast.train.fit import check_console_columns, check_monitor, fit_run
+from twincar_fast.train.fit import fit_run
 from twincar_fast.train.folders import missing_steps
 from twincar_fast.train.lr_find import lr_find_figure, lr_find_report, run_lr_find
 from twincar_fast.train.runs import (
@@ -224,8 +224,6 @@ def run_experiment(
     """
     start = time.perf_counter()
     validate(cfg)
-    check_monitor(cfg)
-    check_console_columns(cfg)
     check_trackers(cfg)
     check_distributed(cfg)
     init_distributed()  # when launched with several processes

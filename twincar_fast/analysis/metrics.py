@@ -14,24 +14,9 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-__all__ = ["METRIC_NAMES", "classification_metrics", "per_class_table"]
+from twincar_fast.config_rules import METRIC_NAMES  # train.monitor names them: a config rule
 
-# Column names (without the `valid_`/`test_` prefix) in the order of metrics.csv.
-METRIC_NAMES = [
-    "acc",
-    "precision_macro",
-    "precision_weighted",
-    "recall_macro",
-    "recall_weighted",
-    "f1_macro",
-    "f1_weighted",
-    "hamming",
-    "cohen_kappa",
-    "mcc",
-    "jaccard_macro",
-    "top3",
-    "top5",
-]
+__all__ = ["METRIC_NAMES", "classification_metrics", "per_class_table"]
 
 
 def _topk(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:

@@ -228,13 +228,6 @@ class FusedNormalize(Normalize):
         return TensorImage((x.clamp(0.0, 1.0) * self.div).long()) if self.div else x
 
 
-def _check_colour(a: AugConfig) -> None:
-    """A ConfigError unless the colour strengths are below 1 (fastai draws log(1 - value))."""
-    for key in ("max_lighting", "saturation", "hue"):
-        if getattr(a, key) >= 1:
-            raise ConfigError(f"aug.{key} must be below 1, got {getattr(a, key)}")
-
-
 def _colour_extras(a: AugConfig) -> list:
     """TwinCar's extras beyond fastai's aug_transforms: saturation, hue, Gaussian blur."""
     extras = []
@@ -251,7 +244,6 @@ def batch_transforms(cfg: ExperimentConfig) -> list:
     """Augmentation on the device to img_size (train only; valid gets a plain resize), normalized
     with the model's own statistics (timm's `pretrained_cfg`)."""
     a, size = cfg.aug, cfg.data.img_size
-    _check_colour(a)
     stats = model_stats(cfg.model.arch)
     if aug_on_items(cfg):  # every uint8 batch comes sized from the workers, training ones augmented
         return [FusedNormalize.from_uint8(*stats)]

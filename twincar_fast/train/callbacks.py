@@ -28,7 +28,8 @@ from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, Tr
 from fastai.learner import Learner, Recorder, ValueMetric
 from fastai.torch_core import get_model
 
-from twincar_fast.analysis.metrics import METRIC_NAMES, classification_metrics
+from twincar_fast.analysis.metrics import classification_metrics
+from twincar_fast.config_rules import METRICS_COLUMNS, MONITORS, VALID_COLUMNS
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_csv
 from twincar_fast.train.distributed import (
@@ -57,15 +58,6 @@ __all__ = [
     "set_rng_state",
 ]
 
-VALID_COLUMNS = [f"valid_{m}" for m in METRIC_NAMES]
-# metrics.csv, in this order (the run folder contract)
-# valid_acc_raw: the raw weights' accuracy when the valid_* columns are the EMA's (train.ema);
-# img_size: the training images' side that epoch (data.img_size_schedule)
-METRICS_COLUMNS = [
-    "epoch", "train_loss", "train_acc", "valid_loss", *VALID_COLUMNS, "valid_acc_raw", "img_size",
-    "lr", "time_s",
-]  # fmt: skip
-MONITORS = ["valid_loss", *VALID_COLUMNS]  # what train.monitor may name
 _LOWER_IS_BETTER = {"train_loss", "valid_loss", "valid_hamming"}
 
 

@@ -21,11 +21,9 @@ from fastai.learner import Learner, ValueMetric
 
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import EpochPrinter, quiet_if_plain
-from twincar_fast.errors import ConfigError, TwincarError
+from twincar_fast.errors import TwincarError
 from twincar_fast.model.learner import apply_freeze, freeze_all_but_head, lr_for
 from twincar_fast.train.callbacks import (
-    METRICS_COLUMNS,
-    MONITORS,
     EarlyStop,
     EpochMetrics,
     Plateau,
@@ -39,27 +37,7 @@ from twincar_fast.train.distributed import distributed_fit, scaled_lr
 from twincar_fast.train.recipe import EmaWeights, recipe_callbacks
 from twincar_fast.train.runs import RunFolders
 
-__all__ = ["attach_metrics", "check_console_columns", "check_monitor", "fit_run", "fit_schedule"]
-
-
-def check_monitor(cfg: ExperimentConfig) -> None:
-    """ConfigError unless `train.monitor` is a validation column of metrics.csv."""
-    if cfg.train.monitor not in MONITORS:
-        raise ConfigError(
-            f"train.monitor: {cfg.train.monitor!r} is not a validation metric; "
-            f"use one of {', '.join(MONITORS)}"
-        )
-
-
-def check_console_columns(cfg: ExperimentConfig) -> None:
-    """ConfigError unless every `train.console_columns` entry is a metrics.csv column."""
-    known = [c for c in METRICS_COLUMNS if c not in ("epoch", "lr", "time_s")]
-    bad = [c for c in cfg.train.console_columns if c not in known]
-    if bad:
-        raise ConfigError(
-            f"train.console_columns: {bad[0]!r} is not a metrics.csv column; use some of "
-            f"{', '.join(known)}"
-        )
+__all__ = ["attach_metrics", "fit_run", "fit_schedule"]
 
 
 def attach_metrics(learn: Learner) -> EpochMetrics:

@@ -83,6 +83,27 @@ def _tensorboard(cfg: ExperimentConfig, folders: RunFolders) -> Tracker:
     return TensorBoardLog(log_dir=str(log_dir), trace_model=False, log_preds=False)
 
 
+def _wandb_init(cfg: ExperimentConfig, folders: RunFolders) -> None:
+    """Start (or, on resume, continue) the run's W&B run: offline without an API key."""
+    import wandb
+
+    offline = not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ
+    wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "twincar_fast"),
+        name=folders.name,
+        id=folders.name.replace(".", "-"),
+        resume="allow",  # a resumed run continues its own W&B run
+        dir=str(folders.report_dir),
+        config=flat_config(cfg),
+        mode="offline" if offline else None,
+    )
+    if offline:
+        console.print(
+            f"wandb: no WANDB_API_KEY, logging offline; later: wandb sync {folders.report_dir / 'wandb'}",
+            markup=False,
+        )
+
+
 def _wandb(cfg: ExperimentConfig, folders: RunFolders) -> Tracker:
     import wandb
     from fastai.callback.wandb import WandbCallback
@@ -94,21 +115,7 @@ def _wandb(cfg: ExperimentConfig, folders: RunFolders) -> Tracker:
 
         def before_fit(self):
             if wandb.run is None:
-                offline = not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ
-                wandb.init(
-                    project=os.environ.get("WANDB_PROJECT", "twincar_fast"),
-                    name=folders.name,
-                    id=folders.name.replace(".", "-"),
-                    resume="allow",  # a resumed run continues its own W&B run
-                    dir=str(folders.report_dir),
-                    config=flat_config(cfg),
-                    mode="offline" if offline else None,
-                )
-                if offline:
-                    console.print(
-                        f"wandb: no WANDB_API_KEY, logging offline; later: wandb sync {folders.report_dir / 'wandb'}",
-                        markup=False,
-                    )
+                _wandb_init(cfg, folders)
             # fastai's own before_fit logs `learn.gather_args()`, which fails on our callbacks'
             # attributes; the config is logged above, so only its step counters are set here
             self._wandb_step = wandb.run.step - 1
