@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,12 @@ COMMANDS = [
     "interpret",
     "twins",
     "predict",
+    "cache",
+    "export",
+    "import-torchvision",
+    "app",
+    "sweep",
+    "compare",
 ]
 
 
@@ -28,6 +35,27 @@ def test_every_subcommand_has_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert info.value.code == 0
     assert command in capsys.readouterr().out
+
+
+def test_help_lists_every_command_in_order():
+    """Issue 30.5: the commands moved to their groups' cli modules; `twincar --help` keeps them all."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "twincar_fast.cli", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = re.findall(r"^    (\S+)", proc.stdout, flags=re.MULTILINE)  # not the wrapped lines
+    order = ["run", "train", "lr-find", "prepare", "cache", "demo-data", "evaluate", "interpret"]
+    order += ["twins", "predict", "export", "import-torchvision", "app", "sweep", "compare"]
+    assert listed == order and sorted(order) == sorted(COMMANDS), proc.stdout
+    assert list(build_parser()._subparsers._group_actions[0].choices) == order
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_help_through_main(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: twincar {command} ")
 
 
 def one_error_line(capsys) -> str:

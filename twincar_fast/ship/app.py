@@ -263,6 +263,31 @@ def _outputs(gr) -> tuple:
     return label, fed, cam
 
 
+def _inputs(gr, examples: list, bbox_crop: bool) -> tuple:
+    """The photo column: the editor, the Classify button and the run's examples under them."""
+    with gr.Column():
+        editor = _editor(gr)
+        button = gr.Button("Classify", variant="primary", elem_id="classify")
+        if examples:
+            gr.Examples(
+                [[p] for p, _, _ in examples],
+                editor,
+                label=_examples_label(bbox_crop),
+                example_labels=[c for _, c, _ in examples],
+            )
+    return editor, button
+
+
+def _twin_outputs(gr) -> tuple:
+    """The twin row: which twin and why, and the Finer-CAM map of the top class against it."""
+    with gr.Row():
+        twin_text = gr.Markdown(elem_id="twin-text")
+        twin_cam = gr.Image(
+            type="numpy", label="Why not its twin? (Finer-CAM)", format="png", elem_id="twin"
+        )
+    return twin_text, twin_cam
+
+
 def build_app(
     model: str | os.PathLike,
     trust_pickle: bool = False,
@@ -279,25 +304,13 @@ def build_app(
     scratch = tempfile.mkdtemp(prefix="twincar-app-")
     examples = example_images(predictor, model, scratch)
     pairs, source = load_twins(model)
+    bbox_crop = predictor.preprocess.bbox_crop
     with gr.Blocks(title="twincar_fast car recognition") as demo:
-        gr.Markdown(_intro(len(predictor.classes), predictor.preprocess.bbox_crop, max_pixels))
+        gr.Markdown(_intro(len(predictor.classes), bbox_crop, max_pixels))
         with gr.Row():
-            with gr.Column():
-                editor = _editor(gr)
-                button = gr.Button("Classify", variant="primary", elem_id="classify")
-                if examples:
-                    gr.Examples(
-                        [[p] for p, _, _ in examples],
-                        editor,
-                        label=_examples_label(predictor.preprocess.bbox_crop),
-                        example_labels=[c for _, c, _ in examples],
-                    )
+            editor, button = _inputs(gr, examples, bbox_crop)
             label, fed, cam = _outputs(gr)
-        with gr.Row():
-            twin_text = gr.Markdown(elem_id="twin-text")
-            twin_cam = gr.Image(
-                type="numpy", label="Why not its twin? (Finer-CAM)", format="png", elem_id="twin"
-            )
+        twin_text, twin_cam = _twin_outputs(gr)
         checked = gr.State()
         classify = classify_fn(predictor, gr, max_pixels)
         outputs = [label, fed, cam, checked]
@@ -338,6 +351,15 @@ def launch_app(
         raise TwincarError("the app needs Gradio: pip install 'twincar-fast[app]'") from None
     max_file_size = check_file_size(max_file_size)
     demo = build_app(model, trust_pickle=trust_pickle, device=device, max_pixels=max_pixels)
+    _serve(demo, host, port, max_file_size)
+    if not prevent_thread_lock:
+        print(f"serving {model} on {demo.local_url} (Ctrl+C to stop)", flush=True)
+        demo.block_thread()
+    return demo
+
+
+def _serve(demo, host: str, port: int | None, max_file_size: str) -> None:
+    """Start serving `demo` in the background, or say in one line why the port can't be had."""
     demo.queue(default_concurrency_limit=CONCURRENCY)
     try:
         demo.launch(
@@ -357,7 +379,3 @@ def launch_app(
             f"can't serve on {where}: {' '.join(str(e).split())}; the port is in use or not "
             "allowed: pass another --port (or --port 0 for a free one)"
         ) from None
-    if not prevent_thread_lock:
-        print(f"serving {model} on {demo.local_url} (Ctrl+C to stop)", flush=True)
-        demo.block_thread()
-    return demo

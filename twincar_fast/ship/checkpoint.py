@@ -103,6 +103,31 @@ def _fit(model: nn.Module, state: dict, path: Path, arch: str) -> None:
     model.load_state_dict(state)
 
 
+def _sized_head(sd: dict, path: Path, classes: str | os.PathLike, n_classes: int) -> tuple:
+    """`_head` of the checkpoint, checked to have one output per class of `classes`."""
+    head, hidden, head_sd = _head(sd, path)
+    n_out = next(v for k, v in reversed(head_sd.items()) if k.endswith("weight")).shape[0]
+    if n_out != n_classes:
+        raise TwincarError(
+            f"{path}: the head has {n_out} outputs but {classes} lists {n_classes} classes; "
+            "give the classes.csv the model was trained with"
+        )
+    return head, hidden, head_sd
+
+
+def _write_folder(out: Path, model: nn.Module, card: ModelCard, path: Path) -> None:
+    """Save the weights and config.json, which names the checkpoint and its hash, into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = save_safetensors(model, out / "model.safetensors", card.weights_layout)
+    source = {"checkpoint": str(path.resolve()), "sha256": file_sha256(path), "head": card.head}
+    info = {
+        "source": source,
+        "versions": versions(),
+        "sha256": {weights.name: file_sha256(weights)},
+    }
+    write_model_config(out, card, model[0].model.num_features, info)
+
+
 def import_torchvision(
     checkpoint: str | os.PathLike,
     classes: str | os.PathLike,
@@ -124,13 +149,7 @@ def import_torchvision(
         raise TwincarError(f"{out} already holds a model; give another --out folder")
     check_arch(arch)
     sd = read_checkpoint(path)
-    head, hidden, head_sd = _head(sd, path)
-    n_out = next(v for k, v in reversed(head_sd.items()) if k.endswith("weight")).shape[0]
-    if n_out != len(labels):
-        raise TwincarError(
-            f"{path}: the head has {n_out} outputs but {classes} lists {len(labels)} classes; "
-            "give the classes.csv the model was trained with"
-        )
+    head, hidden, head_sd = _sized_head(sd, path, classes, len(labels))
     cfg = ModelConfig(arch=arch, pretrained=False, head=head, head_hidden=hidden or 512)
     model = create_model(cfg, len(labels), pretrained=False)
     body = {f"0.model.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
@@ -140,13 +159,5 @@ def import_torchvision(
         arch=arch, classes=labels, head=head, head_hidden=cfg.head_hidden, weights_layout=layout,
         **TWINCAR_PREPROCESSING,
     )  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    weights = save_safetensors(model, out / "model.safetensors", layout)
-    source = {"checkpoint": str(path.resolve()), "sha256": file_sha256(path), "head": head}
-    info = {
-        "source": source,
-        "versions": versions(),
-        "sha256": {weights.name: file_sha256(weights)},
-    }
-    write_model_config(out, card, model[0].model.num_features, info)
+    _write_folder(out, model, card, path)
     return out
