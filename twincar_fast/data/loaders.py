@@ -36,7 +36,7 @@ from twincar_fast.data.cache import ImageCache, open_cache
 from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
 from twincar_fast.data.device_aug import blur_batch
-from twincar_fast.data.geometry import aug_on_items, presize
+from twincar_fast.data.geometry import PAD_MODE, aug_on_items, presize
 from twincar_fast.data.images import open_region
 from twincar_fast.data.model_input import model_stats
 from twincar_fast.data.split import split_train_valid
@@ -112,7 +112,7 @@ def item_transforms(cfg: ExperimentConfig) -> list:
     augmentation; or, at the item stage, augmented to img_size (training) and resized straight
     to img_size (validation)."""
     d = cfg.data
-    args = dict(size=presize(cfg), method=_RESIZE[d.resize], pad_mode="zeros")
+    args = dict(size=presize(cfg), method=_RESIZE[d.resize], pad_mode=PAD_MODE)
     if aug_on_items(cfg):
         return [CpuAugment(d.img_size, cfg.aug, d.resize), ValidResize(**args)]
     return [(Resize if cfg.aug.enabled else CenterResize)(**args)]

@@ -14,14 +14,12 @@ import os
 from pathlib import Path
 
 import torch
-from fastai.data.transforms import Normalize
 from fastai.learner import Learner
-from fastai.vision.augment import Resize
-from fastai.vision.core import imagenet_stats
 from safetensors.torch import save_file
 from torch import nn
 
 from twincar_fast.config import ExperimentConfig, config_to_dict
+from twincar_fast.data.geometry import valid_input
 from twincar_fast.files import atomic_path, write_json, write_text
 from twincar_fast.ship.card import (
     ModelCard,
@@ -100,21 +98,9 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, layout: str = "t
 
 def _preprocessing(learn: Learner, cfg: ExperimentConfig) -> dict:
     """How the validation loader prepares an image: resize method, padding, normalization."""
-    d = cfg.data
-    out = {"resize": d.resize, "pad_mode": "reflection", "draft": d.draft}
-    resize = next((t for t in learn.dls.valid.after_item.fs if isinstance(t, Resize)), None)
-    if resize is not None:
-        out.update(
-            resize=str(resize.method), pad_mode=str(resize.pad_mode), item_size=int(resize.size[0])
-        )
-    norm = next((t for t in learn.dls.after_batch.fs if isinstance(t, Normalize)), None)
-    mean, std = (
-        (norm.mean, norm.std) if norm is not None else (imagenet_stats[0], imagenet_stats[1])
-    )
-    out.update(
-        mean=torch.as_tensor(mean).flatten().tolist(), std=torch.as_tensor(std).flatten().tolist()
-    )
-    return out
+    spec = valid_input(learn.dls)
+    keys = ("resize", "pad_mode", "item_size", "mean", "std")
+    return {"draft": cfg.data.draft} | {k: spec[k] for k in keys}
 
 
 def model_card(learn: Learner, cfg: ExperimentConfig) -> dict:

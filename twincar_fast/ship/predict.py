@@ -60,29 +60,9 @@ class Preprocess(ItemPrep):
     @classmethod
     def from_dls(cls, dls) -> Preprocess:
         """The validation preprocessing of a fastai DataLoaders built by `build_dls`."""
-        from fastai.data.transforms import Normalize
-        from fastai.vision.augment import Resize
+        from twincar_fast.data.geometry import valid_input
 
-        from twincar_fast.data.geometry import InputGeometry
-        from twincar_fast.data.loaders import ImageLoader
-
-        dl = dls.valid
-        geo = InputGeometry.from_dls(dls)
-        resize = next(t for t in dl.after_item.fs if isinstance(t, Resize))
-        norm = next(t for t in dl.after_batch.fs if isinstance(t, Normalize))
-        tfms = [t for p in dl.dataset.tfms for t in p.fs]
-        loader = next((t for t in tfms if isinstance(t, ImageLoader)), None)
-        return cls(
-            item_size=geo.item_size,
-            img_size=geo.img_size,
-            mean=norm.mean.flatten().tolist(),
-            std=norm.std.flatten().tolist(),
-            resize=geo.resize,
-            pad_mode=str(resize.pad_mode),
-            draft=bool(loader.draft) if loader is not None else False,
-            bbox_crop=geo.bbox_crop,
-            bbox_margin=geo.bbox_margin,
-        )
+        return cls(**valid_input(dls))
 
 
 def resample(x: torch.Tensor, size: int) -> torch.Tensor:
