@@ -182,7 +182,7 @@ def predict_files(
         tta: average each image's probabilities with its horizontal flip's.
         cam: a folder for a Grad-CAM++ overlay of the top class per image (torch backend).
         batch_size: images per forward pass.
-        device: where the torch backend runs (default: CUDA when available).
+        device: where the torch backend runs (default: CUDA, then MPS, then the CPU).
         backend: "torch", "onnx" (the folder's model.onnx, onnxruntime on the CPU) or
             "onnx-int8" (its model.int8.onnx).
     """
