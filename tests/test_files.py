@@ -6,10 +6,12 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
-from twincar_fast.files import atomic_dir, atomic_path, write_text
+from twincar_fast.errors import TwincarError
+from twincar_fast.files import atomic_dir, atomic_path, file_lock, write_text
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -49,3 +51,28 @@ def test_importing_the_package_leaves_the_umask_alone():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_lock_held_elsewhere_is_waited_for_or_refused_with_its_holder(tmp_path):
+    lock = tmp_path / "sub" / ".lock"
+    script = (
+        "import sys, time\n"
+        "from twincar_fast.files import file_lock\n"
+        "with file_lock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(2)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TwincarError, match=rf"^in use by {holder.pid}$"):
+            with file_lock(lock, busy=lambda pid: f"in use by {pid}"):
+                pass
+        start = time.monotonic()
+        with file_lock(lock):  # waits for the holder to let go, then holds it
+            assert time.monotonic() - start > 0.5 and lock.read_text() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait()

@@ -139,6 +139,18 @@ def test_export_card_and_predictor_read_the_loaders_validation_resize(tiny_cfg, 
     assert fallbacks == (PAD_MODE, PAD_MODE) and InputGeometry(8, 8).pad_mode == PAD_MODE
 
 
+def test_a_damaged_learner_pkl_is_the_same_one_line_as_for_evaluate(tmp_path):
+    from twincar_fast.analysis.learner_pkl import load_learner_pkl
+
+    junk = tmp_path / "learner.pkl"
+    junk.write_text("not a pickle")
+    line = r"learner.pkl: can't load the learner \(.+\); export it again with `twincar run`$"
+    with pytest.raises(TwincarError, match=line):
+        Predictor.from_path(junk, device="cpu", trust_pickle=True)
+    with pytest.raises(TwincarError, match=line):
+        load_learner_pkl(junk)
+
+
 def test_predict_results(trained):
     learn, dls, model_dir = trained
     predictor = Predictor.from_path(model_dir, device="cpu")

@@ -86,16 +86,25 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, busy: Callable[[str], str] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created if missing) for the block.
 
-    One process builds a shared thing (a data set, a cache); the others wait, then reuse it. The
-    lock goes when its file descriptor does, so a killed holder never leaves it stuck.
+    One process builds a shared thing (a data set, a cache); the others wait, then reuse it. With
+    `busy`, a process that finds the lock held doesn't wait: it raises a TwincarError whose
+    message is `busy(holder)`, the holder's process id (the file holds it). The lock goes when
+    its file descriptor does, so a killed holder never leaves it stuck.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            f.seek(0)
+            raise TwincarError(busy(f.read(64).strip() or "another process")) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
         try:
             yield
         finally:

@@ -13,7 +13,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
 from fastai.learner import Learner
 from safetensors.torch import save_file
 from torch import nn
@@ -31,6 +30,7 @@ from twincar_fast.ship.card import (
 )
 from twincar_fast.ship.integrity import file_sha256
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
+from twincar_fast.train.runs import library_versions
 
 __all__ = [
     "MODEL_FILES",
@@ -139,21 +139,6 @@ def data_hash(data_dir: str | os.PathLike) -> str | None:
     return h.hexdigest()
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries a model folder was written with."""
-    import fastai
-    import timm
-
-    from twincar_fast import __version__
-
-    return {
-        "twincar_fast": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "fastai": fastai.__version__,
-    }
-
-
 def write_model_config(
     model_dir: str | os.PathLike, card: ModelCard, num_features: int, info: dict
 ) -> dict[str, Path]:
@@ -188,7 +173,7 @@ def export_model(
     info = {
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         "data_hash": data_hash(cfg.data.root),
-        "versions": versions(),
+        "versions": library_versions(),
         "training": config_to_dict(cfg),
         "sha256": {paths["safetensors"].name: file_sha256(paths["safetensors"])},  # checked on load
     }

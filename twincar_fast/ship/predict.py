@@ -236,17 +236,7 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
 
 def _load_learner_pkl(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
     """The model, vocab and validation preprocessing of a fastai `learner.pkl` (pickle: trusted files only)."""
-    import warnings
+    from twincar_fast.analysis.learner_pkl import load_learner_pkl
 
-    from fastai.learner import load_learner
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fastai's pickle warning: the user's own export
-        try:
-            learn = load_learner(path, cpu=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure: one line, what to do
-            reason = " ".join(str(e).split())[:200] or type(e).__name__
-            raise TwincarError(
-                f"{path}: can't load this learner ({reason}); re-export it"
-            ) from None
+    learn = load_learner_pkl(path, cpu=True)  # the Predictor moves the model to its device
     return learn.model, [str(v) for v in learn.dls.vocab], Preprocess.from_dls(learn.dls)
