@@ -151,7 +151,7 @@ def test_resolve_device():
     with pytest.raises(ConfigError, match=r"^device: unknown device 'gpu0'"):
         resolve_device("gpu0", key="device")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    with pytest.raises(ConfigError, match=r"^device=cuda:\d+ but"):
+    with pytest.raises(ConfigError, match=r"^device: .+ device 'cuda:\d+'; use "):
         resolve_device(f"cuda:{count}", key="device")
 
 

@@ -32,12 +32,12 @@ def resolve_device(
         ) from None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and count == 0:
-        raise ConfigError(f"{key}={name} but no CUDA GPU is visible; use auto or cpu")
+        raise ConfigError(f"{key}: no CUDA GPU is visible for device {name!r}; use auto or cpu")
     if device.type == "cuda" and (device.index or 0) >= count:
         raise ConfigError(
-            f"{key}={name} but this machine has {count} CUDA GPU(s); "
+            f"{key}: this machine has {count} CUDA GPU(s), no device {name!r}; "
             f"use cuda:0 … cuda:{count - 1}, auto or cpu"
         )
     if device.type == "mps" and not has_mps:
-        raise ConfigError(f"{key}={name} but there is no MPS (Apple GPU) here; use auto or cpu")
+        raise ConfigError(f"{key}: no MPS (Apple GPU) here for device {name!r}; use auto or cpu")
     return device
