@@ -35,10 +35,11 @@ from benchmarks.measure import Timer, compare
 from benchmarks.settings import Settings, ours_config
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.data import build_dls, read_annotations, resolve_device, split_train_valid
+from twincar_fast.data.batch_tfms import FusedNormalize
 from twincar_fast.data.cache import build_cache, cache_size
 from twincar_fast.data.cpu_aug import CpuAugment
 from twincar_fast.data.images import open_region
-from twincar_fast.data.loaders import FusedNormalize, presize
+from twincar_fast.data.loaders import presize
 
 
 def split_rows(cfg: ExperimentConfig) -> pd.DataFrame:

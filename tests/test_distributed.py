@@ -30,7 +30,8 @@ from twincar_fast.data import build_dls
 from twincar_fast.errors import ConfigError, TwincarError
 from twincar_fast.experiment import run_experiment
 from twincar_fast.model.learner import create_learner
-from twincar_fast.train.callbacks import METRICS_COLUMNS, VALID_COLUMNS, load_checkpoint
+from twincar_fast.train.callbacks import METRICS_COLUMNS, VALID_COLUMNS
+from twincar_fast.train.checkpoints import load_checkpoint
 from twincar_fast.train.distributed import (
     batchnorm_kinds,
     check_distributed,

@@ -23,6 +23,7 @@ from twincar_fast.model.learner import create_model
 from twincar_fast.ship.card import read_model_card
 from twincar_fast.ship.checkpoint import import_torchvision
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
+from twincar_fast.train.runs import library_versions
 
 LOAD_AND_PREDICT = """
 import sys, numpy as np
@@ -60,6 +61,7 @@ def test_export_writes_the_model_folder(exported):
     assert len(pre["mean"]) == len(pre["std"]) == 3 and card["resize"] == cfg.data.resize
     assert card["metrics"]["valid_acc"] == pytest.approx(res.summary["best"]["valid_acc"])
     assert len(card["data_hash"]) == 64 and card["versions"]["timm"]
+    assert card["versions"] == library_versions()  # the run's env.json records the same
     readme = (res.model_dir / "README.md").read_text()
     assert "## Metrics" in readme and "| metric | valid (epoch 0) |" in readme
     assert (

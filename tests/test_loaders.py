@@ -29,8 +29,9 @@ from twincar_fast.data import (
     read_annotations,
     resolve_device,
 )
+from twincar_fast.data.batch_tfms import RandomGaussianBlur
 from twincar_fast.data.images import open_rgb
-from twincar_fast.data.loaders import ImageLoader, RandomGaussianBlur
+from twincar_fast.data.loaders import ImageLoader
 from twincar_fast.errors import ConfigError, DataError
 
 matplotlib.use("Agg")
@@ -146,6 +147,20 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
+    # the one resolver of training and inference: None is auto, errors name the key given
+    assert resolve_device(None) == resolve_device("") == resolve_device("auto")
+    with pytest.raises(ConfigError, match=r"^device: unknown device 'gpu0'"):
+        resolve_device("gpu0", key="device")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=r"^device: .+ device 'cuda:\d+'; use "):
+        resolve_device(f"cuda:{count}", key="device")
+
+
+def test_the_predictor_resolves_devices_as_training_does(tmp_path):
+    from twincar_fast.ship.predict import Predictor
+
+    with pytest.raises(ConfigError, match=r"^device: unknown device 'gpu0'"):
+        Predictor.from_path(tmp_path / "model.safetensors", device="gpu0")  # before any load
 
 
 def test_batch_is_normalized(natural_data, tmp_path):
@@ -373,7 +388,7 @@ def test_eval_dl_rejects_other_classes(exported, tiny_data, tmp_path):
 
 
 def test_random_hue_rotates_chroma_and_keeps_luma_and_greys():
-    from twincar_fast.data.loaders import _RGB2YIQ, RandomHue
+    from twincar_fast.data.batch_tfms import _RGB2YIQ, RandomHue
 
     torch.manual_seed(0)
     x = TensorImage(torch.rand(8, 3, 6, 6) * 0.2 + 0.4)  # pale colours: rotations stay in gamut
@@ -393,7 +408,7 @@ def test_fused_normalize_matches_fastai_normalize_both_ways():
     from fastai.data.transforms import Normalize
     from fastai.vision.core import imagenet_stats
 
-    from twincar_fast.data.loaders import FusedNormalize
+    from twincar_fast.data.batch_tfms import FusedNormalize
 
     x = TensorImage(torch.rand(2, 3, 8, 8))
     fused, plain = (t.from_stats(*imagenet_stats, cuda=False) for t in (FusedNormalize, Normalize))
@@ -408,7 +423,7 @@ def test_fused_normalize_of_uint8_is_int_to_float_and_normalize():
     from fastai.data.transforms import IntToFloatTensor, Normalize
     from fastai.vision.core import imagenet_stats
 
-    from twincar_fast.data.loaders import FusedNormalize
+    from twincar_fast.data.batch_tfms import FusedNormalize
 
     x = TensorImage(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8))
     fused = FusedNormalize.from_uint8(*imagenet_stats)
@@ -422,7 +437,7 @@ def test_fused_normalize_of_uint8_is_int_to_float_and_normalize():
 
 
 def test_uint8_scale_shift_numpy_and_torch_agree():
-    from twincar_fast.data.loaders import _scale_shift_numpy, _scale_shift_torch
+    from twincar_fast.data.batch_tfms import _scale_shift_numpy, _scale_shift_torch
 
     x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     scale, bias = torch.rand(1, 3, 1, 1) + 0.5, torch.randn(1, 3, 1, 1)

@@ -110,6 +110,47 @@ def test_inputs_match_fastai_valid_batches(tiny_cfg, resize, stage, presize):
     torch.testing.assert_close(x, xb.as_subclass(torch.Tensor), atol=TOL, rtol=0)
 
 
+def test_export_card_and_predictor_read_the_loaders_validation_resize(tiny_cfg, tmp_path):
+    """Issue 30.2: one reader of the validation pipeline and one pad-mode fallback, the loaders'."""
+    from fastai.vision.augment import Resize
+
+    from twincar_fast.data.geometry import PAD_MODE, InputGeometry
+    from twincar_fast.ship.card import ModelCard, read_model_card
+    from twincar_fast.ship.inputs import ItemPrep
+
+    tiny_cfg.data = dataclasses.replace(tiny_cfg.data, resize="pad", item_size=80)
+    tiny_cfg.aug.stage = "batch"  # validation items padded to 80, then resampled on the device
+    dls = build_dls(tiny_cfg)
+    resize = next(t for t in dls.valid.after_item.fs if isinstance(t, Resize))
+    loaders = (int(resize.size[0]), str(resize.method), str(resize.pad_mode))
+    assert loaders == (80, "pad", PAD_MODE)
+    learn = create_learner(tiny_cfg, dls)
+    export_model(learn, tmp_path / "m", tiny_cfg)
+    card = read_model_card(tmp_path / "m")
+    predictor = Predictor.from_path(tmp_path / "m", device="cpu")
+    readers = [card, Preprocess.from_dls(dls), predictor.preprocess, InputGeometry.from_dls(dls)]
+    for reader in readers:
+        assert (reader.item_size, reader.resize, reader.pad_mode) == loaders, type(reader)
+    norm = dls.valid.after_batch.fs[-1]
+    for reader in readers[:3]:
+        np.testing.assert_allclose(reader.mean, norm.mean.flatten().tolist(), rtol=1e-6)
+        np.testing.assert_allclose(reader.std, norm.std.flatten().tolist(), rtol=1e-6)
+    fallbacks = (ModelCard.__dataclass_fields__["pad_mode"].default, ItemPrep.pad_mode)
+    assert fallbacks == (PAD_MODE, PAD_MODE) and InputGeometry(8, 8).pad_mode == PAD_MODE
+
+
+def test_a_damaged_learner_pkl_is_the_same_one_line_as_for_evaluate(tmp_path):
+    from twincar_fast.analysis.learner_pkl import load_learner_pkl
+
+    junk = tmp_path / "learner.pkl"
+    junk.write_text("not a pickle")
+    line = r"learner.pkl: can't load the learner \(.+\); export it again with `twincar run`$"
+    with pytest.raises(TwincarError, match=line):
+        Predictor.from_path(junk, device="cpu", trust_pickle=True)
+    with pytest.raises(TwincarError, match=line):
+        load_learner_pkl(junk)
+
+
 def test_predict_results(trained):
     learn, dls, model_dir = trained
     predictor = Predictor.from_path(model_dir, device="cpu")

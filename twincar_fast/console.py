@@ -22,7 +22,6 @@ from rich.table import Table
 from twincar_fast.config import CONSOLE_COLUMNS, ExperimentConfig
 
 __all__ = [
-    "EPOCH_COLUMNS",
     "EpochPrinter",
     "console",
     "epoch_header",
@@ -36,7 +35,6 @@ __all__ = [
 ]
 
 console = Console(highlight=False, soft_wrap=True)  # long lines stay whole in logs
-EPOCH_COLUMNS = CONSOLE_COLUMNS  # the epoch table's default columns (`train.console_columns`)
 
 
 def plain_output() -> bool:
@@ -97,7 +95,7 @@ def epoch_header(columns: Sequence[str]) -> str:
     return "  ".join(names)
 
 
-def epoch_line(row: dict, n_epochs: int, columns: Sequence[str] = EPOCH_COLUMNS) -> str:
+def epoch_line(row: dict, n_epochs: int, columns: Sequence[str] = CONSOLE_COLUMNS) -> str:
     """One row of the compact epoch table: a metrics.csv row's `columns` (epoch 0-based, as
     there, of `n_epochs`), its LR and seconds."""
     parts = [f"{row['epoch']:>3}/{n_epochs:<3}"]
@@ -109,7 +107,7 @@ def epoch_line(row: dict, n_epochs: int, columns: Sequence[str] = EPOCH_COLUMNS)
 class EpochPrinter:
     """Prints the compact epoch table: a header before the first row, then one line per epoch."""
 
-    def __init__(self, n_epochs: int, columns: Sequence[str] = EPOCH_COLUMNS):
+    def __init__(self, n_epochs: int, columns: Sequence[str] = CONSOLE_COLUMNS):
         self.n_epochs, self.columns, self.started = n_epochs, list(columns), False
 
     def __call__(self, row: dict) -> None:

@@ -44,7 +44,8 @@ from twincar_fast.model.learner import create_learner
 from twincar_fast.model.precision import device_info
 from twincar_fast.ship.card import record_results
 from twincar_fast.ship.export import export_model
-from twincar_fast.train.callbacks import SaveRun, load_checkpoint
+from twincar_fast.train.callbacks import SaveRun
+from twincar_fast.train.checkpoints import load_checkpoint
 from twincar_fast.train.distributed import (
     broadcast_object,
     check_distributed,

@@ -6,9 +6,9 @@ import fcntl
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -18,22 +18,37 @@ import pandas as pd
 
 from twincar_fast.errors import TwincarError
 
-_UMASK = os.umask(0)  # read the process umask once (os has no getter) ...
-os.umask(_UMASK)  # ... and put it back: mkstemp's files are 0600, finished ones follow the umask
+
+def _new_file(path: Path) -> None:
+    """Create the empty file `path` (FileExistsError if it exists) with the umask's permissions."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _fresh(path: Path, make: Callable[[Path], None]) -> Path:
+    """A new `.<name>.<random>.tmp` beside `path`, made by `make`.
+
+    Made with mode 0o666/0o777, which the kernel narrows by the process umask, so the finished
+    file follows it like any other; tempfile's are 0600/0700, and reading the umask means setting
+    it, for every thread of the process.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue  # another writer's name: draw again
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` that replaces it only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _fresh(path, _new_file)
     try:
         yield tmp
-        if tmp.exists():
-            tmp.chmod(0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -71,16 +86,25 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, busy: Callable[[str], str] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created if missing) for the block.
 
-    One process builds a shared thing (a data set, a cache); the others wait, then reuse it. The
-    lock goes when its file descriptor does, so a killed holder never leaves it stuck.
+    One process builds a shared thing (a data set, a cache); the others wait, then reuse it. With
+    `busy`, a process that finds the lock held doesn't wait: it raises a TwincarError whose
+    message is `busy(holder)`, the holder's process id (the file holds it). The lock goes when
+    its file descriptor does, so a killed holder never leaves it stuck.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            f.seek(0)
+            raise TwincarError(busy(f.read(64).strip() or "another process")) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
         try:
             yield
         finally:
@@ -93,11 +117,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.exists():
         raise FileExistsError(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = _fresh(path, Path.mkdir)  # mode 0o777, narrowed by the umask
     try:
         yield tmp
-        tmp.chmod(0o777 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

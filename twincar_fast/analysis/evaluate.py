@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from fastai.callback.progress import ProgressCallback  # noqa: F401 - patches Learner.no_bar
-from fastai.learner import Learner, load_learner
+from fastai.learner import Learner
 
+from twincar_fast.analysis.learner_pkl import load_learner_pkl
 from twincar_fast.analysis.metrics import classification_metrics, per_class_table
 from twincar_fast.analysis.tta import TtaViews
 from twincar_fast.config import ExperimentConfig, load_config
@@ -150,16 +149,7 @@ def load_run_config(run: RunPaths) -> ExperimentConfig | None:
 
 def load_run_learner(path: str | os.PathLike) -> Learner:
     """Load an exported learner, on the GPU when there is one."""
-    path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fastai's pickle warning: the user named this file
-        try:
-            return load_learner(path, cpu=not torch.cuda.is_available())
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad model file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TwincarError(
-                f"{path}: can't load the learner ({first}); export it again with `twincar run`"
-            ) from None
+    return load_learner_pkl(path)
 
 
 def open_saved_run(

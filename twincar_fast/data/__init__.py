@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         read_classes,
         read_rejected,
     )
+    from twincar_fast.data.device import resolve_device
     from twincar_fast.data.images import open_region
     from twincar_fast.data.loaders import (
         build_dls,
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
         data_summary,
         eval_dl,
         print_data_summary,
-        resolve_device,
     )
     from twincar_fast.data.split import split_train_valid
 
@@ -49,7 +49,7 @@ _LAZY = {
     "data_summary": "loaders",
     "eval_dl": "loaders",
     "print_data_summary": "loaders",
-    "resolve_device": "loaders",
+    "resolve_device": "device",
     "split_train_valid": "split",
 }
 

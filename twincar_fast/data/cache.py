@@ -301,6 +301,22 @@ def _make_dir(folder: Path) -> None:
         ) from None
 
 
+def _build(path: Path, *args) -> float:
+    """Write the cache at `path` by `_write(tmp, *args)`, under the build lock; the seconds."""
+    for stale in path.parent.glob(".images-*.tmp"):  # a killed build's: nobody writes now
+        stale.unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        with atomic_path(path) as tmp:
+            _write(tmp, *args)
+    except OSError as e:
+        raise ConfigError(
+            f"can't write the image cache in {path.parent} ({e.strerror or e}); free space "
+            "there, set data.cache_dir to another folder or data.cache=off"
+        ) from None
+    return time.perf_counter() - start
+
+
 def build_cache(
     cfg: ExperimentConfig,
     data_dir: str | os.PathLike,
@@ -330,18 +346,7 @@ def build_cache(
         cache = _read(path, key, paths)  # another process may have built it while we waited
         if cache is not None:
             return cache, 0.0
-        for stale in path.parent.glob(".images-*.tmp"):  # a killed build's: nobody writes now
-            stale.unlink(missing_ok=True)
-        start = time.perf_counter()
-        try:
-            with atomic_path(path) as tmp:
-                _write(tmp, key, rows, cfg, layout, workers or os.cpu_count() or 1)
-        except OSError as e:
-            raise ConfigError(
-                f"can't write the image cache in {path.parent} ({e.strerror or e}); free space "
-                "there, set data.cache_dir to another folder or data.cache=off"
-            ) from None
-        seconds = time.perf_counter() - start
+        seconds = _build(path, key, rows, cfg, layout, workers or os.cpu_count() or 1)
     cache = _read(path, key, paths, verify=False)  # _write has just read it for its CRC
     if cache is None:
         raise DataError(f"the image cache {path} was damaged right after it was written")

@@ -29,7 +29,7 @@ from twincar_fast.config import AugConfig
 __all__ = ["RGB2YIQ", "CpuAugment", "ValidResize", "colour_matrix", "warp_matrix"]
 
 _GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-# RGB → YIQ: a hue shift is a rotation of the (I, Q) chroma plane (also the batch stage's RandomHue)
+# RGB → YIQ: a hue shift is a rotation of the (I, Q) chroma plane (also the batch stage's RandomHue, in batch_tfms)
 RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ2RGB = np.linalg.inv(RGB2YIQ)
 _CORNERS = np.float32([[-1, -1], [-1, 1], [1, -1], [1, 1]])

@@ -4,7 +4,8 @@ The validation input of an image is: the car-box crop grown by `bbox_margin` (`c
 `bbox_crop`), fastai's `Resize` to the item size (centre square crop, squish or pad:
 `resize_window`), then a plain resample to `img_size`. The loader (`open_region`), the Predictor
 (`ship.predict`) and the Grad-CAM++ part-box check (`InputGeometry.box`) all use these two
-functions, so a box drawn on the model input sits where the pixels went.
+functions, so a box drawn on the model input sits where the pixels went. `valid_input` is the one
+reader of a built validation pipeline (the Predictor, the export and the part-box check use it).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import numpy as np
 from PIL import Image
 
 from twincar_fast.config import ExperimentConfig
+from twincar_fast.errors import TwincarError
 
 __all__ = [
+    "PAD_MODE",
     "InputGeometry",
     "aug_on_items",
     "crop_region",
@@ -25,11 +28,15 @@ __all__ = [
     "resize_image",
     "resize_short_crop",
     "resize_window",
+    "valid_input",
 ]
 
 Box = tuple[float, float, float, float]
 # fastai's PadMode → torchvision's padding_mode
 _PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
+# the padding of the loaders' validation Resize (fastai's own default is reflection), and so the
+# one fallback of every reader: the Predictor, the export, the model card
+PAD_MODE = "zeros"
 
 
 def aug_on_items(cfg: ExperimentConfig) -> bool:
@@ -72,7 +79,7 @@ def resize_window(w: int, h: int, size: int, method: str) -> tuple[int, int, int
     return int(0.5 * (w - side)), int(0.5 * (h - side)), side, side
 
 
-def resize_image(img: Image.Image, size: int, method: str, pad_mode: str = "zeros") -> Image.Image:
+def resize_image(img: Image.Image, size: int, method: str, pad_mode: str = PAD_MODE) -> Image.Image:
     """fastai's validation `Resize(size, method, pad_mode)` of a PIL image: centred, bilinear."""
     w, h = img.size
     if method == "squish":
@@ -106,6 +113,7 @@ class InputGeometry:
     resize: str = "crop"  # crop, squish or pad
     bbox_crop: bool = False  # images are cut to their car box first
     bbox_margin: float = 0.0  # ... grown by this share of the box on each side
+    pad_mode: str = PAD_MODE  # what `pad` fills with (fastai's PadMode: zeros, border, reflection)
 
     def crop(self, size: tuple[int, int], car_box=None) -> Box:
         """The region (l, t, r, b) of a W×H image that the model input is made of."""
@@ -138,7 +146,7 @@ class InputGeometry:
     def view(self, img: Image.Image, car_box=None) -> Image.Image:
         """What the model sees of an RGB image (before normalization): cut, resized, resampled."""
         cut = img.crop(tuple(int(v) for v in self.crop(img.size, car_box)))
-        return resize_image(cut, self.img_size, self.resize)
+        return resize_image(cut, self.img_size, self.resize, self.pad_mode)
 
     @classmethod
     def from_config(cls, cfg) -> InputGeometry:
@@ -149,21 +157,41 @@ class InputGeometry:
     @classmethod
     def from_dls(cls, dls) -> InputGeometry:
         """The validation geometry of a fastai DataLoaders built by `build_dls`."""
-        from fastai.vision.augment import AffineCoordTfm, RandomResizedCropGPU, Resize
+        spec = valid_input(dls)
+        return cls(**{f: spec[f] for f in cls.__dataclass_fields__})
 
-        dl = dls.valid
-        resize = next(t for t in dl.after_item.fs if isinstance(t, Resize))
-        crops = (RandomResizedCropGPU, AffineCoordTfm)
-        sizes = [t.size for t in dl.after_batch.fs if isinstance(t, crops) and t.size is not None]
-        tfms = [t for p in dl.dataset.tfms for t in p.fs]
-        # the loaders' ImageLoader, known by what it holds (it is built on this module)
-        loader = next(
-            (t for t in tfms if hasattr(t, "bbox_crop") and hasattr(t, "item_size")), None
-        )
-        return cls(
-            item_size=int(resize.size[0]),
-            img_size=int(sizes[-1][0]) if sizes else int(resize.size[0]),  # item stage: sized
-            resize=str(resize.method),
-            bbox_crop=bool(loader.bbox_crop) if loader is not None else False,
-            bbox_margin=float(loader.bbox_margin) if loader is not None else 0.0,
-        )
+
+def valid_input(dls) -> dict:
+    """What the validation loader of `dls` (built by `build_dls`) makes of an image: the
+    `InputGeometry` fields, draft decoding, and the normalization mean and std.
+
+    The one reader of a built pipeline: the Predictor, the export and the part-box check take its
+    facts from here. Without a Normalize (not built by `build_dls`) the stats are ImageNet's.
+    """
+    import torch
+    from fastai.data.transforms import Normalize
+    from fastai.vision.augment import AffineCoordTfm, RandomResizedCropGPU, Resize
+    from fastai.vision.core import imagenet_stats
+
+    dl = dls.valid
+    resize = next((t for t in dl.after_item.fs if isinstance(t, Resize)), None)
+    if resize is None:
+        raise TwincarError("the validation loader has no Resize; build the loaders with build_dls")
+    crops = (RandomResizedCropGPU, AffineCoordTfm)
+    sizes = [t.size for t in dl.after_batch.fs if isinstance(t, crops) and t.size is not None]
+    norm = next((t for t in dl.after_batch.fs if isinstance(t, Normalize)), None)
+    mean, std = (norm.mean, norm.std) if norm is not None else imagenet_stats
+    tfms = [t for p in dl.dataset.tfms for t in p.fs]
+    # the loaders' ImageLoader, known by what it holds (it is built on this module)
+    loader = next((t for t in tfms if hasattr(t, "bbox_crop") and hasattr(t, "item_size")), None)
+    return {
+        "item_size": int(resize.size[0]),
+        "img_size": int(sizes[-1][0]) if sizes else int(resize.size[0]),  # item stage: sized
+        "resize": str(resize.method),
+        "pad_mode": str(resize.pad_mode or PAD_MODE),
+        "bbox_crop": bool(loader.bbox_crop) if loader is not None else False,
+        "bbox_margin": float(loader.bbox_margin) if loader is not None else 0.0,
+        "draft": bool(loader.draft) if loader is not None else False,
+        "mean": torch.as_tensor(mean).flatten().tolist(),
+        "std": torch.as_tensor(std).flatten().tolist(),
+    }

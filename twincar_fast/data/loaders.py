@@ -3,53 +3,39 @@ augmentation on the device), eval loaders."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from fastai.callback.data import WeightedDL  # noqa: F401 - patches DataBlock.weighted_dataloaders
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders, TfmdDL
-from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage
-from fastai.vision.augment import (
-    AffineCoordTfm,
-    RandomResizedCropGPU,
-    RandTransform,
-    Resize,
-    ResizeMethod,
-    Saturation,
-    aug_transforms,
-)
+from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor
+from fastai.vision.augment import Resize, ResizeMethod
 from fastai.vision.core import PILImage
 from fasttransform import Transform
 from PIL import Image
 from rich.table import Table
 
-from twincar_fast.config import AugConfig, ExperimentConfig
+from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console
+from twincar_fast.data.batch_tfms import batch_transforms
 from twincar_fast.data.batches import CachedDL, device_pixels
 from twincar_fast.data.cache import ImageCache, open_cache
-from twincar_fast.data.cpu_aug import RGB2YIQ, CpuAugment, ValidResize
+from twincar_fast.data.cpu_aug import CpuAugment, ValidResize
 from twincar_fast.data.dataset import BBOX_COLUMNS, read_annotations, read_classes, read_rejected
-from twincar_fast.data.device_aug import blur_batch
-from twincar_fast.data.geometry import aug_on_items, presize
+from twincar_fast.data.device import resolve_device
+from twincar_fast.data.geometry import PAD_MODE, aug_on_items, presize
 from twincar_fast.data.images import open_region
-from twincar_fast.data.model_input import model_stats
 from twincar_fast.data.split import split_train_valid
-from twincar_fast.errors import ConfigError, DataError
+from twincar_fast.errors import DataError
 
 __all__ = [
     "check_vocab",
     "CenterResize",
-    "FusedNormalize",
     "ImageLoader",
-    "RandomGaussianBlur",
     "aug_on_items",
-    "batch_transforms",
     "build_dls",
     "build_eval_dls",
     "cached_dls",
@@ -60,7 +46,6 @@ __all__ = [
     "item_transforms",
     "presize",
     "print_data_summary",
-    "resolve_device",
 ]
 
 _RESIZE = {"crop": ResizeMethod.Crop, "squish": ResizeMethod.Squish, "pad": ResizeMethod.Pad}
@@ -112,183 +97,16 @@ def item_transforms(cfg: ExperimentConfig) -> list:
     augmentation; or, at the item stage, augmented to img_size (training) and resized straight
     to img_size (validation)."""
     d = cfg.data
-    args = dict(size=presize(cfg), method=_RESIZE[d.resize], pad_mode="zeros")
+    args = dict(size=presize(cfg), method=_RESIZE[d.resize], pad_mode=PAD_MODE)
     if aug_on_items(cfg):
         return [CpuAugment(d.img_size, cfg.aug, d.resize), ValidResize(**args)]
     return [(Resize if cfg.aug.enabled else CenterResize)(**args)]
-
-
-# ---------------------------------------------------------------- batches
-
-
-class RandomGaussianBlur(RandTransform):
-    """Blur each image of a training batch with probability `p`, sigma uniform in [0.1, max_sigma]."""
-
-    order = 45  # after the crop (30) and the colour changes (40), before Normalize (99)
-
-    def __init__(self, p: float = 0.2, max_sigma: float = 1.5):
-        super().__init__(p=1.0)  # RandTransform's p is per batch; this one draws per image
-        self.p_image, self.max_sigma = p, max_sigma
-
-    def encodes(self, x: TensorImage) -> TensorImage:
-        b = x.shape[0]
-        on = torch.rand(b, device=x.device) < self.p_image
-        if not on.any():
-            return x
-        lo = min(0.1, self.max_sigma)
-        sigma = torch.empty(b, device=x.device, dtype=x.dtype).uniform_(lo, self.max_sigma)
-        radius = math.ceil(3 * self.max_sigma)
-        return TensorImage(blur_batch(x, sigma * on, radius))
-
-
-# RGB → YIQ: a hue shift is a rotation of the (I, Q) chroma plane, so one 3×3 matrix per image.
-_RGB2YIQ = torch.tensor(RGB2YIQ, dtype=torch.float32)
-_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
-
-
-class RandomHue(RandTransform):
-    """Shift the hue of each training image with probability `p` by up to ±`max_hue` of a turn.
-
-    One matrix product per image instead of fastai's `Hue` (RGB → HSV → RGB), which measured ~100×
-    slower on the CPU; like ColorJitter's hue, `max_hue` is a share of the colour circle.
-    """
-
-    order = 40  # with fastai's lighting transforms, before the blur (45) and Normalize (99)
-
-    def __init__(self, max_hue: float = 0.05, p: float = 0.75):
-        super().__init__(p=1.0)  # RandTransform's p is per batch; this one draws per image
-        self.max_hue, self.p_image = max_hue, p
-
-    def encodes(self, x: TensorImage) -> TensorImage:
-        b = x.shape[0]
-        on = torch.rand(b, device=x.device) < self.p_image
-        theta = (torch.rand(b, device=x.device) * 2 - 1) * self.max_hue * 2 * math.pi * on
-        cos, sin = theta.cos(), theta.sin()
-        rot = torch.zeros(b, 3, 3, device=x.device)
-        rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = (
-            1,
-            cos,
-            -sin,
-            sin,
-            cos,
-        )
-        m = (_YIQ2RGB.to(x.device) @ rot @ _RGB2YIQ.to(x.device)).to(x.dtype)
-        return TensorImage(torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1))
-
-
-def _scale_shift_numpy(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """float32 x · scale + bias on the CPU in NumPy, on one thread.
-
-    torch's intra-op threads in the main process fight the DataLoader workers for the cores: each
-    parallel op waits on a thread the workers have pushed off a core. On 2 cores with 2 workers
-    this step took 0.9 ms of main-process CPU per image with torch, 0.25 ms here.
-    """
-    out = x.as_subclass(torch.Tensor).numpy().astype(np.float32)
-    out *= scale.cpu().numpy()
-    out += bias.cpu().numpy()
-    return torch.from_numpy(out)
-
-
-def _scale_shift_torch(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """float32 x · scale + bias on x's device: one float copy, scaled in place.
-
-    A uint8 operand would send addcmul down its slow mixed-dtype path.
-    """
-    return x.as_subclass(torch.Tensor).float().mul_(scale).add_(bias)
-
-
-class FusedNormalize(Normalize):
-    """fastai's `Normalize` in one fused multiply-add: (x - mean) / std = x · (1/std) - mean/std.
-
-    With `div` set (item-stage batches arrive as uint8), it is also fastai's `IntToFloatTensor`:
-    1 / div is folded into the scale, and decoding gives 0-`div` integers back as that does. On a
-    CPU that step runs on one thread, beside the DataLoader workers (see `_scale_shift_numpy`).
-    """
-
-    div: float | None = None  # None: the input is already float (after IntToFloatTensor)
-
-    @classmethod
-    def from_uint8(cls, mean, std, div: float = 255.0) -> FusedNormalize:
-        """Normalization of uint8 batches by (mean, std) of 0-1 pixels, on the default device."""
-        norm = cls.from_stats(mean, std)
-        norm.div = div
-        return norm
-
-    def encodes(self, x: TensorImage) -> TensorImage:
-        scale = 1 / self.std
-        bias = -self.mean * scale
-        if self.div is not None and not x.is_floating_point():
-            on_cpu = x.device.type == "cpu"
-            shift = _scale_shift_numpy if on_cpu else _scale_shift_torch
-            return TensorImage(shift(x, scale / self.div, bias))
-        return TensorImage(torch.addcmul(bias, x, scale))
-
-    def decodes(self, x: TensorImage) -> TensorImage:
-        x = super().decodes(x)
-        return TensorImage((x.clamp(0.0, 1.0) * self.div).long()) if self.div else x
-
-
-def _colour_extras(a: AugConfig) -> list:
-    """TwinCar's extras beyond fastai's aug_transforms: saturation, hue, Gaussian blur."""
-    extras = []
-    if a.saturation:
-        extras.append(Saturation(max_lighting=a.saturation, p=a.p_lighting))
-    if a.hue:
-        extras.append(RandomHue(max_hue=a.hue, p=a.p_lighting))
-    if a.blur_p and a.blur_sigma:
-        extras.append(RandomGaussianBlur(p=a.blur_p, max_sigma=a.blur_sigma))
-    return extras
-
-
-def batch_transforms(cfg: ExperimentConfig) -> list:
-    """Augmentation on the device to img_size (train only; valid gets a plain resize), normalized
-    with the model's own statistics (timm's `pretrained_cfg`)."""
-    a, size = cfg.aug, cfg.data.img_size
-    stats = model_stats(cfg.model.arch)
-    if aug_on_items(cfg):  # every uint8 batch comes sized from the workers, training ones augmented
-        return [FusedNormalize.from_uint8(*stats)]
-    norm = FusedNormalize.from_stats(*stats)
-    tfms = []
-    if a.enabled:
-        tfms = aug_transforms(
-            do_flip=a.flip,
-            max_rotate=a.max_rotate,
-            max_zoom=a.max_zoom,
-            max_warp=a.max_warp,
-            max_lighting=a.max_lighting,
-            p_affine=a.p_affine,
-            p_lighting=a.p_lighting,
-            size=size,
-            min_scale=a.min_scale,
-            xtra_tfms=_colour_extras(a),
-        )
-    if not any(isinstance(t, (AffineCoordTfm, RandomResizedCropGPU)) for t in tfms):
-        tfms.append(RandomResizedCropGPU(size, min_scale=1.0, ratio=(1, 1)))  # resize only
-    return [*tfms, norm]
 
 
 def class_weights(df: pd.DataFrame) -> np.ndarray:
     """Per-row sampling weights 1 / (train images of the row's class): classes drawn equally."""
     counts = df.loc[~df["is_valid"], "label"].value_counts()
     return 1.0 / df["label"].map(counts).fillna(1).to_numpy(dtype=float)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`train.device` as a torch device: auto = cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(
-            f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA GPU is visible; use auto or cpu")
-    return device
 
 
 def make_datablock(cfg: ExperimentConfig, classes: list[str]) -> DataBlock:

@@ -24,7 +24,7 @@ from twincar_fast.data.images import image_problem
 from twincar_fast.data.layouts import IMAGE_SUFFIXES
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
-from twincar_fast.ship.boxes import image_boxes
+from twincar_fast.ship.boxes import ImageBoxes, image_boxes
 from twincar_fast.ship.inputs import BACKENDS, box_warning
 from twincar_fast.ship.predict import Predictor
 
@@ -182,12 +182,27 @@ def predict_files(
         tta: average each image's probabilities with its horizontal flip's.
         cam: a folder for a Grad-CAM++ overlay of the top class per image (torch backend).
         batch_size: images per forward pass.
-        device: where the torch backend runs (default: CUDA when available).
+        device: where the torch backend runs (default: CUDA, then MPS, then the CPU).
         backend: "torch", "onnx" (the folder's model.onnx, onnxruntime on the CPU) or
             "onnx-int8" (its model.int8.onnx).
     """
     _check_args(top_k, out, cam, batch_size, backend)
-    paths = collect_images(images)  # before loading the model: a typo shouldn't cost a load
+    paths, problems, found = _inputs(images, boxes, data)  # before the model: a typo costs no load
+    predictor = Predictor.from_path(
+        model, device=device, trust_pickle=trust_pickle, backend=backend
+    )
+    predictor.batch_size = batch_size
+    rows = _predict_rows(predictor, paths, problems, found.boxes, top_k, tta)
+    _report(rows, predictor, Path(model), top_k, out, cam)
+    return rows
+
+
+def _inputs(
+    images: Sequence[str | os.PathLike], boxes, data
+) -> tuple[list[Path], dict, ImageBoxes]:
+    """The image files, each one's problem (None: fine) and the boxes found for them; a one-line
+    error when no image can be predicted."""
+    paths = collect_images(images)
     problems = {str(p): image_problem(p) for p in paths}
     readable = [str(p) for p in paths if problems[str(p)] is None]
     found = image_boxes(paths, boxes, data, readable)
@@ -197,17 +212,18 @@ def predict_files(
     if paths and all(problems.values()):
         first = str(paths[0])
         raise TwincarError(f"{first}: {problems[first]}; nothing to predict")
-    predictor = Predictor.from_path(
-        model, device=device, trust_pickle=trust_pickle, backend=backend
-    )
-    predictor.batch_size = batch_size
-    rows = _predict_rows(predictor, paths, problems, found.boxes, top_k, tta)
+    return paths, problems, found
+
+
+def _report(rows: list[dict], predictor, model: Path, top_k: int, out, cam) -> None:
+    """Write the Grad-CAM++ overlays into `cam`, print the results, write `out` (.csv/.json)
+    and say how many images failed."""
     if cam is not None:
         from twincar_fast.ship.cam import write_cams
 
         write_cams(predictor, rows, cam)
     top_k = min(top_k, len(predictor.classes))
-    _print(rows, Path(model), top_k)
+    _print(rows, model, top_k)
     if out is not None:
         print(f"predictions → {_write(Path(out), rows, top_k)}", file=sys.stderr)
     failed = sum("error" in r for r in rows)
@@ -216,7 +232,6 @@ def predict_files(
             f"{failed} of {len(rows)} image(s) could not be read or have a bad box (listed above)",
             file=sys.stderr,
         )
-    return rows
 
 
 def _check_args(top_k: int, out, cam, batch_size: int, backend: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from twincar_fast import __version__
 from twincar_fast.config import HeadName, build_typed, check_key
+from twincar_fast.data.geometry import PAD_MODE
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_json, write_text
 
@@ -74,7 +75,7 @@ class ModelCard:
     # crop/squish/pad: fastai's validation Resize to item_size; short: shorter side to item_size,
     # then the centre img_size square (torchvision's Resize + CenterCrop, TwinCar's preprocessing)
     resize: Literal["crop", "squish", "pad", "short"] = "crop"
-    pad_mode: Literal["zeros", "border", "reflection"] = "reflection"
+    pad_mode: Literal["zeros", "border", "reflection"] = PAD_MODE  # the loaders' fallback
     draft: bool = True
     input: str = ""
     weights_layout: Literal["twincar", "timm"] = "twincar"  # timm: timm's own state dict keys

@@ -20,8 +20,9 @@ from twincar_fast.config import ModelConfig
 from twincar_fast.data.dataset import read_classes
 from twincar_fast.errors import TwincarError
 from twincar_fast.ship.card import ModelCard
-from twincar_fast.ship.export import save_safetensors, versions, write_model_config
+from twincar_fast.ship.export import save_safetensors, write_model_config
 from twincar_fast.ship.integrity import file_sha256
+from twincar_fast.train.runs import library_versions
 
 __all__ = ["TWINCAR_PREPROCESSING", "import_torchvision", "read_checkpoint"]
 
@@ -122,7 +123,7 @@ def _write_folder(out: Path, model: nn.Module, card: ModelCard, path: Path) -> N
     source = {"checkpoint": str(path.resolve()), "sha256": file_sha256(path), "head": card.head}
     info = {
         "source": source,
-        "versions": versions(),
+        "versions": library_versions(),
         "sha256": {weights.name: file_sha256(weights)},
     }
     write_model_config(out, card, model[0].model.num_features, info)

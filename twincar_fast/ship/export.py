@@ -13,15 +13,12 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
-from fastai.data.transforms import Normalize
 from fastai.learner import Learner
-from fastai.vision.augment import Resize
-from fastai.vision.core import imagenet_stats
 from safetensors.torch import save_file
 from torch import nn
 
 from twincar_fast.config import ExperimentConfig, config_to_dict
+from twincar_fast.data.geometry import valid_input
 from twincar_fast.files import atomic_path, write_json, write_text
 from twincar_fast.ship.card import (
     ModelCard,
@@ -33,6 +30,7 @@ from twincar_fast.ship.card import (
 )
 from twincar_fast.ship.integrity import file_sha256
 from twincar_fast.train.callbacks import EpochMetrics, SaveRun
+from twincar_fast.train.runs import library_versions
 
 __all__ = [
     "MODEL_FILES",
@@ -100,21 +98,9 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, layout: str = "t
 
 def _preprocessing(learn: Learner, cfg: ExperimentConfig) -> dict:
     """How the validation loader prepares an image: resize method, padding, normalization."""
-    d = cfg.data
-    out = {"resize": d.resize, "pad_mode": "reflection", "draft": d.draft}
-    resize = next((t for t in learn.dls.valid.after_item.fs if isinstance(t, Resize)), None)
-    if resize is not None:
-        out.update(
-            resize=str(resize.method), pad_mode=str(resize.pad_mode), item_size=int(resize.size[0])
-        )
-    norm = next((t for t in learn.dls.after_batch.fs if isinstance(t, Normalize)), None)
-    mean, std = (
-        (norm.mean, norm.std) if norm is not None else (imagenet_stats[0], imagenet_stats[1])
-    )
-    out.update(
-        mean=torch.as_tensor(mean).flatten().tolist(), std=torch.as_tensor(std).flatten().tolist()
-    )
-    return out
+    spec = valid_input(learn.dls)
+    keys = ("resize", "pad_mode", "item_size", "mean", "std")
+    return {"draft": cfg.data.draft} | {k: spec[k] for k in keys}
 
 
 def model_card(learn: Learner, cfg: ExperimentConfig) -> dict:
@@ -153,21 +139,6 @@ def data_hash(data_dir: str | os.PathLike) -> str | None:
     return h.hexdigest()
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries a model folder was written with."""
-    import fastai
-    import timm
-
-    from twincar_fast import __version__
-
-    return {
-        "twincar_fast": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "fastai": fastai.__version__,
-    }
-
-
 def write_model_config(
     model_dir: str | os.PathLike, card: ModelCard, num_features: int, info: dict
 ) -> dict[str, Path]:
@@ -202,7 +173,7 @@ def export_model(
     info = {
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         "data_hash": data_hash(cfg.data.root),
-        "versions": versions(),
+        "versions": library_versions(),
         "training": config_to_dict(cfg),
         "sha256": {paths["safetensors"].name: file_sha256(paths["safetensors"])},  # checked on load
     }

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from twincar_fast.data.geometry import (
+    PAD_MODE,
     InputGeometry,
     crop_region,
     resize_image,
@@ -56,7 +57,7 @@ class ItemPrep:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     resize: str = "crop"  # crop: centre square; squish: whole image; pad: pad to a square;
     # short: shorter side to item_size, then the centre img_size square (torchvision's way)
-    pad_mode: str = "zeros"  # padding of `pad` (fastai PadMode: zeros, border, reflection)
+    pad_mode: str = PAD_MODE  # padding of `pad` (fastai PadMode: zeros, border, reflection)
     draft: bool = True  # JPEG draft decoding at a reduced scale still ≥ item_size
     bbox_crop: bool = False  # the model was trained on car-box crops: give each image its box
     bbox_margin: float = 0.0  # ... grown by this share of the box on each side
@@ -97,7 +98,12 @@ class ItemPrep:
     def geometry(self) -> InputGeometry:
         """Where boxes of an original image land in this model input."""
         return InputGeometry(
-            self.item_size, self.img_size, self.resize, self.bbox_crop, self.bbox_margin
+            self.item_size,
+            self.img_size,
+            self.resize,
+            self.bbox_crop,
+            self.bbox_margin,
+            self.pad_mode,
         )
 
 

@@ -32,7 +32,7 @@ from twincar_fast.ship.inputs import BACKENDS, ImageInput, ItemPrep, PredictMixi
 # torch is imported inside the functions that use it: `Predictor.from_path(..., backend="onnx")`
 # (the public path to the ONNX predictor) must work where torch is not installed
 
-__all__ = ["Predictor", "Preprocess", "require_trust", "resample", "torch_device"]
+__all__ = ["Predictor", "Preprocess", "require_trust", "resample"]
 
 _MODEL_FILES = ("model.safetensors", "learner.pkl")
 
@@ -60,29 +60,9 @@ class Preprocess(ItemPrep):
     @classmethod
     def from_dls(cls, dls) -> Preprocess:
         """The validation preprocessing of a fastai DataLoaders built by `build_dls`."""
-        from fastai.data.transforms import Normalize
-        from fastai.vision.augment import Resize
+        from twincar_fast.data.geometry import valid_input
 
-        from twincar_fast.data.geometry import InputGeometry
-        from twincar_fast.data.loaders import ImageLoader
-
-        dl = dls.valid
-        geo = InputGeometry.from_dls(dls)
-        resize = next(t for t in dl.after_item.fs if isinstance(t, Resize))
-        norm = next(t for t in dl.after_batch.fs if isinstance(t, Normalize))
-        tfms = [t for p in dl.dataset.tfms for t in p.fs]
-        loader = next((t for t in tfms if isinstance(t, ImageLoader)), None)
-        return cls(
-            item_size=geo.item_size,
-            img_size=geo.img_size,
-            mean=norm.mean.flatten().tolist(),
-            std=norm.std.flatten().tolist(),
-            resize=geo.resize,
-            pad_mode=str(resize.pad_mode),
-            draft=bool(loader.draft) if loader is not None else False,
-            bbox_crop=geo.bbox_crop,
-            bbox_margin=geo.bbox_margin,
-        )
+        return cls(**valid_input(dls))
 
 
 def resample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -101,31 +81,6 @@ def resample(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
 
 
-def torch_device(device: str | torch.device | None) -> torch.device:
-    """The torch device to run on (default: CUDA when available); one-line errors for a name
-    torch doesn't know or a GPU this machine lacks."""
-    import torch
-
-    if device is None or device == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise TwincarError(
-            f"device {device!r}: not a device torch knows; give cpu, cuda or cuda:N"
-        ) from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (dev.index or 0) >= count:
-            raise TwincarError(
-                f"device {device!r}: this machine has {count} usable CUDA GPU(s); "
-                "use device cpu" + (f" or cuda:0 … cuda:{count - 1}" if count else "")
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise TwincarError(f"device {device!r}: no MPS (Apple GPU) here; use device cpu")
-    return dev
-
-
 class Predictor(PredictMixin):
     """A model, its classes and its validation preprocessing, ready to classify image files."""
 
@@ -140,7 +95,9 @@ class Predictor(PredictMixin):
     ):
         import torch
 
-        self.device = torch_device(device)
+        from twincar_fast.data.device import resolve_device
+
+        self.device = resolve_device(device, key="device")
         self.classes = list(classes)
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -160,7 +117,7 @@ class Predictor(PredictMixin):
 
         Args:
             path: the model file or folder (a folder's safetensors pair is preferred).
-            device: where to run (default: CUDA when available; the onnx backend: the CPU).
+            device: where to run (default: CUDA, then MPS, then the CPU; the onnx backend: the CPU).
             trust_pickle: allow loading `learner.pkl`, a pickle that can run any code.
             backend: "torch", "onnx" (the folder's model.onnx with onnxruntime) or "onnx-int8"
                 (its model.int8.onnx, see `twincar export --int8`).
@@ -176,7 +133,9 @@ class Predictor(PredictMixin):
             return OnnxPredictor.from_path(path, int8=backend == "onnx-int8")
         if backend != "torch":
             raise TwincarError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        device = torch_device(device)  # before the load: a wrong name shouldn't cost one
+        from twincar_fast.data.device import resolve_device
+
+        device = resolve_device(device, key="device")  # before the load: a wrong name costs none
         path = _model_file(Path(path))
         if path.suffix == ".pkl":
             require_trust(path, trust_pickle)
@@ -277,17 +236,7 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
 
 def _load_learner_pkl(path: Path) -> tuple[nn.Module, list[str], Preprocess]:
     """The model, vocab and validation preprocessing of a fastai `learner.pkl` (pickle: trusted files only)."""
-    import warnings
+    from twincar_fast.analysis.learner_pkl import load_learner_pkl
 
-    from fastai.learner import load_learner
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fastai's pickle warning: the user's own export
-        try:
-            learn = load_learner(path, cpu=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure: one line, what to do
-            reason = " ".join(str(e).split())[:200] or type(e).__name__
-            raise TwincarError(
-                f"{path}: can't load this learner ({reason}); re-export it"
-            ) from None
+    learn = load_learner_pkl(path, cpu=True)  # the Predictor moves the model to its device
     return learn.model, [str(v) for v in learn.dls.vocab], Preprocess.from_dls(learn.dls)

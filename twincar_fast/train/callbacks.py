@@ -3,8 +3,8 @@
 - `EpochMetrics` gathers each epoch's predictions and computes TwinCar's table once per epoch with
   scikit-learn (`metrics.classification_metrics`); thin fastai `ValueMetric`s show every column in
   fastai's progress table and make them monitorable by the trackers.
-- `SaveRun` commits each finished epoch: best weights, last checkpoint with the optimizer, then the
-  metrics.csv row, so an interrupted run always resumes from a consistent epoch.
+- `SaveRun` commits each finished epoch: best weights, last checkpoint with the optimizer
+  (`train.checkpoints`), then the metrics.csv row, so an interrupted run always resumes from a consistent epoch.
 - `EarlyStop` and `Plateau` are fastai's trackers that know which metrics are "lower is better",
   continue from a saved state on resume, and (for the plateau) also work under an LR schedule.
 
@@ -13,12 +13,15 @@ Epochs skipped by fastai's `SkipToEpoch` (the `start_epoch` of a resumed fit) ar
 
 from __future__ import annotations
 
-import random
+import io
+import math
 import time
 from collections.abc import Callable
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -26,20 +29,12 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, TrackerCallback
 from fastai.learner import Learner, Recorder, ValueMetric
-from fastai.torch_core import get_model
 
 from twincar_fast.analysis.metrics import classification_metrics
 from twincar_fast.config_rules import METRICS_COLUMNS, MONITORS, VALID_COLUMNS
-from twincar_fast.errors import TwincarError
-from twincar_fast.files import atomic_path, write_csv
-from twincar_fast.train.distributed import (
-    gather_objects,
-    is_main,
-    own_rng,
-    rank_tag,
-    sum_across,
-    unwrapped,
-)
+from twincar_fast.files import write_csv
+from twincar_fast.train.checkpoints import rng_state, save_checkpoint
+from twincar_fast.train.distributed import is_main, rank_tag, sum_across
 
 __all__ = [
     "MONITORS",
@@ -50,12 +45,8 @@ __all__ = [
     "SaveRun",
     "TrackerState",
     "epoch_skipped",
-    "load_checkpoint",
     "monitor_comp",
     "replay_tracker",
-    "rng_state",
-    "save_checkpoint",
-    "set_rng_state",
 ]
 
 _LOWER_IS_BETTER = {"train_loss", "valid_loss", "valid_hamming"}
@@ -70,78 +61,6 @@ def epoch_skipped(learn: Learner) -> bool:
     """True during the epochs a resumed fit skips (fastai's `SkipToEpoch` of `start_epoch`)."""
     skip = getattr(learn, "skip_to_epoch", None)
     return skip is not None and learn.epoch < getattr(skip, "_skip_to", 0)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def rng_state(learn: Learner) -> dict:
-    """Every random state the next epoch draws from: Python, NumPy, torch (CPU, CUDA), the loaders;
-    with several processes also every rank's, under "ranks" (a collective: call it on each)."""
-    own = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "dls": [unwrapped(dl).rng.getstate() for dl in learn.dls.loaders],  # shuffle generators
-    }
-    return {**own, "ranks": gather_objects(own)}
-
-
-def set_rng_state(learn: Learner, state: dict) -> None:
-    """Restore a `rng_state`, so a resumed fit draws what the uninterrupted one would have: this
-    rank's own when the same number of processes saved it (else rank 0's, as one process)."""
-    state = own_rng(learn, state)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for dl, s in zip(learn.dls.loaders, state["dls"], strict=False):
-        unwrapped(dl).rng.setstate(s)
-
-
-def save_checkpoint(
-    learn: Learner, path: Path, with_opt: bool = True, rng: dict | None = None, best: bool = False
-) -> Path:
-    """`learn.save`'s file (model + optimizer state, and `rng`, a `rng_state`), atomically.
-
-    With weight EMA on (`train.recipe.EmaWeights`), a `best` checkpoint's model is the EMA's (the
-    weights the run evaluates and ships); any other keeps the raw weights and the EMA beside them.
-    """
-    ema = getattr(learn, "ema_weights", None)
-    model = ema.module if best and ema is not None else get_model(learn.model)
-    state = {"model": model.state_dict()}
-    if ema is not None and not best:
-        state["ema"] = ema.state()
-    if with_opt and getattr(learn, "opt", None) is not None:
-        state["opt"] = learn.opt.state_dict()
-    if rng is not None:
-        state["rng"] = rng
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return path
-
-
-def load_checkpoint(learn: Learner, path: Path, with_opt: bool = True) -> dict | None:
-    """Load a `save_checkpoint` file into `learn` (on its device); its random states, if saved."""
-    if learn.opt is None:
-        learn.create_opt()
-    device = getattr(learn.dls, "device", None) or "cpu"
-    try:  # the file is ours (a checkpoint of this run), and holds NumPy's random state
-        state = torch.load(path, map_location=device, weights_only=False)
-        get_model(learn.model).load_state_dict(state.get("model", state))
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError) as e:
-        reason = " ".join(str(e).split())[:120] or type(e).__name__
-        raise TwincarError(
-            f"{path}: damaged checkpoint ({reason}); delete the run's checkpoints and start a new run"
-        ) from None
-    if with_opt and "opt" in state:
-        learn.opt.load_state_dict(state["opt"])
-    ema = getattr(learn, "ema_weights", None)
-    if with_opt and ema is not None and "ema" in state:
-        ema.load_state(state["ema"])
-    return state.get("rng")
 
 
 # ---------------------------------------------------------------- per-epoch metrics
@@ -245,27 +164,30 @@ class TrackerState:
     scale: float = 1.0
 
 
+def _quietly(step: Callable[[], None]) -> None:
+    """Run a fastai tracker's `after_epoch`, its own print silenced (ours names the monitor)."""
+    with redirect_stdout(io.StringIO()):
+        step()
+
+
 def replay_tracker(
     values: list[float], comp: Callable, patience: int = 0, factor: float = 1.0
 ) -> TrackerState:
-    """Replay a monitor's history through fastai's tracker rules (for resume)."""
-    s = TrackerState()
-    for i, v in enumerate(values):
-        if s.best is None or comp(v, s.best):
-            s.best, s.best_epoch, s.wait = float(v), i, 0
-        else:
-            s.wait += 1
-            if patience and factor != 1.0 and s.wait >= patience:
-                s.scale, s.wait = s.scale / factor, 0
-    return s
-
-
-def _now_best(cb: TrackerCallback) -> bool:
-    """fastai's tracker update for this epoch, skipped epochs excluded; True on a new best."""
-    if epoch_skipped(cb.learn):
-        return False
-    TrackerCallback.after_epoch(cb)
-    return bool(cb.new_best)
+    """A monitor's history replayed through fastai's own trackers (for resume): the plateau's when
+    `patience` and `factor` reduce the LR, else early stopping's (which never stops here)."""
+    if patience and factor != 1.0:
+        cb = ReduceLROnPlateau(comp=comp, patience=patience, factor=factor)
+    else:
+        cb = EarlyStoppingCallback(comp=comp, patience=math.inf)
+    recorder, opt = SimpleNamespace(values=[]), SimpleNamespace(hypers=[{"lr": 1.0}])
+    cb.learn = SimpleNamespace(recorder=recorder, opt=opt, epoch=0)
+    cb.best, cb.idx, cb.wait, best_epoch = (math.inf if comp is np.less else -math.inf), 0, 0, None
+    for epoch, value in enumerate(values):
+        recorder.values, cb.learn.epoch = [[value]], epoch
+        _quietly(cb.after_epoch)
+        best_epoch = epoch if cb.new_best else best_epoch
+    best = None if best_epoch is None else float(cb.best)
+    return TrackerState(best, best_epoch, cb.wait, opt.hypers[0]["lr"])
 
 
 class SaveRun(TrackerCallback):
@@ -317,7 +239,7 @@ class SaveRun(TrackerCallback):
         if epoch_skipped(self.learn):
             return
         epoch, main = self.offset + self.epoch, is_main()  # every rank decides, rank 0 writes
-        if self.keep_last or _now_best(self):
+        if self.keep_last or self._improved():
             self.best_epoch = epoch
             if main:
                 save_checkpoint(self.learn, self.best_path, best=True)
@@ -330,6 +252,11 @@ class SaveRun(TrackerCallback):
         self.prune()
         if self.echo is not None and main:
             self.echo(self.rows[-1])
+
+    def _improved(self) -> bool:
+        """fastai's tracker update for this epoch: whether the monitor reached a new best."""
+        super().after_epoch()
+        return bool(self.new_best)
 
     def _row(self, epoch: int) -> dict:
         """This epoch's metrics.csv row."""
@@ -354,54 +281,53 @@ class SaveRun(TrackerCallback):
         self.run = True  # the best weights are loaded once after every stage (train.load_best)
 
 
-class EarlyStop(EarlyStoppingCallback):
-    """fastai's early stopping with TwinCar's monitors, continuing from a replayed state."""
+class _Resumed(TrackerCallback):
+    """A fastai tracker with TwinCar's monitor direction that continues from a replayed state
+    (the best so far, epochs waited) and leaves out the epochs a resumed fit skips."""
 
-    def __init__(self, monitor: str, patience: int, state: TrackerState | None = None):
-        state = state or TrackerState()
-        super().__init__(monitor=monitor, comp=monitor_comp(monitor), patience=patience)
-        self.reset_on_fit, self.best, self._wait = False, state.best, state.wait
+    def __init__(self, monitor: str, state: TrackerState | None, **kwargs):
+        super().__init__(monitor=monitor, comp=monitor_comp(monitor), reset_on_fit=False, **kwargs)
+        self.replayed = state or TrackerState()
+        self.best = self.replayed.best
 
     def before_fit(self):
         super().before_fit()
-        self.wait = self._wait
+        self.wait = self.replayed.wait
 
     def after_epoch(self):
-        if epoch_skipped(self.learn):
-            return
-        self.wait = 0 if _now_best(self) else self.wait + 1
-        if self.wait >= self.patience:
+        if not epoch_skipped(self.learn):
+            _quietly(super().after_epoch)
+
+
+class EarlyStop(_Resumed, EarlyStoppingCallback):
+    """fastai's early stopping, continuing from a replayed state; its line names the monitor."""
+
+    def __init__(self, monitor: str, patience: int, state: TrackerState | None = None):
+        super().__init__(monitor, state, patience=patience)
+
+    def after_epoch(self):
+        try:
+            super().after_epoch()
+        except CancelFitException:
             print(
                 f"No improvement of {self.monitor} for {self.wait} epochs: early stopping "
                 f"after epoch {self.epoch} of this stage{rank_tag()}"
             )
-            raise CancelFitException()
+            raise
 
 
-class Plateau(ReduceLROnPlateau):
+class Plateau(_Resumed, ReduceLROnPlateau):
     """fastai's ReduceLROnPlateau that scales the scheduled LR, so it also works under a schedule.
 
     fastai's version divides the optimizer's LR once, which the next `ParamScheduler` step undoes;
-    this one keeps a scale and applies it after the scheduler sets each batch's LR.
+    this one keeps that reduction as a scale applied after the scheduler sets each batch's LR.
     """
 
     def __init__(
         self, monitor: str, patience: int, factor: float, state: TrackerState | None = None
     ):
-        state = state or TrackerState()
-        super().__init__(
-            monitor=monitor, comp=monitor_comp(monitor), patience=patience, factor=factor
-        )
-        self.reset_on_fit, self.best, self._wait, self.scale = (
-            False,
-            state.best,
-            state.wait,
-            state.scale,
-        )
-
-    def before_fit(self):
-        super().before_fit()
-        self.wait = self._wait
+        super().__init__(monitor, state, patience=patience, factor=factor)
+        self.scale = self.replayed.scale
 
     def before_batch(self):
         if self.training and self.scale != 1.0:
@@ -411,9 +337,9 @@ class Plateau(ReduceLROnPlateau):
     def after_epoch(self):
         if epoch_skipped(self.learn):
             return
-        self.wait = 0 if _now_best(self) else self.wait + 1
-        if self.wait >= self.patience:
-            self.scale, self.wait = self.scale / self.factor, 0
+        super().after_epoch()
+        if not self.new_best and self.wait == 0:  # fastai restarts the count after a reduction
+            self.scale /= self.factor
             print(
                 f"No improvement of {self.monitor} for {self.patience} epochs: LR ÷ {self.factor:g}"
             )

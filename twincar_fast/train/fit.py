@@ -8,8 +8,7 @@ from its last committed epoch: freezing, LR schedule, early stopping and plateau
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -28,11 +27,10 @@ from twincar_fast.train.callbacks import (
     EpochMetrics,
     Plateau,
     SaveRun,
-    load_checkpoint,
     monitor_comp,
     replay_tracker,
-    set_rng_state,
 )
+from twincar_fast.train.checkpoints import load_checkpoint, set_rng_state
 from twincar_fast.train.distributed import distributed_fit, scaled_lr
 from twincar_fast.train.recipe import EmaWeights, recipe_callbacks
 from twincar_fast.train.runs import RunFolders
@@ -143,18 +141,35 @@ def _check_diverged(learn: Learner, cfg: ExperimentConfig, saver: SaveRun) -> No
     )
 
 
-@contextmanager
-def _attached(learn: Learner, cb: Callback | None) -> Iterator[None]:
-    """`cb` on the learner for the whole staged fit (resume loads its state), removed after it,
-    so the export pickles no EMA copy and later `get_preds` see the loaded weights."""
-    if cb is None:
-        yield
-        return
-    learn.add_cb(cb)
-    try:
-        yield
-    finally:
-        learn.remove_cb(cb)
+def _saver(
+    learn: Learner, cfg: ExperimentConfig, folders: RunFolders, rows: Sequence[dict]
+) -> SaveRun:
+    """The run's SaveRun (with the epoch table it echoes to), its stale checkpoints pruned."""
+    t = cfg.train
+    columns = t.console_columns
+    if cfg.data.valid_pct == 0:  # no validation split: its columns would be all blanks
+        columns = [c for c in columns if not c.startswith("valid_")]
+    echo = EpochPrinter(t.head_epochs + t.epochs, columns)
+    keep_last = t.checkpoint == "last" or cfg.data.valid_pct == 0
+    metrics = attach_metrics(learn)
+    saver = SaveRun(
+        t.monitor, folders.ckpt_dir, folders.metrics_csv, metrics, rows, echo, keep_last
+    )
+    saver.prune()  # checkpoints of epochs that were never committed
+    return saver
+
+
+def _recipe(
+    learn: Learner, cfg: ExperimentConfig, saver: SaveRun, data_dir: Path, cbs: Sequence[Callback]
+) -> list[Callback]:
+    """The recipe's callbacks and gradient accumulation, then `cbs`."""
+    if cfg.train.grad_accum > 1:
+        cbs = [GradientAccumulation(n_acc=cfg.data.batch_size * cfg.train.grad_accum), *cbs]
+
+    def run_epoch() -> int:
+        return saver.offset + learn.epoch
+
+    return [*recipe_callbacks(cfg, learn, data_dir, run_epoch), *cbs]
 
 
 def fit_run(
@@ -171,31 +186,17 @@ def fit_run(
     `data_dir` (default `data.root`) is where progressive resizing rebuilds the loaders from.
     """
     t = cfg.train
-    total = t.head_epochs + t.epochs
-    columns = t.console_columns
-    if cfg.data.valid_pct == 0:  # no validation split: its columns would be all blanks
-        columns = [c for c in columns if not c.startswith("valid_")]
-    echo = EpochPrinter(total, columns)
-    metrics = attach_metrics(learn)
-    keep_last = t.checkpoint == "last" or cfg.data.valid_pct == 0
-    saver = SaveRun(
-        t.monitor, folders.ckpt_dir, folders.metrics_csv, metrics, rows, echo, keep_last
-    )
-    saver.prune()  # checkpoints of epochs that were never committed
-    if t.grad_accum > 1:
-        cbs = [GradientAccumulation(n_acc=cfg.data.batch_size * t.grad_accum), *cbs]
-
-    def run_epoch() -> int:
-        return saver.offset + learn.epoch
-
-    cbs = [*recipe_callbacks(cfg, learn, Path(data_dir or cfg.data.root), run_epoch), *cbs]
+    saver = _saver(learn, cfg, folders, rows)
+    cbs = _recipe(learn, cfg, saver, Path(data_dir or cfg.data.root), cbs)
+    # the EMA stays on the learner for the whole staged fit (resume loads its state) and goes after
+    # it, so the export pickles no EMA copy and later `get_preds` see the loaded weights
     ema = EmaWeights(t.ema, t.ema_warmup) if t.ema else None
     offset, resume_from = 0, (done - 1 if done else None)
     # fastai's own epoch table off: it is 281 columns wide and its train_loss is the smoothed one
     with (
         quiet_if_plain(learn),
         learn.no_logging(),
-        _attached(learn, ema),
+        learn.added_cbs(ema),
         distributed_fit(learn, cfg),
     ):
         for stage, n in (("head", t.head_epochs), ("main", t.epochs)):

@@ -28,6 +28,7 @@ __all__ = [
     "RunFolders",
     "create_run_folders",
     "env_info",
+    "library_versions",
     "lock_run",
     "open_resume",
     "resume_point",
@@ -82,24 +83,32 @@ def _git_commit() -> dict:
     return {"git_commit": head.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
 
 
-def env_info(learn: Learner) -> dict:
-    """Versions, device and git commit: what a person needs to reproduce the run."""
+def library_versions() -> dict[str, str]:
+    """The versions of twincar_fast and the libraries a run or a model folder is made with (each
+    module's own `__version__`: torch's names its CUDA build, which the package metadata drops)."""
     import fastai
     import timm
     import torchvision
 
     from twincar_fast import __version__
 
-    device = next(learn.model.parameters()).device
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "fastai": fastai.__version__,
         "timm": timm.__version__,
         "twincar_fast": __version__,
+    }
+
+
+def env_info(learn: Learner) -> dict:
+    """Versions, device and git commit: what a person needs to reproduce the run."""
+    device = next(learn.model.parameters()).device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **library_versions(),
         "device": str(device),
         "gpu": gpu,
         "cuda": torch.version.cuda,
