@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from fastai.torch_core import get_model
 from twincar_fast.analysis.metrics import METRIC_NAMES, classification_metrics
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_csv
+from twincar_fast.run_folder import BEST_CKPT, CKPT_GLOB, LAST_CKPT, TrackerState, replay_tracker
 from twincar_fast.train.distributed import (
     gather_objects,
     is_main,
@@ -243,31 +243,6 @@ class EpochMetrics(Callback):
 # ---------------------------------------------------------------- trackers
 
 
-@dataclass
-class TrackerState:
-    """Where a tracker stands after some epochs: best value and epoch, epochs waited, LR scale."""
-
-    best: float | None = None
-    best_epoch: int | None = None
-    wait: int = 0
-    scale: float = 1.0
-
-
-def replay_tracker(
-    values: list[float], comp: Callable, patience: int = 0, factor: float = 1.0
-) -> TrackerState:
-    """Replay a monitor's history through fastai's tracker rules (for resume)."""
-    s = TrackerState()
-    for i, v in enumerate(values):
-        if s.best is None or comp(v, s.best):
-            s.best, s.best_epoch, s.wait = float(v), i, 0
-        else:
-            s.wait += 1
-            if patience and factor != 1.0 and s.wait >= patience:
-                s.scale, s.wait = s.scale / factor, 0
-    return s
-
-
 def _now_best(cb: TrackerCallback) -> bool:
     """fastai's tracker update for this epoch, skipped epochs excluded; True on a new best."""
     if epoch_skipped(cb.learn):
@@ -309,14 +284,12 @@ class SaveRun(TrackerCallback):
     def best_path(self) -> Path | None:
         """The best epoch's checkpoint."""
         return (
-            None
-            if self.best_epoch is None
-            else self.ckpt_dir / f"best-epoch{self.best_epoch:03d}.pth"
+            None if self.best_epoch is None else self.ckpt_dir / BEST_CKPT.format(self.best_epoch)
         )
 
     def last_path(self, epoch: int) -> Path:
         """The checkpoint saved at the end of `epoch` (for resume)."""
-        return self.ckpt_dir / f"last-epoch{epoch:03d}.pth"
+        return self.ckpt_dir / LAST_CKPT.format(epoch)
 
     def before_epoch(self):
         self._start = time.perf_counter()
@@ -354,7 +327,7 @@ class SaveRun(TrackerCallback):
         keep = {self.best_path}
         if keep_last and self.rows:
             keep.add(self.last_path(self.rows[-1]["epoch"]))
-        for p in [*self.ckpt_dir.glob("last-epoch*.pth"), *self.ckpt_dir.glob("best-epoch*.pth")]:
+        for p in self.ckpt_dir.glob(CKPT_GLOB):
             if p not in keep:
                 p.unlink(missing_ok=True)
 

@@ -23,6 +23,7 @@ from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import EpochPrinter, quiet_if_plain
 from twincar_fast.errors import ConfigError, TwincarError
 from twincar_fast.model.learner import apply_freeze, freeze_all_but_head, lr_for
+from twincar_fast.run_folder import RunFolder, stopped_early
 from twincar_fast.train.callbacks import (
     METRICS_COLUMNS,
     MONITORS,
@@ -37,7 +38,6 @@ from twincar_fast.train.callbacks import (
 )
 from twincar_fast.train.distributed import distributed_fit, scaled_lr
 from twincar_fast.train.recipe import EmaWeights, recipe_callbacks
-from twincar_fast.train.runs import RunFolders
 
 __all__ = ["attach_metrics", "check_console_columns", "check_monitor", "fit_run", "fit_schedule"]
 
@@ -118,14 +118,6 @@ def _main_trackers(cfg: ExperimentConfig, rows: list[dict]) -> list[Callback]:
     return cbs
 
 
-def _stopped_early(cfg: ExperimentConfig, rows: list[dict]) -> bool:
-    """Whether the main fit's rows already reached the early-stopping patience."""
-    t = cfg.train
-    values = [r[t.monitor] for r in rows if r["epoch"] >= t.head_epochs]
-    state = replay_tracker(values, monitor_comp(t.monitor))
-    return bool(t.early_stopping and values and state.wait >= t.early_stopping)
-
-
 def _fit_stage(
     learn: Learner,
     cfg: ExperimentConfig,
@@ -182,7 +174,7 @@ def _attached(learn: Learner, cb: Callback | None) -> Iterator[None]:
 def fit_run(
     learn: Learner,
     cfg: ExperimentConfig,
-    folders: RunFolders,
+    folders: RunFolder,
     done: int = 0,
     rows: Sequence[dict] = (),
     cbs: Sequence[Callback] = (),
@@ -222,7 +214,7 @@ def fit_run(
     ):
         for stage, n in (("head", t.head_epochs), ("main", t.epochs)):
             start = min(max(done - offset, 0), n)
-            if stage == "main" and _stopped_early(cfg, saver.rows):
+            if stage == "main" and stopped_early(saver.rows, monitor_comp(t.monitor), t):
                 start = n  # early stopping had ended the fit before the run was interrupted
             if start < n:
                 saver.offset = offset  # metrics.csv epochs continue across stages
