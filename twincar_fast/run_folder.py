@@ -16,14 +16,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from twincar_fast.config import ExperimentConfig, config_to_dict, flat_dict, load_config
+from twincar_fast.config import (
+    ExperimentConfig,
+    TrainConfig,
+    config_to_dict,
+    flat_dict,
+    load_config,
+)
 from twincar_fast.errors import ConfigError, TwincarError
 from twincar_fast.files import check_folder, new_run_name, write_text
 
 __all__ = [
-    "RUN_FILE_NAMES", "RUN_NOTE_ENV", "SHARED_NAMES", "SPLITS", "ResumeState", "RunFolder", "TrackerState",
-    "create_run_folder", "lock_run", "open_resume", "read_json",
-    "replay_tracker", "resolve_run", "stopped_early",
+    "RUN_FILE_NAMES", "RUN_NOTE_ENV", "SHARED_NAMES", "SPLITS", "ResumeState", "RunFolder",
+    "TrackerState", "create_run_folder", "lock_run", "open_resume", "read_json", "replay_tracker",
+    "resolve_run", "stopped_early",
 ]  # fmt: skip
 
 # reports/<run>/: the config (lr-find's folder has one too), versions and git commit, the classes
@@ -84,14 +90,9 @@ def _in(folder: Path | None, name: str) -> Path:
     return folder / name
 
 
-def _report_file(name: str) -> property:
-    """A RunFolder property: reports/<run>/<name>."""
-    return property(lambda self: _in(self.report_dir, name), doc=f"reports/<run>/{name}")
-
-
-def _model_file(name: str) -> property:
-    """A RunFolder property: models/<run>/<name>."""
-    return property(lambda self: _in(self.model_dir, name), doc=f"models/<run>/{name}")
+def _file(folder: str, name: str) -> property:
+    """A RunFolder property: `name` in its `folder` ("report_dir" or "model_dir")."""
+    return property(lambda self: _in(getattr(self, folder), name), doc=f"{folder}/{name}")
 
 
 @dataclass(frozen=True)
@@ -109,24 +110,24 @@ class RunFolder:
         """The folders of run `name` under the config's reports_dir and models_dir."""
         return cls(name, Path(cfg.reports_dir) / name, Path(cfg.models_dir) / name)
 
-    config_yaml = _report_file(CONFIG_YAML)
-    env_json = _report_file(ENV_JSON)
-    classes_csv = _report_file(CLASSES_CSV)
-    metrics_csv = _report_file(METRICS_CSV)
-    valid_preds_npz = _report_file(VALID_PREDS_NPZ)
-    summary_json = _report_file(SUMMARY_JSON)
-    index_html = _report_file(INDEX_HTML)
-    figures_dir = _report_file(FIGURES_DIR)
-    twins_csv = _report_file(TWINS_CSV)
-    twins_json = _report_file(TWINS_JSON)
-    lock_file = _report_file(LOCK)
-    learner_pkl = _model_file(LEARNER_PKL)
-    safetensors = _model_file(SAFETENSORS)
-    config_json = _model_file(CONFIG_JSON)
-    readme_md = _model_file(README_MD)
-    onnx = _model_file(ONNX)
-    int8_onnx = _model_file(INT8_ONNX)
-    ckpt_dir = _model_file(CKPT_DIR)
+    config_yaml = _file("report_dir", CONFIG_YAML)
+    env_json = _file("report_dir", ENV_JSON)
+    classes_csv = _file("report_dir", CLASSES_CSV)
+    metrics_csv = _file("report_dir", METRICS_CSV)
+    valid_preds_npz = _file("report_dir", VALID_PREDS_NPZ)
+    summary_json = _file("report_dir", SUMMARY_JSON)
+    index_html = _file("report_dir", INDEX_HTML)
+    figures_dir = _file("report_dir", FIGURES_DIR)
+    twins_csv = _file("report_dir", TWINS_CSV)
+    twins_json = _file("report_dir", TWINS_JSON)
+    lock_file = _file("report_dir", LOCK)
+    learner_pkl = _file("model_dir", LEARNER_PKL)
+    safetensors = _file("model_dir", SAFETENSORS)
+    config_json = _file("model_dir", CONFIG_JSON)
+    readme_md = _file("model_dir", README_MD)
+    onnx = _file("model_dir", ONNX)
+    int8_onnx = _file("model_dir", INT8_ONNX)
+    ckpt_dir = _file("model_dir", CKPT_DIR)
 
     def eval_json(self, split: str) -> Path:
         """reports/<run>/eval_<split>.json."""
@@ -159,12 +160,9 @@ class RunFolder:
 
     def missing(self, cfg: ExperimentConfig) -> list[str]:
         """The end-of-run steps a trained run still lacks: 'test evaluation', 'report'."""
-        missing = []
-        if cfg.eval.test and not self.eval_json("test").is_file():
-            missing.append("test evaluation")
-        if cfg.eval.interpret and not self.index_html.is_file():
-            missing.append("report")
-        return missing
+        test = cfg.eval.test and not self.eval_json("test").is_file()
+        report = cfg.eval.interpret and not self.index_html.is_file()
+        return ["test evaluation"] * bool(test) + ["report"] * bool(report)
 
     def missing_files(self, cfg: ExperimentConfig) -> list[Path]:
         """The files a finished run of `cfg` should hold and doesn't."""
@@ -358,8 +356,8 @@ def replay_tracker(
     return s
 
 
-def stopped_early(rows: list[dict], comp: Callable, train) -> bool:
-    """Whether the main fit's `rows` already reached the early-stopping patience (`train`: cfg.train)."""
+def stopped_early(rows: list[dict], comp: Callable, train: TrainConfig) -> bool:
+    """Whether the main fit's `rows` already reached the early-stopping patience."""
     values = [r[train.monitor] for r in rows if r["epoch"] >= train.head_epochs]
     state = replay_tracker(values, comp)
     return bool(train.early_stopping and values and state.wait >= train.early_stopping)
