@@ -39,6 +39,7 @@ VALID_PREDS_NPZ = "valid_preds.npz"  # the kept model's validation probabilities
 SUMMARY_JSON = "summary.json"  # written when training ends: from then on the run is trained
 INDEX_HTML, FIGURES_DIR = "index.html", "figures"  # the report and its figures
 TWINS_CSV, TWINS_JSON = "twins.csv", "twins.json"  # (twins.csv is copied beside the model too)
+TWIN_PNG = "twins_{:02d}.png"  # figures/twins/: one figure a pair, by rank (`.format(rank)`)
 LOCK = ".lock"  # held while a process trains in the run
 ACCURACY_PNG, LOSS_PNG, TOPK_PNG = "accuracy.png", "loss.png", "topk.png"  # in figures/
 PRECISION_RECALL_PNG, GRADCAM_IMAGES_PNG = "precision_recall.png", "gradcam_images.png"

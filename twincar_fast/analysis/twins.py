@@ -52,6 +52,7 @@ from twincar_fast.files import atomic_path, write_csv, write_json
 from twincar_fast.run_folder import (
     FIGURES_DIR,
     PREDICTIONS_CSV,
+    TWIN_PNG,
     TWINS_CSV,
     TWINS_JSON,
     resolve_run,
@@ -116,7 +117,7 @@ def _explain(learn, dl, preds, data_dir, split, pairs, report_dir) -> pd.DataFra
             rows.append({"n_images": 0, "figure": ""})
             continue
         pm = pair_maps(learn, dl, preds, data_dir, a, b, boxes)
-        fig = FIG_DIR / f"twins_{pair['rank']:02d}.png"
+        fig = FIG_DIR / TWIN_PNG.format(pair["rank"])
         plot_pair(learn, pm, pd.Series(pair), report_dir / fig)
         rows.append({**pair_scores(learn, pm), "n_images": len(pm.rows), "figure": fig.as_posix()})
     extra = pd.DataFrame(rows, index=pairs.index)
@@ -154,7 +155,7 @@ def _write(report_dir: Path, pairs: pd.DataFrame, summary: dict) -> pd.DataFrame
     """twins.csv and twins.json (written last), old pair figures removed first."""
     fig_dir, kept = report_dir / FIG_DIR, set(pairs.get("figure", []))
     if fig_dir.is_dir():
-        for old in fig_dir.glob("twins_*.png"):
+        for old in fig_dir.glob(TWIN_PNG.replace("{:02d}", "*")):
             if old.relative_to(report_dir).as_posix() not in kept:
                 old.unlink()
     write_csv(report_dir / TWINS_CSV, pairs)
