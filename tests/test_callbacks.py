@@ -19,6 +19,7 @@ from twincar_fast.train.callbacks import (
     epoch_skipped,
     monitor_comp,
     replay_tracker,
+    stopped_early,
 )
 from twincar_fast.train.fit import attach_metrics, fit_schedule
 
@@ -110,3 +111,11 @@ def test_warmup_then_cosine_lr_curve(learn):
     peak = int(np.argmax(lrs))
     assert lrs[0] == pytest.approx(lr / 100) and peak == round(pct * n)
     assert np.all(np.diff(lrs[: peak + 1]) > 0) and np.all(np.diff(lrs[peak:]) < 0)
+
+
+def test_stopped_early_counts_main_epochs_since_the_best():
+    train = type("T", (), {"monitor": "valid_loss", "head_epochs": 1, "early_stopping": 2})
+    rows = [{"epoch": i, "valid_loss": v} for i, v in enumerate([9.0, 1.0, 2.0, 3.0])]
+    assert stopped_early(rows, np.less, train)
+    assert not stopped_early(rows[:3], np.less, train)
+    assert not stopped_early(rows, np.greater, train)  # higher is better: still improving

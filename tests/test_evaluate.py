@@ -12,12 +12,12 @@ import pytest
 from conftest import make_tiny_cfg
 from sklearn import metrics as skm
 
-from twincar_fast.analysis.evaluate import resolve_run
 from twincar_fast.analysis.metrics import METRIC_NAMES
 from twincar_fast.cli import main
 from twincar_fast.data import read_annotations, split_train_valid
 from twincar_fast.errors import TwincarError
 from twincar_fast.experiment import run_experiment
+from twincar_fast.run_folder import resolve_run
 from twincar_fast.ship.saved import evaluate
 
 PRED_COLUMNS = [

@@ -18,7 +18,7 @@ import twincar_fast
 PACKAGE = Path(twincar_fast.__file__).parent
 LAYERS = ["entry", "lab", "experiment", "ship", "train", "model", "analysis", "data", "base"]
 ENTRY = {"run", "cli", "__init__"}
-BASE = {"config", "config_rules", "console", "files", "errors"}
+BASE = {"config", "config_rules", "console", "files", "errors", "run_folder"}
 
 
 def layer_of(module: str) -> str:
@@ -186,3 +186,38 @@ def test_the_check_finds_circles():
     assert import_circles(line) == []
     assert import_circles({**line, "c": {"a"}}) == [["a", "b", "c"]]
     assert import_circles({**line, "d": {"b"}, "c": {"d"}}) == [["b", "c", "d"]]
+
+
+def run_folder_literals(source: str) -> list[str]:
+    """`line N: 'name'` for each run-folder file name that `source` spells as a string literal."""
+    from twincar_fast.run_folder import RUN_FILE_NAMES, SHARED_NAMES
+
+    names = RUN_FILE_NAMES - SHARED_NAMES  # data sets and caches name their own files alike
+    return [
+        f"line {node.lineno}: {node.value!r}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+    ]
+
+
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [
+        ('p = run / "summary.json"', 1),
+        ("f\"{run / 'config.yaml'} exists\"", 1),
+        ('"""Writes summary.json."""\np = run / SUMMARY_JSON', 0),
+        ('p = data / "annotations.csv"', 0),
+    ],
+)
+def test_the_check_catches_run_folder_file_names(source, found):
+    assert len(run_folder_literals(source)) == found
+
+
+def test_run_folder_file_names_are_spelled_only_in_run_folder():
+    bad = [
+        f"{name} {hit}"
+        for name, path in _package_modules()
+        if name != "twincar_fast.run_folder"
+        for hit in run_folder_literals(path.read_text())
+    ]
+    assert not bad, "run-folder file names outside run_folder.py:\n" + "\n".join(bad)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from twincar_fast.analysis import plots
+from twincar_fast.analysis import curves, plots
 from twincar_fast.analysis.metrics import METRIC_NAMES
 
 MAKES = ["Chevrolet Silverado 2500HD Regular Cab", "Mercedes-Benz Sprinter Van", "Audi S5 Coupe"]
@@ -126,7 +126,7 @@ def metrics_frame(n_epochs: int) -> pd.DataFrame:
 @pytest.mark.parametrize("n_epochs", [1, 6])
 def test_curves_from_metrics_csv(tmp_path, n_epochs):
     metrics_frame(n_epochs).to_csv(tmp_path / "metrics.csv", index=False)
-    paths = plots.plot_curves(tmp_path / "metrics.csv", tmp_path / "figures")
+    paths = curves.plot_curves(tmp_path / "metrics.csv", tmp_path / "figures")
     assert [p.name for p in paths] == [
         "accuracy.png",
         "loss.png",
@@ -140,7 +140,7 @@ def test_curves_from_metrics_csv(tmp_path, n_epochs):
 def test_curves_skip_figures_whose_columns_are_missing(tmp_path):
     df = metrics_frame(3)[["epoch", "train_loss", "valid_loss"]]
     df.to_csv(tmp_path / "metrics.csv", index=False)
-    paths = plots.plot_curves(tmp_path / "metrics.csv", tmp_path)
+    paths = curves.plot_curves(tmp_path / "metrics.csv", tmp_path)
     assert [p.name for p in paths] == ["loss.png"]
 
 
@@ -183,6 +183,7 @@ def drawn(monkeypatch):
             return original(fig, path, dpi)
 
     monkeypatch.setattr(plots, "save_figure", keep)
+    monkeypatch.setattr(curves, "save_figure", keep)
     yield figures
     for fig in figures.values():
         plots.plt.close(fig)
@@ -194,7 +195,7 @@ def test_curves_without_a_validation_split_say_so_and_mark_the_kept_epoch(tmp_pa
         df[col] = np.nan  # data.valid_pct: 0
     df.to_csv(tmp_path / "metrics.csv", index=False)
     (tmp_path / "summary.json").write_text('{"kept_epoch": 3, "best_epoch": 3}')
-    paths = plots.plot_curves(tmp_path / "metrics.csv", tmp_path / "figures")
+    paths = curves.plot_curves(tmp_path / "metrics.csv", tmp_path / "figures")
     assert [p.name for p in paths] == ["accuracy.png", "loss.png"]
     ax = drawn["accuracy.png"].axes[0]
     assert ax.get_title() == "Train accuracy (no validation split: the test split judges the run)"
@@ -202,7 +203,7 @@ def test_curves_without_a_validation_split_say_so_and_mark_the_kept_epoch(tmp_pa
     assert drawn["loss.png"].axes[0].get_title() == "Train loss (no validation split)"
     df = metrics_frame(4)
     df.to_csv(tmp_path / "metrics.csv", index=False)
-    plots.plot_curves(tmp_path / "metrics.csv", tmp_path / "figures")
+    curves.plot_curves(tmp_path / "metrics.csv", tmp_path / "figures")
     assert drawn["accuracy.png"].axes[0].get_title() == "Accuracy and macro F1"
 
 

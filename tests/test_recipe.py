@@ -27,9 +27,9 @@ from twincar_fast.errors import ConfigError
 from twincar_fast.experiment import run_experiment
 from twincar_fast.lab.compare import compare_table
 from twincar_fast.model.learner import create_learner
+from twincar_fast.run_folder import create_run_folder
 from twincar_fast.train.fit import fit_run
 from twincar_fast.train.recipe import MixBatches
-from twincar_fast.train.runs import create_run_folders
 
 REPO = Path(__file__).resolve().parents[1]
 BEST = "checkpoints/best-epoch{:03d}.pth"
@@ -154,7 +154,7 @@ def test_mixing_changes_the_targets_then_stops(tiny_cfg, alphas):
     cfg.aug = dataclasses.replace(cfg.aug, mixup=alphas[0], cutmix=alphas[1], mix_off_epochs=1)
     see = SeeLoss()
     learn = create_learner(cfg, build_dls(cfg))
-    fit_run(learn, cfg, create_run_folders(cfg), cbs=[see])
+    fit_run(learn, cfg, create_run_folder(cfg), cbs=[see])
     by_epoch = {e: [s for s in see.seen if s[0] == e] for e in range(3)}
     assert all(mixed for _, mixed, _, _ in by_epoch[0] + by_epoch[1])
     assert not any(mixed for _, mixed, _, _ in by_epoch[2])  # the last epoch: no mixing
@@ -302,7 +302,7 @@ def test_sgd_nesterov_with_warmup_gives_the_asked_lr_curve(tiny_cfg):
         warmup_epochs=warmup,
     )
     learn = create_learner(cfg, build_dls(cfg))
-    fit_run(learn, cfg, create_run_folders(cfg))
+    fit_run(learn, cfg, create_run_folder(cfg))
     groups = learn.opt.opt.param_groups
     assert isinstance(learn.opt.opt, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.9 and g["weight_decay"] == 5e-4 for g in groups)

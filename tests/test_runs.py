@@ -22,7 +22,7 @@ from twincar_fast.cli import main
 from twincar_fast.config import save_config
 from twincar_fast.errors import TwincarError
 from twincar_fast.experiment import run_experiment
-from twincar_fast.train.runs import create_run_folders
+from twincar_fast.run_folder import create_run_folder
 
 
 def _interrupted(cfg, n: int = 1) -> Path:
@@ -55,7 +55,7 @@ def test_dangling_symlink_reports_dir_is_one_line_not_a_hang(tiny_cfg, tmp_path,
     (tmp_path / "link").symlink_to(tmp_path / "gone")
     tiny_cfg.reports_dir = str(tmp_path / "link")
     with pytest.raises(TwincarError, match=r"link: a broken symlink") as e:
-        create_run_folders(tiny_cfg)
+        create_run_folder(tiny_cfg)
     assert "\n" not in str(e.value)
 
 
@@ -64,10 +64,10 @@ def test_unusable_run_folders_are_one_line_and_leave_nothing(tiny_cfg, tmp_path)
     (tmp_path / "afile").write_text("x")
     bad = dataclasses.replace(tiny_cfg, reports_dir=str(tmp_path / "afile"))
     with pytest.raises(TwincarError, match=r"afile: is a file, not a folder"):
-        create_run_folders(bad)
+        create_run_folder(bad)
     bad = dataclasses.replace(tiny_cfg, models_dir=str(tmp_path / "afile" / "models"))
     with pytest.raises(TwincarError, match=r"afile/models: can't create a run folder"):
-        create_run_folders(bad)
+        create_run_folder(bad)
     assert not list(Path(tiny_cfg.reports_dir).iterdir())  # no orphan report folder
 
 
@@ -113,7 +113,7 @@ def test_damaged_resume_files_are_one_line(tiny_cfg):
 
 def test_a_run_in_use_is_refused(tiny_cfg):
     """Issue 12.6: a second process may not train into a run folder that is being trained."""
-    from twincar_fast.train.runs import lock_run
+    from twincar_fast.run_folder import lock_run
 
     report = _interrupted(tiny_cfg)
     folders = experiment.open_resume(report, tiny_cfg)

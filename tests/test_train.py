@@ -33,8 +33,8 @@ from twincar_fast.data import build_dls
 from twincar_fast.errors import ConfigError, TwincarError
 from twincar_fast.experiment import lr_find_report, run_experiment
 from twincar_fast.model.learner import create_learner
+from twincar_fast.run_folder import create_run_folder, open_resume
 from twincar_fast.train.fit import fit_run, fit_schedule
-from twincar_fast.train.runs import create_run_folders, open_resume
 
 # the run folder contract (docs/brief), spelled out here rather than imported
 COLUMNS = (
@@ -235,14 +235,14 @@ def test_gradient_accumulation_steps_every_n_batches(tiny_cfg):
     cfg = tiny_cfg
     cfg.train = dataclasses.replace(cfg.train, epochs=1, grad_accum=2, freeze=[])
     learn = create_learner(cfg, build_dls(cfg))
-    fit_run(learn, cfg, create_run_folders(cfg))
+    fit_run(learn, cfg, create_run_folder(cfg))
     steps = {int(s["step"]) for s in learn.opt.state_dict()["state"] if "step" in s}
     assert steps == {len(learn.dls.train) // 2}
 
 
 def test_run_folders_are_never_reused(tiny_cfg):
     now = datetime(2024, 1, 2, 3, 4, 5)
-    a, b = create_run_folders(tiny_cfg, now), create_run_folders(tiny_cfg, now)
+    a, b = create_run_folder(tiny_cfg, now), create_run_folder(tiny_cfg, now)
     assert a.name == "tiny-20240102-030405" and b.name != a.name
     assert a.report_dir.is_dir() and b.report_dir.is_dir() and b.model_dir.is_dir()
 
@@ -252,7 +252,7 @@ def test_bad_resume_dirs_give_one_line_errors(tiny_cfg, tmp_path):
         open_resume(tmp_path / "nope", tiny_cfg)
     with pytest.raises(TwincarError, match="not a run folder"):
         open_resume(tmp_path, tiny_cfg)
-    run = create_run_folders(tiny_cfg)
+    run = create_run_folder(tiny_cfg)
     save_config(tiny_cfg, run.report_dir / "config.yaml")
     other = copy.deepcopy(tiny_cfg)
     other.train.epochs = 5

@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int | None:
         raise TwincarError(f"--processes must be at least 1, got {args.processes}")
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
     if args.resume is not None:  # ... also on a finished or wrong run folder
-        from twincar_fast.train.folders import open_resume
+        from twincar_fast.run_folder import open_resume
 
         open_resume(args.resume, cfg)
     if args.processes > 1:

@@ -9,7 +9,6 @@ interrupted run in the same folders from its last finished epoch, optimizer stat
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -21,13 +20,13 @@ import numpy as np
 import pandas as pd
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback  # noqa: F401 - patches Learner.no_bar
+from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.torch_core import num_distrib, set_seed
 
 from twincar_fast.analysis.evaluate import evaluate_learner
 from twincar_fast.analysis.interpret import interpret_learner
 from twincar_fast.analysis.metrics import METRIC_NAMES
-from twincar_fast.analysis.report import read_json
 from twincar_fast.analysis.twins import copy_twins
 from twincar_fast.config import ExperimentConfig, validate
 from twincar_fast.console import (
@@ -42,6 +41,14 @@ from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_json
 from twincar_fast.model.learner import create_learner
 from twincar_fast.model.precision import device_info
+from twincar_fast.run_folder import (
+    CKPT_DIR,
+    RunFolder,
+    create_run_folder,
+    lock_run,
+    open_resume,
+    read_json,
+)
 from twincar_fast.ship.card import record_results
 from twincar_fast.ship.export import export_model
 from twincar_fast.train.callbacks import SaveRun
@@ -55,16 +62,8 @@ from twincar_fast.train.distributed import (
     leave_group,
 )
 from twincar_fast.train.fit import fit_run
-from twincar_fast.train.folders import missing_steps
 from twincar_fast.train.lr_find import lr_find_figure, lr_find_report, run_lr_find
-from twincar_fast.train.runs import (
-    RunFolders,
-    create_run_folders,
-    lock_run,
-    open_resume,
-    resume_point,
-    write_snapshot,
-)
+from twincar_fast.train.runs import resume_point, write_snapshot
 from twincar_fast.train.trackers import check_trackers, make_trackers
 
 __all__ = [
@@ -145,14 +144,14 @@ def _summary(
     }
 
 
-def _record_test(cfg: ExperimentConfig, folders: RunFolders, summary: dict) -> dict:
+def _record_test(cfg: ExperimentConfig, folders: RunFolder, summary: dict) -> dict:
     """The test split's headline into summary.json, and the kept epoch and test metrics into
     the model card, once the run is evaluated; the summary."""
-    test = read_json(folders.report_dir / "eval_test.json")
+    test = read_json(folders.eval_json("test"))
     if test:
         keys = ("acc", "top5", "f1_macro", "loss")
         summary["test"] = {"n_images": test["n_images"], **{k: test[f"test_{k}"] for k in keys}}
-        write_json(folders.report_dir / "summary.json", summary)
+        write_json(folders.summary_json, summary)
     results = {
         "epoch": summary.get("kept_epoch", summary["best_epoch"]),  # (runs of older versions)
         "kept_because": summary.get("kept_because") or kept_because(cfg),
@@ -161,7 +160,7 @@ def _record_test(cfg: ExperimentConfig, folders: RunFolders, summary: dict) -> d
     results.update({f"test_{n}": test[f"test_{n}"] for n in names if f"test_{n}" in test})
     if test:
         results["test_images"] = test["n_images"]
-    if (folders.model_dir / "config.json").is_file():
+    if folders.config_json.is_file():
         record_results(folders.model_dir, results)
     return summary
 
@@ -169,7 +168,7 @@ def _record_test(cfg: ExperimentConfig, folders: RunFolders, summary: dict) -> d
 def _fit_or_hint(
     learn: Learner,
     cfg: ExperimentConfig,
-    folders: RunFolders,
+    folders: RunFolder,
     resume: bool,
     cbs: Sequence[Callback],
     data_dir: Path,
@@ -180,12 +179,14 @@ def _fit_or_hint(
         return fit_run(learn, cfg, folders, done, rows, cbs, data_dir)
     except KeyboardInterrupt:
         r = folders.report_dir
-        console.print(f"interrupted; continue with: twincar train {r / 'config.yaml'} --resume {r}")
+        console.print(
+            f"interrupted; continue with: twincar train {folders.config_yaml} --resume {r}"
+        )
         raise
 
 
 def _save_outputs(
-    learn: Learner, cfg: ExperimentConfig, folders: RunFolders, saver: SaveRun
+    learn: Learner, cfg: ExperimentConfig, folders: RunFolder, saver: SaveRun
 ) -> dict[str, Path]:
     """Export the (best) model and its validation predictions; every output path by name."""
     paths = {"report_dir": folders.report_dir, "model_dir": folders.model_dir}
@@ -195,7 +196,7 @@ def _save_outputs(
     with step("exporting the model"):
         paths.update(export_model(learn, folders.model_dir, cfg, metrics))
     if len(learn.dls.valid_ds):  # data.valid_pct: 0 has no validation split
-        paths["valid_preds"] = save_valid_preds(learn, folders.report_dir / "valid_preds.npz")
+        paths["valid_preds"] = save_valid_preds(learn, folders.valid_preds_npz)
     paths["metrics"], paths["best_checkpoint"] = folders.metrics_csv, saver.best_path
     return paths
 
@@ -224,45 +225,25 @@ def run_experiment(
         cbs: extra fastai callbacks for the fit (loggers, ...).
     """
     start = time.perf_counter()
-    validate(cfg)
-    check_trackers(cfg)
-    check_distributed(cfg)
+    _check_config(cfg)
     init_distributed()  # when launched with several processes
     with ExitStack() as held:
         folders = open_resume(resume, cfg) if resume is not None else None
         if folders is not None and is_main():  # before the data and model: busy runs fail fast
             held.enter_context(lock_run(folders))
-        set_seed(cfg.train.seed, reproducible=True)
-        data_dir = ensure_dataset(cfg)
-        dls = build_dls(cfg, data_dir)
-        _check_needs(cfg, data_dir, dls)
-        learn = create_learner(cfg, dls)
+        data_dir, dls, learn = _data_and_learner(cfg)
         if folders is None:
             folders = _new_folders(cfg)
             if is_main():
                 held.enter_context(lock_run(folders))
-        learn.path, learn.model_dir = folders.model_dir, "checkpoints"  # fastai's saves stay here
-        machine = device_info(cfg.train, learn.dls.device)
-        if distributed():
-            machine["processes"] = num_distrib()
-        print_config(cfg, folders.name, machine)
-        print_data_summary(cfg, data_dir, dls)
+        machine = _machine(learn, cfg, folders, data_dir, dls)
         trackers, ended = (make_trackers(cfg, folders) if is_main() else []), {}
         held.callback(_finish_trackers, trackers, ended)  # also when the run fails
-        if folders.finished:
-            leave_group()  # nothing to train: rank 0 finishes the run alone
-            if not is_main():
-                return RunResult(folders.name, folders.report_dir, folders.model_dir, {}, learn)
-            summary = json.loads((folders.report_dir / "summary.json").read_text())
-            load_checkpoint(learn, Path(summary["paths"]["best_checkpoint"]), with_opt=False)
-            paths = {k: Path(v) for k, v in summary["paths"].items()}
-        else:
-            trained = _train(
-                learn, cfg, folders, data_dir, resume is not None, [*cbs, *trackers], start, machine
-            )
-            if trained is None:  # a rank other than 0: the fit was its part
-                return RunResult(folders.name, folders.report_dir, folders.model_dir, {}, learn)
-            summary, paths = trained
+        resumed, cbs = resume is not None, [*cbs, *trackers]
+        trained = _train(learn, cfg, folders, data_dir, resumed, cbs, start, machine)
+        if trained is None:  # a rank other than 0: the fit was its part
+            return RunResult(folders.name, folders.report_dir, folders.model_dir, {}, learn)
+        summary, paths = trained
         _report(learn, cfg, folders, data_dir, paths, summary)
         summary = _record_test(cfg, folders, summary)
         _print_result(cfg, summary, paths)
@@ -270,10 +251,38 @@ def run_experiment(
         return RunResult(folders.name, folders.report_dir, folders.model_dir, summary, learn)
 
 
-def _new_folders(cfg: ExperimentConfig) -> RunFolders:
+def _check_config(cfg: ExperimentConfig) -> None:
+    """Every rule of the config, before the data set and the model load."""
+    validate(cfg)  # train.monitor and console_columns too (config_rules)
+    check_trackers(cfg)
+    check_distributed(cfg)
+
+
+def _data_and_learner(cfg: ExperimentConfig) -> tuple[Path, DataLoaders, Learner]:
+    """Seeded: the data set's folder, its loaders (checked for what the run needs), the learner."""
+    set_seed(cfg.train.seed, reproducible=True)
+    data_dir = ensure_dataset(cfg)
+    dls = build_dls(cfg, data_dir)
+    _check_needs(cfg, data_dir, dls)
+    return data_dir, dls, create_learner(cfg, dls)
+
+
+def _new_folders(cfg: ExperimentConfig) -> RunFolder:
     """A new run's folders: claimed by rank 0, its name broadcast to the other processes."""
-    name = broadcast_object(create_run_folders(cfg).name if is_main() else None)
-    return RunFolders(name, Path(cfg.reports_dir) / name, Path(cfg.models_dir) / name)
+    return RunFolder.of(cfg, broadcast_object(create_run_folder(cfg).name if is_main() else None))
+
+
+def _machine(
+    learn: Learner, cfg: ExperimentConfig, folders: RunFolder, data_dir: Path, dls: DataLoaders
+) -> dict:
+    """Point fastai's saves into the run's checkpoints, print the setup; the machine it runs on."""
+    learn.path, learn.model_dir = folders.model_dir, CKPT_DIR  # fastai's saves stay here
+    machine = device_info(cfg.train, learn.dls.device)
+    if distributed():
+        machine["processes"] = num_distrib()
+    print_config(cfg, folders.name, machine)
+    print_data_summary(cfg, data_dir, dls)
+    return machine
 
 
 def _finish_trackers(trackers: Sequence, ended: dict) -> None:
@@ -286,17 +295,25 @@ def _finish_trackers(trackers: Sequence, ended: dict) -> None:
 def _train(
     learn: Learner,
     cfg: ExperimentConfig,
-    folders: RunFolders,
+    folders: RunFolder,
     data_dir: Path,
     resume: bool,
     cbs: Sequence[Callback],
     start: float,
     machine: dict,
 ) -> tuple[dict, dict[str, Path]] | None:
-    """Fit, export the best model and write summary.json: (the summary, every output path).
+    """Fit, export the best model and write summary.json: (the summary, every output path); a
+    trained run's kept model is loaded again instead.
 
     With several processes all of them fit; then only rank 0 goes on (the others get None).
     """
+    if folders.finished:
+        leave_group()  # nothing to train: rank 0 finishes the run alone
+        if not is_main():
+            return None
+        state = folders.resume_state()
+        load_checkpoint(learn, state.kept_checkpoint, with_opt=False)
+        return state.summary, {k: Path(v) for k, v in state.summary["paths"].items()}
     if is_main():
         write_snapshot(cfg, folders, learn, data_dir)
     saver = _fit_or_hint(learn, cfg, folders, resume, cbs, data_dir)
@@ -306,7 +323,7 @@ def _train(
     load_checkpoint(learn, saver.best_path)
     paths = _save_outputs(learn, cfg, folders, saver)
     summary = _summary(cfg, saver, time.perf_counter() - start, paths, machine)
-    write_json(folders.report_dir / "summary.json", summary)  # from here on the run is trained
+    write_json(folders.summary_json, summary)  # from here on the run is trained
     saver.prune(keep_last=False)  # ... and not resumable: drop the last-epoch checkpoint
     return summary, paths
 
@@ -314,14 +331,14 @@ def _train(
 def _report(
     learn: Learner,
     cfg: ExperimentConfig,
-    folders: RunFolders,
+    folders: RunFolder,
     data_dir: Path,
     paths: dict,
     summary: dict,
 ) -> None:
     """Evaluate the kept model on the test split and draw the report, the steps still missing."""
     r = folders.report_dir
-    missing = missing_steps(r, cfg)
+    missing = folders.missing(cfg)
     kept = summary.get("kept_epoch", summary.get("best_epoch"))
     try:
         if "test evaluation" in missing:
@@ -333,14 +350,14 @@ def _report(
     except BaseException:
         console.print(
             f"the model is saved; finish the {' and '.join(missing)} with: "
-            f"twincar train {r / 'config.yaml'} --resume {r}"
+            f"twincar train {folders.config_yaml} --resume {r}"
         )
         raise
     if cfg.eval.test:
-        paths["eval_test"] = r / "eval_test.json"
+        paths["eval_test"] = folders.eval_json("test")
     if cfg.eval.interpret:
-        paths.setdefault("index", r / "index.html")
-        paths["figures"] = r / "figures"
+        paths.setdefault("index", folders.index_html)
+        paths["figures"] = folders.figures_dir
 
 
 def _print_result(cfg: ExperimentConfig, summary: dict, paths: dict[str, Path]) -> None:

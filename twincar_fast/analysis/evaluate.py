@@ -14,9 +14,7 @@ Writes three files into the run's reports folder (or `out_dir`), each atomically
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +30,22 @@ from twincar_fast.console import eval_bars
 from twincar_fast.data import check_vocab, eval_dl
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
+from twincar_fast.run_folder import (
+    CLASSES_CSV,
+    CONFIG_JSON,
+    EVAL_JSON,
+    LEARNER_PKL,
+    PER_CLASS_CSV,
+    PREDICTIONS_CSV,
+    SAFETENSORS,
+    SPLITS,
+    RunFolder,
+    read_json,
+    resolve_run,
+)
 
 __all__ = [
     "SPLITS",
-    "RunPaths",
     "evaluate_learner",
     "evaluation_result",
     "load_run_config",
@@ -44,107 +54,29 @@ __all__ = [
     "predictions_table",
     "relative_images",
     "require_learner",
-    "resolve_run",
     "split_dl",
 ]
 
-SPLITS = ("test", "valid")
-LEARNER_FILE = "learner.pkl"
-SAFE_FILE = "model.safetensors"  # with config.json: the weights-only export
-CONFIG_FILE = "config.yaml"
 
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one run's files are: the exported learner and the pair of run folders."""
-
-    name: str  # the run name (folder name), or the learner file's stem outside a run
-    learner: Path | None  # models/<run>/learner.pkl (None when the run has no model)
-    model_dir: Path | None  # models/<run>/
-    report_dir: Path | None  # reports/<run>/ (holds config.yaml)
-
-
-# ---------------------------------------------------------------- finding a run
-
-
-def _twin(folder: Path, marker: str, preferred: str) -> Path | None:
-    """The folder of the same run name beside `folder`'s parent that holds `marker`, if any."""
-    root = folder.parent.parent
-    candidates = [root / preferred / folder.name]
-    if root.is_dir():
-        candidates += sorted(d / folder.name for d in root.iterdir() if d.is_dir())
-    return next((c for c in candidates if (c / marker).is_file()), None)
-
-
-def _has_model(folder: Path) -> bool:
-    """Whether `folder` holds an exported model (learner.pkl or model.safetensors)."""
-    return (folder / LEARNER_FILE).is_file() or (folder / SAFE_FILE).is_file()
-
-
-def _from_summary(report_dir: Path) -> Path | None:
-    """The model folder recorded in the run's summary.json, if it still exists."""
-    try:
-        paths = json.loads((report_dir / "summary.json").read_text()).get("paths", {})
-    except (OSError, ValueError, AttributeError):
-        return None
-    for key in ("model_dir", "models", "learner"):
-        p = Path(str(paths.get(key, "")))
-        p = p.parent if p.suffix == ".pkl" else p
-        if str(p) not in ("", ".") and _has_model(p):
-            return p
-    return None
-
-
-def resolve_run(model: str | os.PathLike) -> RunPaths:
-    """Find the learner and both run folders from learner.pkl, models/<run> or reports/<run>."""
-    path = Path(model)
-    if path.is_file():
-        report_dir = _twin(path.parent, CONFIG_FILE, "reports")
-        return RunPaths(path.parent.name, path, path.parent, report_dir)
-    if not path.is_dir():
-        raise TwincarError(
-            f"{path}: no such model file or run folder (give learner.pkl, models/<run> or reports/<run>)"
-        )
-    if _has_model(path):
-        pkl = path / LEARNER_FILE if (path / LEARNER_FILE).is_file() else None
-        return RunPaths(path.name, pkl, path, _twin(path, CONFIG_FILE, "reports"))
-    if (path / CONFIG_FILE).is_file():
-        model_dir = (
-            _from_summary(path)
-            or _twin(path, LEARNER_FILE, "models")
-            or _twin(path, SAFE_FILE, "models")
-        )
-        learner = model_dir / LEARNER_FILE if model_dir else None
-        if learner is not None and not learner.is_file():
-            learner = None
-        return RunPaths(path.name, learner, model_dir, path)
-    raise TwincarError(
-        f"{path}: not a run folder (no {LEARNER_FILE} or {CONFIG_FILE}); "
-        "give models/<run>, reports/<run> or a learner.pkl"
-    )
-
-
-def require_learner(run: RunPaths) -> Path:
+def require_learner(run: RunFolder) -> Path:
     """The run's learner.pkl, or a one-line error saying the run has no saved model."""
     if run.learner is None and run.model_dir is not None:
         raise TwincarError(
-            f"{run.model_dir}: no {LEARNER_FILE} and no {SAFE_FILE} + config.json pair; "
+            f"{run.model_dir}: no {LEARNER_PKL} and no {SAFETENSORS} + {CONFIG_JSON} pair; "
             "export the model again with `twincar run`"
         )
     if run.learner is None:
         raise TwincarError(
             f"{run.report_dir}: run '{run.name}' has no saved model (no models/{run.name}/"
-            f"{LEARNER_FILE}); it stopped before export: finish it with `twincar train "
-            f"{run.report_dir / CONFIG_FILE} --resume {run.report_dir}` or train it again"
+            f"{LEARNER_PKL}); it stopped before export: finish it with `twincar train "
+            f"{run.config_yaml} --resume {run.report_dir}` or train it again"
         )
     return run.learner
 
 
-def load_run_config(run: RunPaths) -> ExperimentConfig | None:
+def load_run_config(run: RunFolder) -> ExperimentConfig | None:
     """The run's saved config.yaml, or None when the model lives outside a run."""
-    if run.report_dir is None:
-        return None
-    return load_config(run.report_dir / CONFIG_FILE)
+    return None if run.report_dir is None else load_config(run.config_yaml)
 
 
 def load_run_learner(path: str | os.PathLike) -> Learner:
@@ -154,7 +86,7 @@ def load_run_learner(path: str | os.PathLike) -> Learner:
 
 def open_saved_run(
     run: str | os.PathLike, data_dir: str | os.PathLike | None, split: str | None = None
-) -> tuple[RunPaths, ExperimentConfig, Path, Learner]:
+) -> tuple[RunFolder, ExperimentConfig, Path, Learner]:
     """A saved run's folders, config, data set and learner, with `split` evaluated on that data.
 
     `split` None: the run's own (test when it evaluates the test split, else valid).
@@ -168,17 +100,14 @@ def open_saved_run(
         )
     cfg = load_run_config(paths)
     data = Path(data_dir) if data_dir is not None else Path(cfg.data.root)
-    if data_dir is None and not (data / "classes.csv").is_file():
+    if data_dir is None and not (data / CLASSES_CSV).is_file():
         raise TwincarError(
-            f"{data}: the run's data set (data.root in {paths.report_dir / CONFIG_FILE}) is "
+            f"{data}: the run's data set (data.root in {paths.config_yaml}) is "
             "not there; pass --data DIR with the prepared data set"
         )
     learn = load_run_learner(learner)
     split = split or ("test" if cfg.eval.test else "valid")
-    try:
-        done = json.loads((paths.report_dir / f"eval_{split}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        done = {}
+    done = read_json(paths.eval_json(split))
     if done.get("data_dir") != str(data.resolve()):  # not evaluated yet, or on other data
         evaluate_learner(learn, data, split, paths.report_dir, cfg, model_path=learner)
     return paths, cfg, data, learn
@@ -283,19 +212,10 @@ def evaluate_learner(
     tta = cfg.eval.tta if cfg is not None else "none"
     extra = {} if tta == "none" else _tta_metrics(learn, dl, tta, split, targets)
     return evaluation_result(
-        probs,
-        targets,
-        losses,
-        images,
-        classes,
-        split,
-        data_dir,
-        out_dir,
-        device=str(dl.device or "cpu"),
-        run=_run_name(model_path, out_dir, cfg),
-        model_path=model_path,
-        extra=extra,
-    )
+        probs, targets, losses, images, classes, split, data_dir, out_dir,
+        device=str(dl.device or "cpu"), run=_run_name(model_path, out_dir, cfg),
+        model_path=model_path, extra=extra,
+    )  # fmt: skip
 
 
 def _predict(learn: Learner, dl, cbs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -363,6 +283,6 @@ def _write_eval(
 ) -> None:
     """per_class_<split>.csv, predictions_<split>.csv, then eval_<split>.json (the "done" mark)."""
     per_class = per_class_table(table["true_id"], table["predicted_id"], classes)
-    write_csv(out_dir / f"per_class_{split}.csv", per_class)
-    write_csv(out_dir / f"predictions_{split}.csv", table)
-    write_json(out_dir / f"eval_{split}.json", result)
+    write_csv(out_dir / PER_CLASS_CSV.format(split), per_class)
+    write_csv(out_dir / PREDICTIONS_CSV.format(split), table)
+    write_json(out_dir / EVAL_JSON.format(split), result)

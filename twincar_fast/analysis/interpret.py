@@ -25,6 +25,7 @@ from fastai.learner import Learner
 from PIL import Image
 
 from twincar_fast.analysis import plots
+from twincar_fast.analysis.curves import plot_curves
 from twincar_fast.analysis.evaluate import evaluate_learner, open_saved_run, split_dl
 from twincar_fast.analysis.gradcam import (
     box_mass_ratio,
@@ -43,6 +44,17 @@ from twincar_fast.data.dataset import BBOX_COLUMNS
 from twincar_fast.data.geometry import InputGeometry
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv
+from twincar_fast.run_folder import (
+    EVAL_JSON,
+    FIGURES_DIR,
+    GRADCAM_IMAGES_PNG,
+    GRADCAM_PARTS_CSV,
+    METRICS_CSV,
+    MOST_CONFUSED_CSV,
+    PER_CLASS_CSV,
+    PREDICTIONS_CSV,
+    SPLIT_PNG,
+)
 
 __all__ = [
     "draw_split_figures",
@@ -221,29 +233,29 @@ def draw_split_figures(
     report_dir: Path, split: str, data_dir: Path, cfg: ExperimentConfig
 ) -> list[Path]:
     """Class F1, confusion (+ zoom), most-confused pairs and top losses from the run's CSVs."""
-    fig_dir = report_dir / "figures"
-    preds = pd.read_csv(report_dir / f"predictions_{split}.csv")
-    per_class = pd.read_csv(report_dir / f"per_class_{split}.csv")
+    fig_dir = report_dir / FIGURES_DIR
+    preds = pd.read_csv(report_dir / PREDICTIONS_CSV.format(split))
+    per_class = pd.read_csv(report_dir / PER_CLASS_CSV.format(split))
     classes = per_class.sort_values("class_id")["label"].astype(str).tolist()
     cm = plots.confusion_counts(preds, len(classes))
     block = plots.most_confused_block(cm, plots.cluster_order(cm), cfg.eval.confusion_zoom)
     pairs = plots.most_confused(preds, cfg.eval.most_confused)
-    write_csv(report_dir / f"most_confused_{split}.csv", pairs)
+    write_csv(report_dir / MOST_CONFUSED_CSV.format(split), pairs)
     out = [
-        plots.plot_class_f1(per_class, fig_dir / f"class_f1_{split}.png"),
-        plots.plot_confusion(cm, classes, fig_dir / f"confusion_{split}.png"),
+        plots.plot_class_f1(per_class, fig_dir / SPLIT_PNG.format("class_f1", split)),
+        plots.plot_confusion(cm, classes, fig_dir / SPLIT_PNG.format("confusion", split)),
     ]
-    zoom = fig_dir / f"confusion_zoom_{split}.png"
+    zoom = fig_dir / SPLIT_PNG.format("confusion_zoom", split)
     if len(block) < len(classes):  # a zoom on every class would only repeat the matrix
         out.append(plots.plot_confusion_zoom(cm, classes, block, zoom))
     else:
         zoom.unlink(missing_ok=True)  # from an earlier interpret with a zoom
     view = model_view(cfg, data_dir)
     if not pairs.empty:
-        ex = fig_dir / f"most_confused_{split}.png"
+        ex = fig_dir / SPLIT_PNG.format("most_confused", split)
         out.append(plots.plot_confused_examples(preds, pairs, data_dir, ex, CONFUSED_ROWS, view))
     if cfg.eval.top_losses:
-        tl = fig_dir / f"top_losses_{split}.png"
+        tl = fig_dir / SPLIT_PNG.format("top_losses", split)
         out.append(plots.plot_top_losses(preds, data_dir, tl, cfg.eval.top_losses, view))
     return out
 
@@ -272,25 +284,27 @@ def model_view(cfg: ExperimentConfig, data_dir: Path):
 
 def _gradcam_figures(learn, report_dir, split, data_dir, cfg, images, boxes) -> list[Path]:
     """The Grad-CAM++ figures of the split's mistakes and correct examples, and of `images`."""
-    fig_dir, n = report_dir / "figures", cfg.eval.gradcam
+    fig_dir, n = report_dir / FIGURES_DIR, cfg.eval.gradcam
     out = []
     if images:
         files = [Path(f) for f in images]
-        out.append(gradcam_files(learn, files, fig_dir / "gradcam_images.png", boxes))
+        out.append(gradcam_files(learn, files, fig_dir / GRADCAM_IMAGES_PNG, boxes))
     if n:
-        preds = pd.read_csv(report_dir / f"predictions_{split}.csv")
+        preds = pd.read_csv(report_dir / PREDICTIONS_CSV.format(split))
         dl = split_dl(learn, data_dir, split, cfg)
         out.append(
             gradcam_mistakes(
-                learn, dl, preds, data_dir, fig_dir / f"gradcam_mistakes_{split}.png", n
+                learn, dl, preds, data_dir, fig_dir / SPLIT_PNG.format("gradcam_mistakes", split), n
             )
         )
         out.append(
-            gradcam_correct(learn, dl, preds, data_dir, fig_dir / f"gradcam_correct_{split}.png", n)
+            gradcam_correct(
+                learn, dl, preds, data_dir, fig_dir / SPLIT_PNG.format("gradcam_correct", split), n
+            )
         )
         fig, table = (
-            fig_dir / f"gradcam_parts_{split}.png",
-            report_dir / f"gradcam_parts_{split}.csv",
+            fig_dir / SPLIT_PNG.format("gradcam_parts", split),
+            report_dir / GRADCAM_PARTS_CSV.format(split),
         )
         if gradcam_parts(learn, dl, preds, data_dir, split, fig, table, n) is not None:
             out.append(fig)
@@ -316,13 +330,13 @@ def interpret_learner(
     _warn_whole(cfg, images, boxes)
     check_vocab(learn.dls, data_dir)
     split = "test" if cfg.eval.test else "valid"
-    if not (report_dir / f"eval_{split}.json").is_file():
+    if not (report_dir / EVAL_JSON.format(split)).is_file():
         evaluate_learner(learn, data_dir, split, report_dir, cfg)
     with step("drawing the figures"):
-        if (report_dir / "metrics.csv").is_file():
-            plots.plot_curves(report_dir / "metrics.csv", report_dir / "figures")
+        if (report_dir / METRICS_CSV).is_file():
+            plot_curves(report_dir / METRICS_CSV, report_dir / FIGURES_DIR)
         for s in ("test", "valid"):
-            if (report_dir / f"predictions_{s}.csv").is_file():
+            if (report_dir / PREDICTIONS_CSV.format(s)).is_file():
                 draw_split_figures(report_dir, s, data_dir, cfg)
     if cfg.eval.gradcam or images:
         with step("Grad-CAM++ maps"):

@@ -1,4 +1,4 @@
-"""Figures drawn from a run's files (metrics.csv, per_class_*.csv, predictions_*.csv), so they redraw.
+"""Figures drawn from a run's files (per_class_*.csv, predictions_*.csv), so they redraw.
 
 Every function takes tables or file paths and writes one PNG atomically (matplotlib's Agg backend,
 no display needed). The confusion matrix stays readable at 196 classes: rows are normalized, classes
@@ -8,7 +8,6 @@ each other sit side by side, and a zoom shows the most-confused block with class
 
 from __future__ import annotations
 
-import json
 import os
 import textwrap
 from collections.abc import Callable
@@ -36,7 +35,6 @@ __all__ = [
     "plot_confused_examples",
     "plot_confusion",
     "plot_confusion_zoom",
-    "plot_curves",
     "plot_panels",
     "plot_top_losses",
     "save_figure",
@@ -59,81 +57,6 @@ def wrap(text: str, width: int = 28) -> str:
     """Break a long class name over lines of at most `width` characters (at spaces only)."""
     # never at a hyphen: "Finer-CAM" or "Mercedes-Benz" split over two lines reads as two words
     return "\n".join(textwrap.wrap(str(text), width, break_on_hyphens=False)) or str(text)
-
-
-# ---------------------------------------------------------------- training curves
-
-# figure file -> (title, y label, [(metrics.csv column, legend label), ...])
-CURVES = {
-    "accuracy.png": (
-        "Accuracy and macro F1",
-        "score",
-        [
-            ("train_acc", "train accuracy"),
-            ("valid_acc", "valid accuracy"),
-            ("valid_f1_macro", "valid F1 macro"),  # weighted F1 (metrics.csv) hid under it
-        ],
-    ),
-    "loss.png": ("Loss", "loss", [("train_loss", "train"), ("valid_loss", "valid")]),
-    "precision_recall.png": (
-        "Macro precision and recall (valid)",
-        "score",
-        [("valid_precision_macro", "precision macro"), ("valid_recall_macro", "recall macro")],
-    ),
-    "topk.png": (
-        "Top-k accuracy (valid)",
-        "accuracy",
-        [("valid_acc", "top-1"), ("valid_top3", "top-3"), ("valid_top5", "top-5")],
-    ),
-}
-# the title of a figure that has no validation curve (data.valid_pct: 0): what it does show
-TRAIN_ONLY_TITLES = {
-    "accuracy.png": "Train accuracy (no validation split: the test split judges the run)",
-    "loss.png": "Train loss (no validation split)",
-}
-
-
-def curve_title(name: str, columns: list[str]) -> str:
-    """The title of curve figure `name` drawing metrics.csv `columns`."""
-    if not any(c.startswith("valid_") for c in columns) and name in TRAIN_ONLY_TITLES:
-        return TRAIN_ONLY_TITLES[name]
-    return CURVES[name][0]
-
-
-def _kept_epoch(metrics_csv: Path) -> int | None:
-    """The epoch whose weights the run kept (summary.json beside metrics.csv), if recorded."""
-    try:
-        summary = json.loads((metrics_csv.parent / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    kept = (
-        summary.get("kept_epoch", summary.get("best_epoch")) if isinstance(summary, dict) else None
-    )
-    return kept if isinstance(kept, int) else None
-
-
-def plot_curves(metrics_csv: str | os.PathLike, fig_dir: str | os.PathLike) -> list[Path]:
-    """Accuracy/F1, loss, precision/recall and top-k curves per epoch from metrics.csv, the kept
-    epoch (summary.json's) marked."""
-    df = pd.read_csv(metrics_csv)
-    kept = _kept_epoch(Path(metrics_csv))
-    out = []
-    for name, (_, ylabel, series) in CURVES.items():
-        present = [(c, lab) for c, lab in series if c in df and df[c].notna().any()]
-        if df.empty or not present:
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for k, (col, label) in enumerate(present):
-            style = "--" if "weighted" in col or "top5" in col else "-"  # overlapping twins show
-            ax.plot(df["epoch"], df[col], style, marker="o", ms=3, label=label, zorder=3 - k / 9)
-        if kept is not None and (df["epoch"] == kept).any():
-            ax.axvline(kept, color="0.5", ls=":", lw=1, label=f"kept epoch {kept}")
-        ax.set(title=curve_title(name, [c for c, _ in present]), xlabel="epoch", ylabel=ylabel)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-        out.append(save_figure(fig, Path(fig_dir) / name))
-    return out
 
 
 # ---------------------------------------------------------------- per-class scores

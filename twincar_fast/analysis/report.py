@@ -9,7 +9,6 @@ still opens in any browser.
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 
@@ -17,8 +16,22 @@ import pandas as pd
 
 from twincar_fast.analysis.metrics import METRIC_NAMES
 from twincar_fast.files import write_text
+from twincar_fast.run_folder import (
+    CONFIG_YAML,
+    ENV_JSON,
+    EVAL_JSON,
+    FIGURES_DIR,
+    GRADCAM_PARTS_CSV,
+    INDEX_HTML,
+    METRICS_CSV,
+    MOST_CONFUSED_CSV,
+    SUMMARY_JSON,
+    TWINS_CSV,
+    TWINS_JSON,
+    read_json,
+)
 
-__all__ = ["headline_metrics", "read_json", "write_index"]
+__all__ = ["headline_metrics", "write_index"]
 
 # figure stem (without _<split>) -> caption, in page order
 FIGURES = {
@@ -55,24 +68,15 @@ figcaption{color:#555;font-size:.9em}pre{background:#f7f7f7;padding:.8em;overflo
 """
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or {} when it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _valid_row(report_dir: Path) -> dict:
     """The metrics.csv row of the best epoch (summary.json's best_epoch; else the last row)."""
-    path = report_dir / "metrics.csv"
+    path = report_dir / METRICS_CSV
     if not path.is_file():
         return {}
     df = pd.read_csv(path)
     if df.empty:
         return {}
-    best = read_json(report_dir / "summary.json").get("best_epoch")
+    best = read_json(report_dir / SUMMARY_JSON).get("best_epoch")
     rows = df[df["epoch"] == best] if best is not None else df.iloc[0:0]
     return (rows if len(rows) else df.tail(1)).iloc[-1].to_dict()
 
@@ -80,11 +84,11 @@ def _valid_row(report_dir: Path) -> dict:
 def headline_metrics(report_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per metric (loss first) with a column per split: valid, test."""
     report_dir = Path(report_dir)
-    best = read_json(report_dir / "summary.json").get("best_epoch")
+    best = read_json(report_dir / SUMMARY_JSON).get("best_epoch")
     label = "valid (kept epoch)" if best is None else f"valid (kept epoch {best})"
     sources = {label: ("valid", _valid_row(report_dir))}
     for split in ("test", "valid"):
-        data = read_json(report_dir / f"eval_{split}.json")
+        data = read_json(report_dir / EVAL_JSON.format(split))
         if data:
             n = data.get("n_images", "?")
             sources[f"{split} (evaluated, {n} images)"] = (split, data)
@@ -128,7 +132,7 @@ def _caption(stem: str, has_valid: bool = True) -> str:
 
 def has_validation(report_dir: Path) -> bool:
     """Whether the run's metrics.csv holds any validation value (not so for data.valid_pct: 0)."""
-    path = report_dir / "metrics.csv"
+    path = report_dir / METRICS_CSV
     if not path.is_file():
         return False
     df = pd.read_csv(path)
@@ -145,7 +149,7 @@ def _figure_order(path: Path) -> tuple:
 
 def _figures_html(report_dir: Path) -> str:
     """Every PNG of figures/ with its caption, linked to the full-size file."""
-    figs = sorted((report_dir / "figures").glob("*.png"), key=_figure_order)
+    figs = sorted((report_dir / FIGURES_DIR).glob("*.png"), key=_figure_order)
     if not figs:
         return "<p>No figures yet (run <code>twincar interpret</code>).</p>"
     valid = has_validation(report_dir)
@@ -179,7 +183,7 @@ def _files_html(report_dir: Path) -> str:
 
 def _summary_html(report_dir: Path) -> str:
     """Key facts of summary.json (the kept epoch and why, monitor, times) as a small table."""
-    s = read_json(report_dir / "summary.json")
+    s = read_json(report_dir / SUMMARY_JSON)
     keys = ["kept_epoch", "kept_because"] if "kept_epoch" in s else ["best_epoch"]
     keys += ["monitor", "best_value", "epochs_run", "stopped_early", "wall_time_s"]
     keys += ["train_images_per_s"]
@@ -208,7 +212,7 @@ def _confused_html(report_dir: Path) -> str:
     """The most-confused pairs table of each split, inline."""
     out = []
     for split in ("test", "valid"):
-        path = report_dir / f"most_confused_{split}.csv"
+        path = report_dir / MOST_CONFUSED_CSV.format(split)
         if path.is_file():
             df = pd.read_csv(path)[["actual", "predicted", "count"]]
             out.append(f"<h3>Most-confused pairs ({split})</h3>{_table(df)}")
@@ -219,7 +223,7 @@ def _headline_text(report_dir: Path) -> str:
     """One sentence a person reads first: test and valid accuracy, top-5 and macro F1."""
     out = []
     for split in ("test", "valid"):
-        e = read_json(report_dir / f"eval_{split}.json")
+        e = read_json(report_dir / EVAL_JSON.format(split))
         if e:
             out.append(
                 f"{split.capitalize()} split ({e.get('n_images', '?')} images): accuracy "
@@ -232,9 +236,9 @@ def _headline_text(report_dir: Path) -> str:
             f"Validation during training (epoch {int(row['epoch'])}): accuracy "
             f"{row['valid_acc']:.2%}, macro F1 {row['valid_f1_macro']:.3f}."
         )
-    out += _kept_text(read_json(report_dir / "summary.json"))
+    out += _kept_text(read_json(report_dir / SUMMARY_JSON))
     for split in ("test", "valid"):
-        path = report_dir / f"gradcam_parts_{split}.csv"
+        path = report_dir / GRADCAM_PARTS_CSV.format(split)
         if path.is_file():
             ratio = pd.read_csv(path)["ratio"]
             out.append(
@@ -299,13 +303,13 @@ def _twins_text(summary: dict) -> list[str]:
 
 def _twins_html(report_dir: Path) -> str:
     """The Twins section: a sentence when there are no pairs, else the summary, table, figures."""
-    summary = read_json(report_dir / "twins.json")
+    summary = read_json(report_dir / TWINS_JSON)
     if not summary:
         return ""
     head = "<h2>Twins: the look-alike classes and what tells them apart</h2>"
     if summary.get("message"):
         return head + f"<p>{html.escape(summary['message'])}</p>"
-    pairs = pd.read_csv(report_dir / "twins.csv")
+    pairs = pd.read_csv(report_dir / TWINS_CSV)
     text = "".join(f"<p>{html.escape(t)}</p>" for t in _twins_text(summary))
     shown = pairs[[c for c in TWIN_COLUMNS if c in pairs]].rename(columns=TWIN_COLUMNS)
     table = f'<div class="wide">{_table(shown, digits=3)}</div>'  # scrolls rather than spills
@@ -341,12 +345,12 @@ def write_index(report_dir: str | os.PathLike) -> Path:
         _confused_html(report_dir),
         _files_html(report_dir),
         "<h2>Config (config.yaml)</h2>",
-        _text_file(report_dir / "config.yaml"),
+        _text_file(report_dir / CONFIG_YAML),
         "<h2>Environment (env.json)</h2>",
-        _text_file(report_dir / "env.json"),
+        _text_file(report_dir / ENV_JSON),
     ]
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{run}</title>'
         f"<style>{CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n"
     )
-    return write_text(report_dir / "index.html", page)
+    return write_text(report_dir / INDEX_HTML, page)

@@ -30,7 +30,6 @@ from fastai.learner import Learner
 from twincar_fast.analysis.evaluate import (
     evaluate_learner,
     open_saved_run,
-    resolve_run,
     split_dl,
 )
 from twincar_fast.analysis.report import write_index
@@ -50,10 +49,18 @@ from twincar_fast.data import check_vocab
 from twincar_fast.data.demo import designed_twins
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, write_csv, write_json
+from twincar_fast.run_folder import (
+    FIGURES_DIR,
+    PREDICTIONS_CSV,
+    TWIN_PNG,
+    TWINS_CSV,
+    TWINS_JSON,
+    resolve_run,
+)
 
-__all__ = ["TWINS_CSV", "copy_twins", "find_twins", "no_twins_reason", "twin_of", "twins_run"]
+__all__ = ["copy_twins", "find_twins", "no_twins_reason", "twin_of", "twins_run"]
 
-TWINS_CSV, TWINS_JSON, FIG_DIR = "twins.csv", "twins.json", Path("figures") / "twins"
+FIG_DIR = Path(FIGURES_DIR) / "twins"
 DEFAULT_PAIRS = 5  # `twincar twins` on a run made with eval.twins: 0
 
 
@@ -78,8 +85,8 @@ def _split_preds(report_dir: Path) -> dict[str, pd.DataFrame]:
     """The predictions table of every evaluated split (valid, test) of the run."""
     out = {}
     for s in ("valid", "test"):
-        if (report_dir / f"predictions_{s}.csv").is_file():
-            out[s] = pd.read_csv(report_dir / f"predictions_{s}.csv")
+        if (report_dir / PREDICTIONS_CSV.format(s)).is_file():
+            out[s] = pd.read_csv(report_dir / PREDICTIONS_CSV.format(s))
     return out
 
 
@@ -110,7 +117,7 @@ def _explain(learn, dl, preds, data_dir, split, pairs, report_dir) -> pd.DataFra
             rows.append({"n_images": 0, "figure": ""})
             continue
         pm = pair_maps(learn, dl, preds, data_dir, a, b, boxes)
-        fig = FIG_DIR / f"twins_{pair['rank']:02d}.png"
+        fig = FIG_DIR / TWIN_PNG.format(pair["rank"])
         plot_pair(learn, pm, pd.Series(pair), report_dir / fig)
         rows.append({**pair_scores(learn, pm), "n_images": len(pm.rows), "figure": fig.as_posix()})
     extra = pd.DataFrame(rows, index=pairs.index)
@@ -148,7 +155,7 @@ def _write(report_dir: Path, pairs: pd.DataFrame, summary: dict) -> pd.DataFrame
     """twins.csv and twins.json (written last), old pair figures removed first."""
     fig_dir, kept = report_dir / FIG_DIR, set(pairs.get("figure", []))
     if fig_dir.is_dir():
-        for old in fig_dir.glob("twins_*.png"):
+        for old in fig_dir.glob(TWIN_PNG.replace("{:02d}", "*")):
             if old.relative_to(report_dir).as_posix() not in kept:
                 old.unlink()
     write_csv(report_dir / TWINS_CSV, pairs)

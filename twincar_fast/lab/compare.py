@@ -27,6 +27,15 @@ from twincar_fast.config import flat_dict
 from twincar_fast.console import console, plain_output, print_paths
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import new_run_name, write_csv, write_text
+from twincar_fast.run_folder import (
+    COMPARE_CSV,
+    COMPARE_HTML,
+    CONFIG_YAML,
+    EVAL_JSON,
+    METRICS_CSV,
+    STUDY_DB,
+    SUMMARY_JSON,
+)
 
 __all__ = ["compare_runs", "compare_table", "find_runs", "run_record", "seed_summary"]
 
@@ -38,7 +47,7 @@ _SEED_METRICS = ("best_valid_loss", "best_valid_acc", "test_acc", "test_acc_tta"
 
 
 def _is_run(d: Path) -> bool:
-    return (d / "config.yaml").is_file() and (d / "summary.json").is_file()
+    return (d / CONFIG_YAML).is_file() and (d / SUMMARY_JSON).is_file()
 
 
 def find_runs(dirs: list[Path]) -> list[Path]:
@@ -68,10 +77,10 @@ def _read(path: Path, parse):
 def run_record(run: Path) -> tuple[dict, dict]:
     """(flat config, metrics) of one finished run, values as its files hold them; a TwincarError
     naming the damaged file otherwise."""
-    flat = flat_dict(_read(run / "config.yaml", yaml.safe_load) or {})
+    flat = flat_dict(_read(run / CONFIG_YAML, yaml.safe_load) or {})
     cfg = {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}  # hashable
-    s = _read(run / "summary.json", json.loads)
-    test = run / "eval_test.json"
+    s = _read(run / SUMMARY_JSON, json.loads)
+    test = run / EVAL_JSON.format("test")
     tested = _read(test, json.loads) if test.is_file() else {}
     try:
         m = {
@@ -90,7 +99,7 @@ def run_record(run: Path) -> tuple[dict, dict]:
         raise TwincarError(
             f"summary.json lacks the run's results ({type(e).__name__} {e})"
         ) from None
-    _read(run / "metrics.csv", lambda text: pd.read_csv(io.StringIO(text)))  # the curves' source
+    _read(run / METRICS_CSV, lambda text: pd.read_csv(io.StringIO(text)))  # the curves' source
     return cfg, m
 
 
@@ -189,7 +198,7 @@ def curves_figure(runs: list[Path], labels: list[str]):
     training ones when no run has a validation split."""
     import matplotlib.pyplot as plt
 
-    tables = [pd.read_csv(run / "metrics.csv") for run in runs]
+    tables = [pd.read_csv(run / METRICS_CSV) for run in runs]
     has_valid = any("valid_loss" in m and m["valid_loss"].notna().any() for m in tables)
     split = "valid" if has_valid else "train"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -235,7 +244,7 @@ def parallel_figure(study):
 def optuna_figures(sweep_dir: Path) -> tuple[dict[str, str], list[str]]:
     """Optuna's importance and parallel-coordinate plots of a sweep's SQLite study, as PNGs, and
     the notes that say why a plot is left out."""
-    db = sweep_dir / "study.db"
+    db = sweep_dir / STUDY_DB
     if not db.is_file():
         return {}, []
     import optuna
@@ -332,8 +341,8 @@ def compare_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = 
             notes += why
             for note in why:
                 console.print(note, markup=False)
-    write_csv(out / "compare.csv", df)
+    write_csv(out / COMPARE_CSV, df)
     title = f"compare: {', '.join(d.name for d in dirs)}"
-    write_text(out / "compare.html", _html(title, df, seeds, images, notes))
-    print_paths("outputs", {"table": out / "compare.csv", "page": out / "compare.html"})
+    write_text(out / COMPARE_HTML, _html(title, df, seeds, images, notes))
+    print_paths("outputs", {"table": out / COMPARE_CSV, "page": out / COMPARE_HTML})
     return out

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import file_lock
 from twincar_fast.lab.space import SearchSpec, grid_points, random_points, suggest
+from twincar_fast.run_folder import STUDY_LOCK
 
 __all__ = [
     "claim_trial",
@@ -59,7 +60,7 @@ def open_storage(url: str, folder: Path | None = None) -> optuna.storages.RDBSto
     kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True}
     )
-    with file_lock(folder / ".study.lock") if sqlite and folder else nullcontext():
+    with file_lock(folder / STUDY_LOCK) if sqlite and folder else nullcontext():
         if sqlite:
             _check_sqlite_file(url)
         return _rdb_storage(url, kwargs)
@@ -112,7 +113,7 @@ def study_lock(storage: optuna.storages.RDBStorage, name: str, folder: Path) -> 
     """Hold the study's claim lock: PostgreSQL advisory lock, else a file lock in `folder`."""
     engine = storage.engine
     if engine.dialect.name != "postgresql":
-        with file_lock(folder / ".study.lock"):
+        with file_lock(folder / STUDY_LOCK):
             yield
         return
     from sqlalchemy import text

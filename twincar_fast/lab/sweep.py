@@ -35,6 +35,7 @@ from twincar_fast.lab.study import (
     recover_dead_trials,
     trials_left,
 )
+from twincar_fast.run_folder import STUDY_DB, SWEEP_JSON, open_resume
 
 __all__ = ["Sweep", "die_with_parent", "plan_sweep", "run_sweep", "run_worker", "STORAGE_ENV"]
 
@@ -92,7 +93,7 @@ def plan_sweep(
     name = name or f"{base.name}-sweep"
     reports, models = Path(base.reports_dir) / name, Path(base.models_dir) / name
     reports.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(reports / 'study.db').resolve()}"
+    storage = storage or f"sqlite:///{(reports / STUDY_DB).resolve()}"
     direction = "minimize" if monitor_comp(base.train.monitor) is np.less else "maximize"
     return Sweep(
         name,
@@ -132,8 +133,6 @@ def _trial_config(sweep: Sweep, trial: optuna.Trial, overrides: list[str]) -> Ex
 
 def _resumable(trial: optuna.Trial, cfg: ExperimentConfig) -> str | None:
     """The folder of the interrupted run this retried trial continues, if it can be continued."""
-    from twincar_fast.train.folders import open_resume
-
     run_dir = trial.user_attrs.get("run_dir")
     if not run_dir:
         return None
@@ -230,12 +229,12 @@ def _cuda_count() -> int:
 def start_workers(sweep: Sweep, workers: int) -> list[subprocess.Popen]:
     """W worker processes, each logging to reports/<sweep>/workers/worker-<i>.log."""
     folder = Path(sweep.reports_dir)
-    write_json(folder / "sweep.json", sweep.to_json())
+    write_json(folder / SWEEP_JSON, sweep.to_json())
     (folder / "workers").mkdir(exist_ok=True)
     procs = []
     for i in range(workers):
         log = open(folder / "workers" / f"worker-{i}.log", "a")  # noqa: SIM115 - the child holds it
-        cmd = [sys.executable, "-m", "twincar_fast.lab.worker", str(folder / "sweep.json")]
+        cmd = [sys.executable, "-m", "twincar_fast.lab.worker", str(folder / SWEEP_JSON)]
         procs.append(
             subprocess.Popen(
                 cmd,

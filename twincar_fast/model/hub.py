@@ -8,6 +8,7 @@ import socket
 import timm
 
 from twincar_fast.errors import ConfigError
+from twincar_fast.run_folder import SAFETENSORS
 
 __all__ = ["check_hub_reachable"]
 
@@ -17,7 +18,7 @@ def _hub_cached(arch: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     repo = getattr(timm.models.get_pretrained_cfg(arch), "hf_hub_id", None)
-    files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    files = (SAFETENSORS, "pytorch_model.bin", "open_clip_pytorch_model.bin")  # (hub's names)
     return bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
 
 

@@ -138,8 +138,7 @@ def load_twins(model_dir: str | os.PathLike):
     """(the run's twins.csv table, where it was read) for a model folder, or (None, why not)."""
     import pandas as pd
 
-    from twincar_fast.analysis.evaluate import resolve_run
-    from twincar_fast.analysis.twins import TWINS_CSV
+    from twincar_fast.run_folder import TWINS_CSV, resolve_run
 
     folder = Path(model_dir) if Path(model_dir).is_dir() else Path(model_dir).parent
     candidates = [folder / TWINS_CSV]

@@ -23,6 +23,7 @@ from twincar_fast.config import HeadName, build_typed, check_key
 from twincar_fast.data.geometry import PAD_MODE
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_json, write_text
+from twincar_fast.run_folder import CONFIG_JSON, LEGACY_JSON, README_MD
 
 __all__ = [
     "CONFIG_JSON",
@@ -39,8 +40,6 @@ __all__ = [
     "training_data_root",
 ]
 
-CONFIG_JSON = "config.json"
-LEGACY_JSON = "model.json"  # folders exported before config.json
 FORMAT = "twincar_fast/model-v2"
 # informational parts of the twincar section: recorded, never needed to rebuild the model
 _INFO = (
@@ -327,5 +326,5 @@ def record_results(model_dir: str | os.PathLike, results: dict[str, Any]) -> Pat
     new = {k: v for k, v in results.items() if isinstance(v, str) or _number(v)}
     config["twincar"]["metrics"] = {**config["twincar"].get("metrics", {}), **new}
     write_json(path, config)
-    write_text(Path(model_dir) / "README.md", model_readme(config, card))
+    write_text(Path(model_dir) / README_MD, model_readme(config, card))
     return path

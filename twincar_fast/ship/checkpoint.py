@@ -19,6 +19,7 @@ from torch import nn
 from twincar_fast.config import ModelConfig
 from twincar_fast.data.dataset import read_classes
 from twincar_fast.errors import TwincarError
+from twincar_fast.run_folder import CONFIG_JSON, SAFETENSORS
 from twincar_fast.ship.card import ModelCard
 from twincar_fast.ship.export import save_safetensors, write_model_config
 from twincar_fast.ship.integrity import file_sha256
@@ -119,7 +120,7 @@ def _sized_head(sd: dict, path: Path, classes: str | os.PathLike, n_classes: int
 def _write_folder(out: Path, model: nn.Module, card: ModelCard, path: Path) -> None:
     """Save the weights and config.json, which names the checkpoint and its hash, into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    weights = save_safetensors(model, out / "model.safetensors", card.weights_layout)
+    weights = save_safetensors(model, out / SAFETENSORS, card.weights_layout)
     source = {"checkpoint": str(path.resolve()), "sha256": file_sha256(path), "head": card.head}
     info = {
         "source": source,
@@ -146,7 +147,7 @@ def import_torchvision(
     from twincar_fast.model.learner import check_arch, create_model
 
     path, out, labels = Path(checkpoint), Path(out), read_classes(classes)
-    if (out / "model.safetensors").exists() or (out / "config.json").exists():
+    if (out / SAFETENSORS).exists() or (out / CONFIG_JSON).exists():
         raise TwincarError(f"{out} already holds a model; give another --out folder")
     check_arch(arch)
     sd = read_checkpoint(path)

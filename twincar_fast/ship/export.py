@@ -20,6 +20,7 @@ from torch import nn
 from twincar_fast.config import ExperimentConfig, config_to_dict
 from twincar_fast.data.geometry import valid_input
 from twincar_fast.files import atomic_path, write_json, write_text
+from twincar_fast.run_folder import CONFIG_JSON, LEARNER_PKL, README_MD, SAFETENSORS
 from twincar_fast.ship.card import (
     ModelCard,
     from_timm_keys,
@@ -47,10 +48,10 @@ __all__ = [
 ]
 
 MODEL_FILES = {
-    "learner": "learner.pkl",
-    "safetensors": "model.safetensors",
-    "config": "config.json",
-    "readme": "README.md",
+    "learner": LEARNER_PKL,
+    "safetensors": SAFETENSORS,
+    "config": CONFIG_JSON,
+    "readme": README_MD,
 }
 _RUN_ONLY = (EpochMetrics, SaveRun)  # callbacks tied to one training run: never exported
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from twincar_fast.errors import TwincarError
+from twincar_fast.run_folder import INT8_ONNX, ONNX
 from twincar_fast.ship.card import read_model_card
 from twincar_fast.ship.inputs import ImageInput, ItemPrep, PredictMixin
 from twincar_fast.ship.integrity import check_sha256
 
 __all__ = ["INT8_FILE", "ONNX_FILE", "OnnxPredictor", "require_onnx", "softmax"]
 
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"  # its int8 copy (`ship.quantize`)
+ONNX_FILE, INT8_FILE = ONNX, INT8_ONNX  # the model and its int8 copy (`ship.quantize`)
 
 
 def require_onnx(*modules: str) -> None:

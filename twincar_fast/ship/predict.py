@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from twincar_fast.ship.onnx_predict import OnnxPredictor
 
 from twincar_fast.errors import TwincarError
+from twincar_fast.run_folder import LEARNER_PKL, SAFETENSORS
 from twincar_fast.ship.inputs import BACKENDS, ImageInput, ItemPrep, PredictMixin
 
 # torch is imported inside the functions that use it: `Predictor.from_path(..., backend="onnx")`
@@ -34,7 +35,7 @@ from twincar_fast.ship.inputs import BACKENDS, ImageInput, ItemPrep, PredictMixi
 
 __all__ = ["Predictor", "Preprocess", "require_trust", "resample"]
 
-_MODEL_FILES = ("model.safetensors", "learner.pkl")
+_MODEL_FILES = (SAFETENSORS, LEARNER_PKL)  # in this order: the safe files first
 
 
 @dataclass

@@ -13,14 +13,12 @@ from fastai.learner import Learner
 
 from twincar_fast.analysis.evaluate import (
     SPLITS,
-    RunPaths,
     evaluate_learner,
     evaluation_result,
     load_run_config,
     load_run_learner,
     relative_images,
     require_learner,
-    resolve_run,
 )
 from twincar_fast.config import DataConfig, ExperimentConfig, ModelConfig
 from twincar_fast.console import console
@@ -29,7 +27,8 @@ from twincar_fast.data.dataset import BBOX_COLUMNS
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import new_run_name
 from twincar_fast.model.learner import create_learner
-from twincar_fast.ship.export import MODEL_FILES, ModelCard, load_safetensors, read_model_card
+from twincar_fast.run_folder import EVAL_JSON, SAFETENSORS, RunFolder, resolve_run
+from twincar_fast.ship.export import ModelCard, load_safetensors, read_model_card
 from twincar_fast.ship.integrity import check_sha256
 from twincar_fast.ship.predict import Predictor, require_trust
 
@@ -74,7 +73,7 @@ def load_safe_learner(
 
 
 def _out_dir(
-    run: RunPaths, cfg: ExperimentConfig | None, data_dir: Path, split: str, out, force: bool
+    run: RunFolder, cfg: ExperimentConfig | None, data_dir: Path, split: str, out, force: bool
 ) -> Path:
     """Where the evaluation goes: the run's reports for its own data, else a new folder."""
     base = run.report_dir or run.model_dir
@@ -84,19 +83,19 @@ def _out_dir(
         out = base
     else:  # other data: never in place of the run's own results
         out = base / new_run_name(f"eval-{data_dir.resolve().name}", [base])
-    if (out / f"eval_{split}.json").exists() and not force:
+    if (out / EVAL_JSON.format(split)).exists() and not force:
         raise TwincarError(
-            f"{out / f'eval_{split}.json'} exists: an evaluation is never replaced silently; "
+            f"{out / EVAL_JSON.format(split)} exists: an evaluation is never replaced silently; "
             "pass --force to redo it there, or --out another folder"
         )
     return out
 
 
-def _safe_file(path: Path, run: RunPaths) -> Path | None:
+def _safe_file(path: Path, run: RunFolder) -> Path | None:
     """The model.safetensors to evaluate, if the model given has one."""
     safe = path if path.suffix == ".safetensors" else None
     if safe is None and path.suffix != ".pkl" and run.model_dir is not None:
-        safe = run.model_dir / MODEL_FILES["safetensors"]
+        safe = run.model_dir / SAFETENSORS
     return safe if safe is not None and safe.is_file() else None
 
 
@@ -119,7 +118,7 @@ def evaluate_predictor(
     probs = predictor.predict_proba(df["path"].tolist(), boxes=boxes)
     targets = df["class_id"].to_numpy().astype(int)
     losses = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None))
-    model = Path(folder) / MODEL_FILES["safetensors"]
+    model = Path(folder) / SAFETENSORS
     images = relative_images(df, data_dir)
     return evaluation_result(
         probs, targets, losses, images, classes, split, data_dir, out_dir,
@@ -127,7 +126,7 @@ def evaluate_predictor(
     )  # fmt: skip
 
 
-def _load(path: Path, run: RunPaths, data_dir: Path, cfg, trust_pickle: bool):
+def _load(path: Path, run: RunFolder, data_dir: Path, cfg, trust_pickle: bool):
     """(learner, model file): the safetensors pair when there is one, else a trusted pickle."""
     safe = _safe_file(path, run)
     if safe is not None:
@@ -172,6 +171,6 @@ def evaluate(
     console.print(
         f"{split}: {result['n_images']} images, acc {result[f'{split}_acc']:.4f}, "
         f"f1_macro {result[f'{split}_f1_macro']:.4f}, top5 {result[f'{split}_top5']:.4f}, "
-        f"loss {result[f'{split}_loss']:.4f} → {out / f'eval_{split}.json'}"
+        f"loss {result[f'{split}_loss']:.4f} → {out / EVAL_JSON.format(split)}"
     )
     return result

@@ -1,1 +1,1 @@
-"""Fitting one run: the staged, resumable fit, its callbacks and the run folders it writes."""
+"""Fitting one run: the staged, resumable fit, its callbacks and what it writes into its run folder."""

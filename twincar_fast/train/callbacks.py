@@ -31,8 +31,10 @@ from fastai.callback.tracker import EarlyStoppingCallback, ReduceLROnPlateau, Tr
 from fastai.learner import Learner, Recorder, ValueMetric
 
 from twincar_fast.analysis.metrics import classification_metrics
+from twincar_fast.config import TrainConfig
 from twincar_fast.config_rules import METRICS_COLUMNS, MONITORS, VALID_COLUMNS
 from twincar_fast.files import write_csv
+from twincar_fast.run_folder import BEST_CKPT, CKPT_GLOB, LAST_CKPT
 from twincar_fast.train.checkpoints import rng_state, save_checkpoint
 from twincar_fast.train.distributed import is_main, rank_tag, sum_across
 
@@ -47,6 +49,7 @@ __all__ = [
     "epoch_skipped",
     "monitor_comp",
     "replay_tracker",
+    "stopped_early",
 ]
 
 _LOWER_IS_BETTER = {"train_loss", "valid_loss", "valid_hamming"}
@@ -190,6 +193,13 @@ def replay_tracker(
     return TrackerState(best, best_epoch, cb.wait, opt.hypers[0]["lr"])
 
 
+def stopped_early(rows: list[dict], comp: Callable, train: TrainConfig) -> bool:
+    """Whether the main fit's metrics.csv `rows` already reached the early-stopping patience."""
+    values = [r[train.monitor] for r in rows if r["epoch"] >= train.head_epochs]
+    state = replay_tracker(values, comp)
+    return bool(train.early_stopping and values and state.wait >= train.early_stopping)
+
+
 class SaveRun(TrackerCallback):
     """Commits each epoch: best weights (on improvement), last checkpoint, then the metrics.csv row.
 
@@ -223,14 +233,12 @@ class SaveRun(TrackerCallback):
     def best_path(self) -> Path | None:
         """The best epoch's checkpoint."""
         return (
-            None
-            if self.best_epoch is None
-            else self.ckpt_dir / f"best-epoch{self.best_epoch:03d}.pth"
+            None if self.best_epoch is None else self.ckpt_dir / BEST_CKPT.format(self.best_epoch)
         )
 
     def last_path(self, epoch: int) -> Path:
         """The checkpoint saved at the end of `epoch` (for resume)."""
-        return self.ckpt_dir / f"last-epoch{epoch:03d}.pth"
+        return self.ckpt_dir / LAST_CKPT.format(epoch)
 
     def before_epoch(self):
         self._start = time.perf_counter()
@@ -273,7 +281,7 @@ class SaveRun(TrackerCallback):
         keep = {self.best_path}
         if keep_last and self.rows:
             keep.add(self.last_path(self.rows[-1]["epoch"]))
-        for p in [*self.ckpt_dir.glob("last-epoch*.pth"), *self.ckpt_dir.glob("best-epoch*.pth")]:
+        for p in self.ckpt_dir.glob(CKPT_GLOB):
             if p not in keep:
                 p.unlink(missing_ok=True)
 

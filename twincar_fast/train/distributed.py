@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import console
 from twincar_fast.errors import ConfigError, TwincarError
-from twincar_fast.train.folders import RUN_NOTE_ENV
+from twincar_fast.run_folder import CONFIG_YAML, RUN_NOTE_ENV
 
 __all__ = [
     "CpuSafeDistributedDL",
@@ -321,7 +321,7 @@ def _failure(error, run_dir: str | None, processes: int) -> int:
         if first.exitcode < 0
         else f"ended with exit code {first.exitcode} (see its output above)"
     )
-    config = Path(run_dir) / "config.yaml" if run_dir else None
+    config = Path(run_dir) / CONFIG_YAML if run_dir else None
     if config is None or not config.is_file():
         raise TwincarError(
             f"process rank {rank} of {processes} {how} before the run had started; "

@@ -22,6 +22,7 @@ from twincar_fast.config import ExperimentConfig
 from twincar_fast.console import EpochPrinter, quiet_if_plain
 from twincar_fast.errors import TwincarError
 from twincar_fast.model.learner import apply_freeze, freeze_all_but_head, lr_for
+from twincar_fast.run_folder import RunFolder
 from twincar_fast.train.callbacks import (
     EarlyStop,
     EpochMetrics,
@@ -29,11 +30,11 @@ from twincar_fast.train.callbacks import (
     SaveRun,
     monitor_comp,
     replay_tracker,
+    stopped_early,
 )
 from twincar_fast.train.checkpoints import load_checkpoint, set_rng_state
 from twincar_fast.train.distributed import distributed_fit, scaled_lr
 from twincar_fast.train.recipe import EmaWeights, recipe_callbacks
-from twincar_fast.train.runs import RunFolders
 
 __all__ = ["attach_metrics", "fit_run", "fit_schedule"]
 
@@ -94,14 +95,6 @@ def _main_trackers(cfg: ExperimentConfig, rows: list[dict]) -> list[Callback]:
     return cbs
 
 
-def _stopped_early(cfg: ExperimentConfig, rows: list[dict]) -> bool:
-    """Whether the main fit's rows already reached the early-stopping patience."""
-    t = cfg.train
-    values = [r[t.monitor] for r in rows if r["epoch"] >= t.head_epochs]
-    state = replay_tracker(values, monitor_comp(t.monitor))
-    return bool(t.early_stopping and values and state.wait >= t.early_stopping)
-
-
 def _fit_stage(
     learn: Learner,
     cfg: ExperimentConfig,
@@ -142,7 +135,7 @@ def _check_diverged(learn: Learner, cfg: ExperimentConfig, saver: SaveRun) -> No
 
 
 def _saver(
-    learn: Learner, cfg: ExperimentConfig, folders: RunFolders, rows: Sequence[dict]
+    learn: Learner, cfg: ExperimentConfig, folders: RunFolder, rows: Sequence[dict]
 ) -> SaveRun:
     """The run's SaveRun (with the epoch table it echoes to), its stale checkpoints pruned."""
     t = cfg.train
@@ -175,7 +168,7 @@ def _recipe(
 def fit_run(
     learn: Learner,
     cfg: ExperimentConfig,
-    folders: RunFolders,
+    folders: RunFolder,
     done: int = 0,
     rows: Sequence[dict] = (),
     cbs: Sequence[Callback] = (),
@@ -201,7 +194,7 @@ def fit_run(
     ):
         for stage, n in (("head", t.head_epochs), ("main", t.epochs)):
             start = min(max(done - offset, 0), n)
-            if stage == "main" and _stopped_early(cfg, saver.rows):
+            if stage == "main" and stopped_early(saver.rows, monitor_comp(t.monitor), t):
                 start = n  # early stopping had ended the fit before the run was interrupted
             if start < n:
                 saver.offset = offset  # metrics.csv epochs continue across stages

@@ -17,6 +17,7 @@ from twincar_fast.data import build_dls, ensure_dataset
 from twincar_fast.errors import TwincarError
 from twincar_fast.files import atomic_path, new_run_name, write_json
 from twincar_fast.model.learner import create_learner
+from twincar_fast.run_folder import CONFIG_YAML, LR_FIND_JSON, LR_FIND_PNG
 from twincar_fast.train.distributed import distributed
 
 __all__ = ["lr_find_figure", "lr_find_report", "run_lr_find"]
@@ -48,8 +49,6 @@ def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100
     were (fastai restores them; the optimizer's hyper-parameters, which `fit` resets to
     `learn.lr`, are restored here too).
     """
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hypers = copy.deepcopy(learn.opt.hypers) if learn.opt is not None else None
@@ -75,12 +74,19 @@ def lr_find_report(learn: Learner, out_dir: str | os.PathLike, num_it: int = 100
     result = {k: float(v) for k, v in found._asdict().items()}
     result["minimum_div10"] = result["minimum"]  # fastai's suggestion: lowest-loss LR / 10
     result["minimum"] *= 10
+    return _save_lr_find(learn, result, out_dir, num_it)
+
+
+def _save_lr_find(learn: Learner, result: dict, out_dir: Path, num_it: int) -> dict:
+    """lr_find.png and lr_find.json (which names the plot) in `out_dir`; the JSON's contents."""
+    import matplotlib.pyplot as plt
+
     fig = lr_find_figure(learn, result)
-    with atomic_path(out_dir / "lr_find.png") as tmp:
+    with atomic_path(out_dir / LR_FIND_PNG) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    result.update(num_it=num_it, plot=str(out_dir / "lr_find.png"))
-    write_json(out_dir / "lr_find.json", result)
+    result.update(num_it=num_it, plot=str(out_dir / LR_FIND_PNG))
+    write_json(out_dir / LR_FIND_JSON, result)
     return result
 
 
@@ -97,7 +103,7 @@ def run_lr_find(cfg: ExperimentConfig) -> dict:
     reports = Path(cfg.reports_dir)
     out = reports / new_run_name(f"{cfg.name or 'run'}-lrfind", [reports])
     out.mkdir(parents=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, out / CONFIG_YAML)
     result = lr_find_report(learn, out)
     console.print(
         f"lr_find: valley {result['valley']:.1e}, slide {result['slide']:.1e}, "
@@ -105,5 +111,5 @@ def run_lr_find(cfg: ExperimentConfig) -> dict:
         f"  (set train.lr, e.g. train.lr={result['valley']:.1e})",
         markup=False,
     )
-    print_paths("outputs", {"plot": out / "lr_find.png", "suggestions": out / "lr_find.json"})
+    print_paths("outputs", {"plot": out / LR_FIND_PNG, "suggestions": out / LR_FIND_JSON})
     return result

@@ -1,8 +1,8 @@
-"""Run folders: claim `reports/<run>/` + `models/<run>/`, reopen one to resume, snapshot the setup.
+"""What training adds to a run folder (`run_folder.RunFolder`): the resume point, the snapshot.
 
-A run never reuses a folder (`create_run_folders`); an interrupted run is continued in its own
-folders (`open_resume`, `resume_point`) with its own config; `write_snapshot` records what a person
-needs to trust and reproduce it (config.yaml, env.json, classes.csv).
+An interrupted run is continued in its own folders (`run_folder.open_resume`) from `resume_point`;
+`write_snapshot` records what a person needs to trust and reproduce it (config.yaml, env.json,
+classes.csv).
 """
 
 from __future__ import annotations
@@ -18,54 +18,21 @@ from fastai.learner import Learner
 
 from twincar_fast.config import ExperimentConfig, save_config
 from twincar_fast.data import read_classes
-from twincar_fast.errors import TwincarError
 from twincar_fast.files import write_csv, write_json
+from twincar_fast.run_folder import RunFolder
 from twincar_fast.train.callbacks import METRICS_COLUMNS
 from twincar_fast.train.distributed import is_main
-from twincar_fast.train.folders import RunFolders, create_run_folders, lock_run, open_resume
 
-__all__ = [
-    "RunFolders",
-    "create_run_folders",
-    "env_info",
-    "library_versions",
-    "lock_run",
-    "open_resume",
-    "resume_point",
-    "write_snapshot",
-]
+__all__ = ["env_info", "library_versions", "resume_point", "write_snapshot"]
 
 
-def _read_metrics(csv: Path) -> list[dict]:
-    """metrics.csv rows ([] when missing or 0 bytes); a one-line error when it can't be read."""
-    if not csv.is_file() or not csv.stat().st_size:
-        return []
-    try:
-        return pd.read_csv(csv).to_dict("records")
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        reason = " ".join(str(e).split())[:120]
-        raise TwincarError(f"{csv}: can't read it to resume ({reason}); start a new run") from None
-
-
-def resume_point(folders: RunFolders) -> tuple[int, list[dict]]:
-    """(epochs finished, their metrics.csv rows): rows up to the newest last-epoch checkpoint."""
-    csv = folders.metrics_csv
-    rows = _read_metrics(csv)
-    ckpts = sorted(folders.ckpt_dir.glob("last-epoch*.pth"))
-    done = 0
-    for path in ckpts:
-        k = int(path.stem.removeprefix("last-epoch"))
-        if k < len(rows) and [r["epoch"] for r in rows[: k + 1]] == list(range(k + 1)):
-            done = max(done, k + 1)
-    if done == 0 and (rows or ckpts):  # never restart a run whose epochs can't be matched up
-        raise TwincarError(
-            f"{folders.report_dir}: {len(rows)} epoch(s) in metrics.csv but no matching "
-            f"last-epoch checkpoint in {folders.ckpt_dir}; resuming would restart it: start a new run"
-        )
-    rows = rows[:done]  # a row whose checkpoint never landed is done again
-    if csv.is_file() and is_main():  # (several processes: rank 0 writes)
-        write_csv(csv, pd.DataFrame(rows, columns=METRICS_COLUMNS))
-    return done, rows
+def resume_point(folder: RunFolder) -> tuple[int, list[dict]]:
+    """(epochs finished, their metrics.csv rows), and metrics.csv cut back to those rows (a row
+    whose checkpoint never landed is done again)."""
+    state = folder.resume_state()
+    if folder.metrics_csv.is_file() and is_main():  # (several processes: rank 0 writes)
+        write_csv(folder.metrics_csv, pd.DataFrame(state.rows, columns=METRICS_COLUMNS))
+    return state.done, state.rows
 
 
 def _git_commit() -> dict:
@@ -118,13 +85,13 @@ def env_info(learn: Learner) -> dict:
 
 
 def write_snapshot(
-    cfg: ExperimentConfig, folders: RunFolders, learn: Learner, data_dir: Path
+    cfg: ExperimentConfig, folder: RunFolder, learn: Learner, data_dir: Path
 ) -> None:
     """config.yaml, env.json and classes.csv of the run (kept as they are on resume)."""
-    r = folders.report_dir
-    if not (r / "config.yaml").is_file():
-        save_config(cfg, r / "config.yaml")
-    if not (r / "env.json").is_file():
-        write_json(r / "env.json", env_info(learn))
+    if not folder.config_yaml.is_file():
+        save_config(cfg, folder.config_yaml)
+    if not folder.env_json.is_file():
+        write_json(folder.env_json, env_info(learn))
     classes = read_classes(data_dir)
-    write_csv(r / "classes.csv", pd.DataFrame({"class_id": range(len(classes)), "label": classes}))
+    table = pd.DataFrame({"class_id": range(len(classes)), "label": classes})
+    write_csv(folder.classes_csv, table)

@@ -21,8 +21,8 @@ from fastai.callback.core import Callback
 from twincar_fast.config import ExperimentConfig, config_to_dict, flat_dict
 from twincar_fast.console import console
 from twincar_fast.errors import TwincarError
+from twincar_fast.run_folder import RunFolder
 from twincar_fast.train.callbacks import SaveRun, epoch_skipped
-from twincar_fast.train.folders import RunFolders
 
 __all__ = ["check_trackers", "flat_config", "make_trackers"]
 
@@ -63,7 +63,7 @@ class Tracker(Callback):
         """Called once by `run_experiment` when the run ends (ok) or fails."""
 
 
-def _tensorboard(cfg: ExperimentConfig, folders: RunFolders) -> Tracker:
+def _tensorboard(cfg: ExperimentConfig, folders: RunFolder) -> Tracker:
     from fastai.callback.tensorboard import TensorBoardCallback
 
     class TensorBoardLog(TensorBoardCallback, Tracker):
@@ -83,7 +83,7 @@ def _tensorboard(cfg: ExperimentConfig, folders: RunFolders) -> Tracker:
     return TensorBoardLog(log_dir=str(log_dir), trace_model=False, log_preds=False)
 
 
-def _wandb_init(cfg: ExperimentConfig, folders: RunFolders) -> None:
+def _wandb_init(cfg: ExperimentConfig, folders: RunFolder) -> None:
     """Start (or, on resume, continue) the run's W&B run: offline without an API key."""
     import wandb
 
@@ -104,7 +104,7 @@ def _wandb_init(cfg: ExperimentConfig, folders: RunFolders) -> None:
         )
 
 
-def _wandb(cfg: ExperimentConfig, folders: RunFolders) -> Tracker:
+def _wandb(cfg: ExperimentConfig, folders: RunFolder) -> Tracker:
     import wandb
     from fastai.callback.wandb import WandbCallback
 
@@ -137,7 +137,7 @@ def _wandb(cfg: ExperimentConfig, folders: RunFolders) -> Tracker:
 class MlflowLog(Tracker):
     """Params = the resolved config, metrics = metrics.csv per epoch, artifacts = the outputs."""
 
-    def __init__(self, cfg: ExperimentConfig, folders: RunFolders):
+    def __init__(self, cfg: ExperimentConfig, folders: RunFolder):
         from mlflow.tracking import MlflowClient
 
         store = Path(cfg.reports_dir).resolve() / "mlruns"
@@ -184,19 +184,19 @@ class MlflowLog(Tracker):
 
     def finish(self, paths: dict[str, Path], ok: bool) -> None:
         if ok:
-            r = self.folders.report_dir
-            for f in ("summary.json", "eval_test.json", "metrics.csv", "config.yaml"):
-                if (r / f).is_file():
-                    self.client.log_artifact(self.run_id, str(r / f))
-            if (r / "figures").is_dir():
-                self.client.log_artifacts(self.run_id, str(r / "figures"), "figures")
+            run = self.folders
+            for f in (run.summary_json, run.eval_json("test"), run.metrics_csv, run.config_yaml):
+                if f.is_file():
+                    self.client.log_artifact(self.run_id, str(f))
+            if run.figures_dir.is_dir():
+                self.client.log_artifacts(self.run_id, str(run.figures_dir), "figures")
             model_files = [p for p in self.folders.model_dir.iterdir() if p.is_file()]
             for p in model_files:  # the model folder, without its training checkpoints
                 self.client.log_artifact(self.run_id, str(p), "model")
         self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
 
 
-def make_trackers(cfg: ExperimentConfig, folders: RunFolders) -> list[Tracker]:
+def make_trackers(cfg: ExperimentConfig, folders: RunFolder) -> list[Tracker]:
     """The callbacks of the trackers named in `cfg.log`."""
     makers = {"tensorboard": _tensorboard, "wandb": _wandb, "mlflow": MlflowLog}
     return [makers[name](cfg, folders) for name in cfg.log]
