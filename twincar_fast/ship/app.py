@@ -341,7 +341,7 @@ def launch_app(
         trust_pickle: allow learner.pkl, a pickle that can run any code.
         max_file_size: the largest upload Gradio accepts, e.g. "10mb".
         prevent_thread_lock: return at once and serve in the background (tests, notebooks).
-        device: where the model runs (default: CUDA when available).
+        device: where the model runs (default: CUDA, then MPS, then the CPU).
         max_pixels: the most pixels (width × height, read from the header) an upload may have.
     """
     try:

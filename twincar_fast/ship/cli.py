@@ -173,7 +173,11 @@ def _add_predict_how(p: argparse.ArgumentParser) -> None:
         help="write a Grad-CAM++ overlay of the top class per image into DIR (torch backend)",
     )
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="default 32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if any)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: CUDA, then MPS, then the CPU)",
+    )
     p.add_argument(
         "--backend",
         choices=["torch", "onnx", "onnx-int8"],  # ship.inputs.BACKENDS (not imported: pandas)
@@ -305,6 +309,8 @@ def add_app(sub: argparse._SubParsersAction) -> None:
         help="most pixels (width × height, read from the header) an upload may have "
         "(default 40000000)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if any)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda ... (default: CUDA, then MPS, then the CPU)"
+    )
     _add_trust(p)
     p.set_defaults(func=_app)
