@@ -4,6 +4,7 @@ the script a GPU session runs as is can't rot between the sessions that have one
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,7 +28,9 @@ def test_tiny_runs_every_check_and_writes_one_line_each(tmp_path):
         "--data-root",
         str(data),
     ]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    # the script runs `python` from PATH, as a person's shell would: this test's interpreter first
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok ", "FAILED"))]
     assert [ln.split()[1] for ln in lines] == [name for name, _, _ in CHECKS]
