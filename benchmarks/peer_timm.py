@@ -4,12 +4,13 @@ Exports the config's prepared set to the ImageFolder timm's script reads (train/
 folder per class), each image opened, box-cropped and resized exactly as our validation loader
 does (`ImageLoader` + the validation resize), maps the config's settings to train.py flags, runs
 both sides as whole processes on the same machine and prints (and writes to `--out`/results.json)
-each side's test top-1 and wall time; `--seeds N` runs both sides with seeds 1..N, taking turns
-(ours, timm, ours, ...: a drift of the machine hits both), and prints each run and each side's
-mean ± std of test top-1 and wall time (`--only ours|timm`: one side's runs, to switch one factor
-at a time; `--timm-extra "FLAGS"` adds train.py flags). timm's script comes from a local copy of the
-pytorch-image-models repository; it runs with `python -P` so that it imports the installed timm,
-not the copy beside it. Nothing is downloaded (unless the config asks for pretrained weights).
+each side's test top-1 and wall time. `--seeds N` runs both sides with seeds 1..N (`--first-seed
+S`: S..S+N-1), taking turns (ours, timm, timm, ours, ...: a drift of the machine hits both), and
+prints each run and each side's mean ± std of test top-1 and wall time; `--only ours|timm` runs
+one side, to switch one factor at a time; `--timm-extra="FLAGS"` adds train.py flags. timm's
+script comes from a local copy of the pytorch-image-models repository; it runs with `python -P`
+so that it imports the installed timm, not the copy beside it. Nothing is downloaded (unless the
+config asks for pretrained weights).
 """
 
 from __future__ import annotations
@@ -229,10 +230,11 @@ def run_seeds(
     out: Path,
     n: int,
     sides: Sequence[str] = SIDES,
+    first: int = 1,
 ):
-    """`sides` with seeds 1..n, taking turns; {side: [run, ...]}, each run with its seed."""
+    """`sides` with n seeds from `first`, taking turns; {side: [run, ...]}, each with its seed."""
     runs: dict[str, list[dict]] = {side: [] for side in sides}
-    for seed in range(1, n + 1):
+    for seed in range(first, first + n):
         where = {side: out / f"seed{seed}" / side for side in runs}
         for side in sides if seed % 2 else sides[::-1]:
             where[side].mkdir(parents=True, exist_ok=True)
@@ -267,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--timm-repo", type=Path, required=True, help="pytorch-image-models copy")
     parser.add_argument("--out", type=Path, default=None, help="default: reports/peer_timm-<stamp>")
     parser.add_argument("--seeds", type=int, default=0, help="both sides with seeds 1..N, in turns")
+    parser.add_argument("--first-seed", type=int, default=1, help="with --seeds: the first seed")
     parser.add_argument("--only", choices=SIDES, default=None, help="with --seeds: one side")
     parser.add_argument(
         "--timm-extra", default="", help="more train.py flags, e.g. '--sched-on-updates'"
@@ -288,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.seeds:
         runs = run_seeds(
             args.config, args.overrides, flags, args.timm_repo.resolve(), out, args.seeds,
-            (args.only,) if args.only else SIDES,
+            (args.only,) if args.only else SIDES, args.first_seed,
         )  # fmt: skip
         result["runs"] = runs
         result["summary"] = {side: seed_summary(r) for side, r in runs.items()}

@@ -111,10 +111,11 @@ def test_seeds_take_turns_and_only_runs_one_side(monkeypatch, tmp_path, sides):
     monkeypatch.setattr(peer, "run_ours", ours)
     monkeypatch.setattr(peer, "run_timm", timm)
     flags = ["--seed", "42", "--output", str(tmp_path)]
-    runs = peer.run_seeds("c.yaml", ["x=1"], flags, tmp_path, tmp_path, 3, sides)
+    runs = peer.run_seeds("c.yaml", ["x=1"], flags, tmp_path, tmp_path, 3, sides, first=6)
     assert sorted(runs) == sorted(sides) and all(len(r) == 3 for r in runs.values())
+    assert [r["seed"] for r in runs[sides[0]]] == [6, 7, 8]
     expected = []
-    for seed in (1, 2, 3):
+    for seed in (6, 7, 8):
         turn = sides if seed % 2 else sides[::-1]  # the side that went second goes first next
         for side in turn:
             seed_arg = f"train.seed={seed}" if side == "ours" else str(seed)
