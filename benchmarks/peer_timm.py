@@ -77,6 +77,9 @@ def _schedule_flags(cfg: ExperimentConfig) -> list[str]:
     sched = {"flat": ["--sched", "step", "--decay-epochs", str(t.epochs + 1)]}.get(
         t.schedule, ["--sched", "cosine"]
     )
+    # our LR moves every batch unless train.lr_step says epoch; timm's moves once an epoch unless
+    # told --sched-on-updates (one-cycle and the warm-up too)
+    sched += ["--sched-on-updates"] if t.lr_step == "batch" or t.schedule == "one_cycle" else []
     return [*sched, "--lr", f"{t.lr:g}", "--warmup-epochs", str(warmup), "--cooldown-epochs", "0",
             "--warmup-lr", f"{t.lr / 100:g}", "--min-lr", f"{t.lr / 1e5:g}"]  # fmt: skip
 

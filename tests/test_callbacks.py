@@ -113,6 +113,17 @@ def test_warmup_then_cosine_lr_curve(learn):
     assert np.all(np.diff(lrs[: peak + 1]) > 0) and np.all(np.diff(lrs[peak:]) < 0)
 
 
+def test_lr_stepped_per_epoch_holds_each_epochs_start_value(learn):
+    lr, epochs, warm = 1e-2, 4, 2
+    fit_schedule(learn, epochs, lr, "cosine", warmup_epochs=warm, lr_step="epoch")
+    lrs = np.array(learn.recorder.lrs).reshape(epochs, -1)  # one row per epoch
+    assert np.all(lrs == lrs[:, :1])  # constant within each epoch
+    # timm's train.py without --sched-on-updates: lr/100, then halfway up, then the cosine
+    start = np.array([lr / 100, lr / 100 + (lr - lr / 100) / 2, lr, 0.0])
+    start[3] = lr / 1e5 + (lr - lr / 1e5) * (1 + np.cos(np.pi / 2)) / 2
+    np.testing.assert_allclose(lrs[:, 0], start, rtol=1e-6)
+
+
 def test_stopped_early_counts_main_epochs_since_the_best():
     train = type("T", (), {"monitor": "valid_loss", "head_epochs": 1, "early_stopping": 2})
     rows = [{"epoch": i, "valid_loss": v} for i, v in enumerate([9.0, 1.0, 2.0, 3.0])]

@@ -86,6 +86,8 @@ def test_unknown_key_suggests_the_closest(pair):
         ("data.valid_pct=1.5", r"key 'data.valid_pct' must be in \[0, 1\)"),
         ("data.valid_pct=0", r"key 'train.early_stopping' must be 0 with data.valid_pct: 0"),
         ("train.warmup_epochs=2", r"key 'train.warmup_epochs' is for schedule cosine or flat"),
+        ("train.lr_step=epoch", r"key 'train.lr_step' epoch is for schedule cosine or flat"),
+        ("train.lr_step=week", r"key 'train.lr_step': expected 'batch' \| 'epoch'"),
         ("train.lr=-1", r"key 'train.lr' must be finite and positive"),
         ("data.item_size=100", r"key 'data.item_size' must be ≥ data.img_size"),
     ],

@@ -41,6 +41,9 @@ def test_demo_settings_map_to_train_py_flags(tmp_path):
     assert float(f["--smoothing"][0]) == t.label_smoothing and f["--seed"] == [str(t.seed)]
     warmup = round(t.warmup_epochs) if t.schedule != "one_cycle" else round(0.25 * t.epochs)
     assert f["--sched"] == ["cosine"] and f["--warmup-epochs"] == [str(warmup)]
+    assert "--sched-on-updates" in f  # our LR moves every batch (train.lr_step: batch)
+    per_epoch = load_config(DEMO, ["train.lr_step=epoch", "train.device=cpu"])
+    assert "--sched-on-updates" not in timm_flags(per_epoch, tmp_path, 12, tmp_path)
     assert f["--hflip"] == ["0.5"] and float(f["--color-jitter"][0]) == cfg.aug.max_lighting
     assert f["--scale"] == ["1", "1"] and f["--ratio"] == ["1", "1"]  # demo: no random crop
     assert f["--train-split"] == ["train"] and f["--val-split"] == ["test"]

@@ -154,6 +154,8 @@ class TrainConfig:
     head_epochs: int = 0  # staged fit: epochs with only the head training before the main fit
     schedule: Literal["one_cycle", "cosine", "flat"] = "one_cycle"  # LR schedule
     warmup_epochs: float = 0.0  # cosine/flat: linear warm-up from lr/100 over these epochs (timm's)
+    lr_step: Literal["batch", "epoch"] = "batch"  # cosine/flat: the LR moves every batch, or once
+    # an epoch, at the value the schedule has at the epoch's start (timm's train.py default)
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "ranger", "lamb"] = "adamw"
     # ^ adamw: decoupled weight decay (torch's AdamW); adam: L2 in the gradient (torch's Adam);
     # sgd: torch's SGD (L2 weight decay, as the published ResNet recipes), with momentum below

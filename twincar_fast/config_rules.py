@@ -276,6 +276,8 @@ def _between_keys(cfg: Any) -> Iterator[tuple[str, bool, str]]:
     ok = not (t.warmup_epochs and t.schedule == "one_cycle")
     wrong = "is for schedule cosine or flat (one_cycle warms up by itself); set it to 0"
     yield "train.warmup_epochs", ok, wrong
+    ok = not (t.lr_step == "epoch" and t.schedule == "one_cycle")
+    yield "train.lr_step", ok, "epoch is for schedule cosine or flat (one_cycle moves every batch)"
     nesterov_ok = not t.nesterov or (t.optimizer == "sgd" and t.momentum > 0)
     yield "train.nesterov", nesterov_ok, "needs train.optimizer: sgd with train.momentum > 0"
     yield from _recipe_rules(cfg)

@@ -7,10 +7,12 @@ from its last committed epoch: freezing, LR schedule, early stopping and plateau
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastai.callback.core import Callback
@@ -36,7 +38,7 @@ from twincar_fast.train.checkpoints import load_checkpoint, set_rng_state
 from twincar_fast.train.distributed import distributed_fit, scaled_lr
 from twincar_fast.train.recipe import EmaWeights, recipe_callbacks
 
-__all__ = ["attach_metrics", "fit_run", "fit_schedule"]
+__all__ = ["attach_metrics", "fit_run", "fit_schedule", "per_epoch"]
 
 
 def attach_metrics(learn: Learner) -> EpochMetrics:
@@ -54,6 +56,12 @@ def attach_metrics(learn: Learner) -> EpochMetrics:
     return cb
 
 
+def per_epoch(sched: Callable[[float], Any], n_epoch: int) -> Callable[[float], Any]:
+    """`sched` (of the fit's progress, 0 → 1) held at its value at the start of each epoch."""
+    # the epoch's own start: pos × n_epoch can land a hair below a whole number in floating point
+    return lambda pos: sched(math.floor(pos * n_epoch + 1e-6) / n_epoch)
+
+
 def fit_schedule(
     learn: Learner,
     n_epoch: int,
@@ -62,10 +70,12 @@ def fit_schedule(
     cbs: Sequence[Callback] = (),
     start_epoch: int = 0,
     warmup_epochs: float = 0.0,
+    lr_step: str = "batch",
 ) -> None:
     """Fit `n_epoch` epochs with fastai's one-cycle, a cosine decay or a flat LR, from `start_epoch`.
 
-    Cosine and flat start with `warmup_epochs` of linear warm-up from lr/100 (timm's `--warmup-epochs`).
+    Cosine and flat start with `warmup_epochs` of linear warm-up from lr/100 (timm's `--warmup-epochs`);
+    `lr_step="epoch"` holds each epoch at the schedule's value at its start (timm's default stepping).
     """
     if schedule == "one_cycle":
         learn.fit_one_cycle(n_epoch, lr, cbs=list(cbs), start_epoch=start_epoch)
@@ -79,6 +89,8 @@ def fit_schedule(
     if warmup_epochs:
         pct = warmup_epochs / n_epoch
         sched = combine_scheds([pct, 1 - pct], [SchedLin(lr / 100, lr), sched])
+    if lr_step == "epoch":
+        sched = per_epoch(sched, n_epoch)
     learn.fit(n_epoch, lr, cbs=[ParamScheduler({"lr": sched}), *cbs], start_epoch=start_epoch)
 
 
@@ -118,7 +130,8 @@ def _fit_stage(
     if rng is not None:  # last: the next shuffle and augmentation draw as they would have
         set_rng_state(learn, rng)
     warmup = cfg.train.warmup_epochs if stage == "main" else 0.0
-    fit_schedule(learn, n_epoch, lr, cfg.train.schedule, [saver, *trackers, *cbs], start, warmup)
+    cbs = [saver, *trackers, *cbs]
+    fit_schedule(learn, n_epoch, lr, cfg.train.schedule, cbs, start, warmup, cfg.train.lr_step)
     _check_diverged(learn, cfg, saver)
 
 
