@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import pathlib
 import re
 
 import pandas as pd
@@ -122,3 +123,26 @@ def test_output_paths_stay_aligned_after_a_long_name(capsys):
         ln.index(p) for ln, p in zip(lines, ["r/metrics.csv", "m/best.pth", "r/i"], strict=True)
     }
     assert len(starts) == 1, lines  # every path in one column
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        ([], "from scratch"),
+        (["model.pretrained=true"], "pretrained"),
+        # a local file wins over both (model.weights), so the table names it
+        (
+            ["model.pretrained=false", "model.weights=w/init.safetensors"],
+            "weights init.safetensors",
+        ),
+    ],
+)
+def test_the_config_table_says_where_the_weights_start(overrides, start):
+    from twincar_fast.config import load_config
+    from twincar_fast.console import console, print_config
+
+    demo = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+    cfg = load_config(demo, overrides)
+    with console.capture() as cap:
+        print_config(cfg, "r")
+    assert f"test_resnet ({start}, timm head)" in cap.get()

@@ -19,7 +19,7 @@ from fastprogress.core import IN_NOTEBOOK
 from rich.console import Console
 from rich.table import Table
 
-from twincar_fast.config import CONSOLE_COLUMNS, ExperimentConfig
+from twincar_fast.config import CONSOLE_COLUMNS, ExperimentConfig, ModelConfig
 
 __all__ = [
     "EpochPrinter",
@@ -52,6 +52,13 @@ def quiet_if_plain(learn) -> Iterator[None]:
         yield
 
 
+def _model_start(m: ModelConfig) -> str:
+    """Where the model's weights start: a local file (`model.weights` wins), the hub, or random."""
+    if m.weights:
+        return f"weights {Path(m.weights).name}"
+    return "pretrained" if m.pretrained else "from scratch"
+
+
 def print_config(cfg: ExperimentConfig, run: str, machine: dict | None = None) -> None:
     """The experiment's main settings as a small table; `machine`: `device_info`'s dict."""
     d, m, t = cfg.data, cfg.model, cfg.train
@@ -61,7 +68,7 @@ def print_config(cfg: ExperimentConfig, run: str, machine: dict | None = None) -
     table = Table(title=f"run {run}", show_header=False)
     rows = {
         "data": f"{d.root} ({d.img_size} px crops, {aug} augmentation, batch {d.batch_size})",
-        "model": f"{m.arch} ({'pretrained' if m.pretrained else 'from scratch'}, {m.head} head)",
+        "model": f"{m.arch} ({_model_start(m)}, {m.head} head)",
         "fit": f"{t.epochs} epochs {t.schedule}, lr {t.lr}, {t.optimizer}, frozen {t.freeze or '-'}",
         "stopping": f"monitor {t.monitor}, early stop {t.early_stopping or 'off'}, "
         f"plateau {t.plateau_patience or 'off'}",
