@@ -62,7 +62,9 @@ def _command(ctx: Context, name: str, args: list[str], limit: float, **env: str)
     """Run `args` from the checkout (logged to OUT/NAME.log) within `limit` s; its output."""
     log = ctx.out / f"{name}.log"
     ctx.logs.append(log)
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    # the checkout first, then what was on the path (a GPU box's carried wheels: /tmp/site)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    environ = {**os.environ, "PYTHONPATH": path, **env}
     try:
         done = subprocess.run(
             args, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=max(1, limit)
@@ -147,7 +149,9 @@ def check_env(ctx: Context, limit: float) -> str:
         "cuda = torch.cuda.is_available()\n"
         "name = torch.cuda.get_device_name() if cuda else 'no GPU'\n"
         "bf16 = cuda and torch.cuda.is_bf16_supported()\n"
-        "print(f'{name}, torch {torch.__version__}, '"
+        "import fastai, timm\n"
+        "print(f'{name}, torch {torch.__version__}, fastai {fastai.__version__}, '"
+        " f'timm {timm.__version__}, '"
         " f\"{'bf16' if bf16 else 'fp16' if cuda else 'cpu'}, {os.cpu_count()} cores\")\n"
     )
     line = _command(ctx, "env", [sys.executable, "-c", code], limit).strip()

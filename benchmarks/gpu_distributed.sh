@@ -7,13 +7,17 @@
 # on CPUs in tests/test_distributed.py.
 # Usage: bash benchmarks/gpu_distributed.sh [OUT_DIR]   (needs a GPU; the demo set, no downloads)
 set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # and any carried wheels' folder after it
+py="${PYTHON:-python3}"
 out="${1:-/tmp/twincar-gpu-ddp}"
 rm -rf "$out" && mkdir -p "$out"
 args=(experiments/demo.yaml train.epochs=3 "reports_dir=$out/plain/reports" "models_dir=$out/plain/models")
-python -m twincar_fast.run "${args[@]}" > "$out/plain.log" 2>&1
+"$py" -m twincar_fast.run "${args[@]}" > "$out/plain.log" 2>&1
 args=(experiments/demo.yaml train.epochs=3 "reports_dir=$out/ddp/reports" "models_dir=$out/ddp/models")
-torchrun --nproc_per_node 1 -m twincar_fast.run "${args[@]}" > "$out/ddp.log" 2>&1
-python - "$out" <<'PY'
+"$py" -m torch.distributed.run --nproc_per_node 1 -m twincar_fast.run "${args[@]}" > "$out/ddp.log" 2>&1
+"$py" - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 import pandas as pd

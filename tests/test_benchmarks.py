@@ -108,3 +108,18 @@ def test_the_epoch_is_measured_against_its_limit_and_the_cache_build_apart(tiny_
     build = tiny_results["cache_build"]
     assert build["seconds"] > 0 and build["mb"] >= 0 and build["images"] > 0
     assert "ours_per_item" in tiny_results["data_pipeline"]["variants"]
+
+
+def test_the_validation_pass_benchmark_times_both_loaders_over_the_same_images(tmp_path):
+    from benchmarks.valid_pass import main as valid_pass
+
+    args = ["--tiny", "--passes", "2", "--data-root", str(tmp_path / "data")]
+    result = valid_pass([*args, "--out", str(tmp_path / "out")])
+    assert len(list((tmp_path / "out").glob("valid-pass-*.json"))) == 1
+    rates = result["img_per_s_by_pass"]
+    assert set(rates) == {"read", "kept"} and all(
+        len(r) == 2 and min(r) > 0 for r in rates.values()
+    )
+    later = result["later_passes"]
+    assert later["ratio"] == round(later["ours"] / later["reference"], 3)
+    assert result["images"] > 0 and result["img_size"] == 32

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from twincar_fast.data.cache import build_cache, cache_rows, cache_size
 from twincar_fast.data.cpu_aug import CpuAugment
 from twincar_fast.data.demo import make_demo_data
 from twincar_fast.data.geometry import crop_region
+from twincar_fast.data.loaders import VALID_MEMO_SHARE
 from twincar_fast.data.prepare import prepare_dataset
 from twincar_fast.errors import ConfigError
 from twincar_fast.model.learner import create_learner
@@ -450,3 +452,33 @@ def test_validation_beside_the_cache_is_the_exact_path_in_threads(tiny_data, tmp
     a = torch.cat([xb for xb, _ in threaded])
     b = torch.cat([xb for xb, _ in plain])
     assert torch.equal(a, b)  # the same pixels, in the same order
+
+
+def test_validation_items_are_decoded_in_the_first_pass_only(data, tmp_path):
+    """The validation set is read every epoch: its exact-path items are made once and kept, so
+    later passes read no file (at a GPU's speed); a copy for the same items shares them, other
+    data and a pickled loader don't."""
+    cfg = cfg_for(data, tmp_path)
+    dls = build_dls(cfg)
+    valid = dls.valid
+    first = torch.cat([xb for xb, _ in valid])
+    assert len(valid.memo) == len(dls.valid_ds)
+    for path in dls.valid_ds.items["path"]:
+        Path(path).unlink()  # a second pass that read a file would fail now
+    assert torch.equal(torch.cat([xb for xb, _ in valid]), first)
+    again = valid.new(shuffle=False, drop_last=False)  # what fastai's get_preds makes
+    assert again.memo is valid.memo and torch.equal(torch.cat([x for x, _ in again]), first)
+    assert dls.test_dl(dls.train_ds.items).memo is None  # other items: made as read
+    assert pickle.loads(pickle.dumps(valid)).memo == {}  # learner.pkl carries no pixels
+    write_tiny_prepared(data)  # the files back, for fastai's own loader
+    cfg.data.cache = "off"
+    assert torch.equal(torch.cat([xb for xb, _ in build_dls(cfg).valid]), first)  # exact
+
+
+def test_validation_items_too_big_for_the_memory_budget_are_read_each_pass(data, tmp_path):
+    cfg = cfg_for(data, tmp_path)
+    n, side = len(build_dls(cfg).valid_ds), cfg.data.img_size
+    cfg.data.cache_max_gb = n * 3 * side**2 / VALID_MEMO_SHARE / 2**30 * 0.99  # just over it
+    assert build_dls(cfg).valid.memo is None
+    cfg.data.cache_max_gb *= 1.02
+    assert build_dls(cfg).valid.memo == {}

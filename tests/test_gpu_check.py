@@ -28,7 +28,7 @@ def test_tiny_runs_every_check_and_writes_one_line_each(tmp_path):
         "--data-root",
         str(data),
     ]
-    # the script runs `python` from PATH, as a person's shell would: this test's interpreter first
+    # the script runs `python3` from PATH, as a person's shell would: this test's interpreter first
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -59,3 +59,15 @@ def test_a_failing_command_is_one_line_with_its_log(tmp_path):
     assert "step one" in (tmp_path / "x.log").read_text()
     with pytest.raises(CheckFailed, match="did not finish in 1 s"):
         _command(ctx, "slow", [sys.executable, "-c", "import time; time.sleep(30)"], 1)
+
+
+def test_every_check_sees_the_packages_on_the_callers_path(tmp_path, monkeypatch):
+    # a GPU box gets fastai & co. as wheels in a folder on PYTHONPATH (benchmarks/gpu_wheels.sh):
+    # each check's process must see that folder as well as the checkout
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "carried_wheel.py").write_text("NAME = 'carried'\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    ctx = Context(tmp_path, True, tmp_path, time.monotonic() + 60)
+    code = "import carried_wheel, benchmarks.gpu_check; print(carried_wheel.NAME)"
+    assert _command(ctx, "env", [sys.executable, "-c", code], 60).strip() == "carried"

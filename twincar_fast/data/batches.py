@@ -251,17 +251,40 @@ class ThreadedDL(_PooledDL):
     """fastai's per-item `TfmdDL`, its items made in a thread pool instead of worker processes.
 
     For validation beside a cached training loader: the exact path (decode, crop, resize) with
-    no worker processes to start each epoch; PIL's decoding releases the GIL.
+    no worker processes to start each epoch; PIL's decoding releases the GIL. With `memo` (a
+    dict), each item is made once and kept: the validation set is decoded in the first epoch only
+    and then read from memory, so its pass runs at the model's speed (the items are the exact
+    path's, which has nothing random in it).
     """
+
+    def __init__(self, dataset=None, threads: int = 2, memo: dict | None = None, **kwargs):
+        self.memo = memo
+        super().__init__(dataset, threads, **kwargs)
 
     def new(self, dataset=None, cls=None, **kwargs):
         kwargs.setdefault("threads", self.threads)
         kwargs.pop("num_workers", None)
+        same = (dataset is None or dataset is self.dataset) and "after_item" not in kwargs
+        kwargs.setdefault("memo", self.memo if same else None)  # the same items: the same memo
         return super().new(dataset, cls, **kwargs)
 
-    def _start(self, idxs: list) -> list[Future]:
-        return [self.pool.submit(self.do_item, i) for i in idxs]
+    def _start(self, idxs: list) -> list[tuple]:
+        memo = {} if self.memo is None else self.memo
+        return [(i, memo[i] if i in memo else self.pool.submit(self.do_item, i)) for i in idxs]
 
-    def _finish(self, job: list[Future]) -> tuple:
-        """The batch of finished items (skipped ones dropped)."""
-        return self.do_batch([x for x in (f.result() for f in job) if x is not None])
+    def _finish(self, job: list[tuple]) -> tuple:
+        """The batch of finished items (skipped ones dropped), each kept in the memo."""
+        items = []
+        for i, item in job:
+            if isinstance(item, Future):
+                item = item.result()
+                if self.memo is not None and item is not None:
+                    self.memo[i] = item
+            if item is not None:
+                items.append(item)
+        return self.do_batch(items)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["memo"] = None if self.memo is None else {}  # a pickled loader keeps no pixels
+        return state

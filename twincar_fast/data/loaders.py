@@ -48,6 +48,7 @@ __all__ = [
     "print_data_summary",
 ]
 
+VALID_MEMO_SHARE = 0.25  # of data.cache_max_gb: the most the kept validation items may take
 _RESIZE = {"crop": ResizeMethod.Crop, "squish": ResizeMethod.Squish, "pad": ResizeMethod.Pad}
 
 
@@ -181,8 +182,10 @@ def cached_dls(
         **kwargs,
     )
     # fastai's per-item loader (in threads) with the same transforms and batch types, made as
-    # fastai's `dataloaders` makes its validation loader
-    valid = train.new(dsets.valid, shuffle=False, drop_last=False)  # a ThreadedDL
+    # fastai's `dataloaders` makes its validation loader; its items kept after the first epoch
+    # when they fit (on 2 cores, decoding them each epoch was 8.7× slower: benchmarks.valid_pass)
+    kept = len(dsets.valid) * 3 * d.img_size**2 <= VALID_MEMO_SHARE * d.cache_max_gb * 2**30
+    valid = train.new(dsets.valid, shuffle=False, drop_last=False, memo={} if kept else None)
     return DataLoaders(train, valid, device=kwargs["device"])
 
 
