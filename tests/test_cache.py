@@ -457,12 +457,17 @@ def test_validation_beside_the_cache_is_the_exact_path_in_threads(tiny_data, tmp
 def test_validation_items_are_decoded_in_the_first_pass_only(data, tmp_path):
     """The validation set is read every epoch: its exact-path items are made once and kept, so
     later passes read no file (at a GPU's speed); a copy for the same items shares them, other
-    data and a pickled loader don't."""
+    data, a pickled loader and fastai's TTA (training transforms) don't."""
     cfg = cfg_for(data, tmp_path)
     dls = build_dls(cfg)
     valid = dls.valid
     first = torch.cat([xb for xb, _ in valid])
     assert len(valid.memo) == len(dls.valid_ds)
+    learn = create_learner(cfg, dls)
+    plain, _ = learn.get_preds(ds_idx=1)
+    tta, _ = learn.tta(n=2, beta=0)  # fastai's TTA: the training transforms on these items
+    assert not torch.allclose(tta, plain)  # augmented items, not the kept ones
+    assert torch.equal(torch.cat([xb for xb, _ in valid]), first)  # none of them was kept
     for path in dls.valid_ds.items["path"]:
         Path(path).unlink()  # a second pass that read a file would fail now
     assert torch.equal(torch.cat([xb for xb, _ in valid]), first)

@@ -268,21 +268,30 @@ class ThreadedDL(_PooledDL):
         kwargs.setdefault("memo", self.memo if same else None)  # the same items: the same memo
         return super().new(dataset, cls, **kwargs)
 
-    def _start(self, idxs: list) -> list[tuple]:
-        memo = {} if self.memo is None else self.memo
-        return [(i, memo[i] if i in memo else self.pool.submit(self.do_item, i)) for i in idxs]
+    def _kept(self) -> dict:
+        """The memo while the items are validation ones; else an empty dict that keeps nothing
+        (fastai's `tta` sets the dataset to training transforms: random items, never kept)."""
+        valid = getattr(self.dataset, "split_idx", None) == 1
+        return self.memo if self.memo is not None and valid else {}
 
-    def _finish(self, job: list[tuple]) -> tuple:
+    def _start(self, idxs: list) -> tuple[dict, list[tuple]]:
+        memo = self._kept()
+        return memo, [
+            (i, memo[i] if i in memo else self.pool.submit(self.do_item, i)) for i in idxs
+        ]
+
+    def _finish(self, job: tuple[dict, list[tuple]]) -> tuple:
         """The batch of finished items (skipped ones dropped), each kept in the memo."""
-        items = []
-        for i, item in job:
+        memo, items = job
+        done = []
+        for i, item in items:
             if isinstance(item, Future):
                 item = item.result()
-                if self.memo is not None and item is not None:
-                    self.memo[i] = item
+                if item is not None:
+                    memo[i] = item
             if item is not None:
-                items.append(item)
-        return self.do_batch(items)
+                done.append(item)
+        return self.do_batch(done)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
