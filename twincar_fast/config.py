@@ -85,7 +85,8 @@ class DataConfig:
     # memory-mapped file (data/cache.py), batches gathered in threads; auto: on unless it would
     # exceed cache_max_gb (or aug.stage is batch); off: decode every image every epoch
     cache_size: int | None = None  # cached images' shorter side; null: img_size × max(1.15, zoom)
-    cache_max_gb: float = 8.0  # auto: largest cache to build, in GiB
+    cache_max_gb: float = 8.0  # auto: largest cache to build, in GiB; a quarter of it bounds
+    # the validation items kept in memory after the first epoch (more: read from the files)
     cache_dir: str | None = None  # where the cache file lives; null = <root>/.cache
     cache_aug: Literal["auto", "threads", "batched"] = "auto"  # training augmentation from the
     # cache: per image in CPU threads (OpenCV), or batched on the training device (grid_sample);
