@@ -10,6 +10,7 @@ pass and the ratio of the later passes; `--tiny` is a quick smoke run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     kept = build_dls(load_config("experiments/baseline.yaml", overrides)).valid
     read = kept.new(memo=None)
     rates = {"read": pass_rates(read, args.passes), "kept": pass_rates(kept, args.passes)}
-    later = {k: sorted(r[1:])[len(r[1:]) // 2] for k, r in rates.items()}  # median after the 1st
+    later = {k: statistics.median(r[1:]) for k, r in rates.items()}  # after the first pass
     result = {
         "machine": machine_info(),
         "images": len(kept.dataset),

@@ -183,7 +183,7 @@ def cached_dls(
     )
     # fastai's per-item loader (in threads) with the same transforms and batch types, made as
     # fastai's `dataloaders` makes its validation loader; its items kept after the first epoch
-    # when they fit (on 2 cores, decoding them each epoch was 8.7× slower: benchmarks.valid_pass)
+    # when they fit (on 2 cores, decoding them each epoch was 8.6× slower: benchmarks.valid_pass)
     kept = len(dsets.valid) * 3 * d.img_size**2 <= VALID_MEMO_SHARE * d.cache_max_gb * 2**30
     valid = train.new(dsets.valid, shuffle=False, drop_last=False, memo={} if kept else None)
     return DataLoaders(train, valid, device=kwargs["device"])
